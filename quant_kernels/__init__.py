@@ -1,0 +1,1 @@
+"""exl2.quant_kernels"""
