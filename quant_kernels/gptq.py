@@ -1,0 +1,217 @@
+"""GPTQ for EXL2 layers: act-order, damping, mixed widths per matrix, searched scales (reference, torch).
+
+Names follow the GPTQ paper (Frantar et al., 2022): ``H`` is the Hessian proxy ``2 X^T X`` of the layer's
+input (the factor 2 drops out), ``Hinv`` the upper Cholesky factor of ``H^-1``, ``W`` the weight in EXL2
+orientation ``[K, N]`` (rows = input features) and ``err`` the scaled quantization error of one row.
+
+The procedure (EXL2-SPEC.md 1.6 and 3.7):
+
+1. ``H = sum over calibration rows of X^T X`` in fp32, divided by the number of rows.
+2. Act-order: ``perm = argsort(diag H, descending)``; rows of ``W`` and of ``H`` are permuted.
+3. Damping: add ``max(1e-5, 0.12 * mean(diag H))`` to the diagonal, again if the Cholesky factorisation
+   fails or yields NaN (at most 10 times).  ``Hinv = cholesky(cholesky_inverse(cholesky(H)), upper)``.
+4. Rows are split into groups by the option (widths descending, so the most active inputs get the most
+   bits).  For each group ``[a, b)``: choose scales from the current, already error-compensated rows
+   (:func:`find_scales`); then for each row ``c``: quantize, ``err_c = (W_c - Q_c) / Hinv[c, c]``, and
+   ``W[c:b] -= Hinv[c, c:b]^T (x) err_c``; after the group, ``W[b:] -= Hinv[a:b, b:]^T @ err[a:b]``.
+5. ``Q`` is the exact fp16 value the loader dequantizes, so the error feedback sees the real weight.
+
+This is the reference path; native kernels implement the same steps and are tested against it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import codec
+from .qparams import QParams
+
+P_MIN, P_MAX, P_GRID = 0.70, 1.20, 96   # scale multiplier search: 97 values from 0.70 to 1.20
+ERR_NORM = 3.5                          # the search minimises sum |error|^3.5
+PERCDAMP = 0.12
+DAMP_TRIES = 10
+
+
+class HessianError(RuntimeError):
+    """The Hessian could not be made positive definite with the allowed damping."""
+
+
+class Hessian:
+    """Accumulates ``H = sum X^T X`` over calibration rows in fp32, then averages over rows.
+
+    One :meth:`add` call is one calibration row (all its tokens), as ExLlamaV2 counts it.
+    """
+
+    def __init__(self, k: int, device: torch.device | str = "cpu"):
+        self.H = torch.zeros(k, k, dtype=torch.float32, device=device)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        k = self.H.shape[0]
+        if x.shape[-1] != k:
+            raise ValueError(f"Hessian.add: input x has {x.shape[-1]} features, expected {k}")
+        x = x.reshape(-1, k).to(self.H.device, torch.float32)   # [tokens, K]
+        self.H.addmm_(x.t(), x)
+        self.rows += 1
+
+    def result(self) -> torch.Tensor:
+        """The averaged Hessian, or the identity when no data was added."""
+        if self.rows == 0:
+            return torch.eye(self.H.shape[0], dtype=torch.float32, device=self.H.device)
+        return self.H / self.rows
+
+
+@dataclass
+class Prepared:
+    """What one Hessian yields, shared by every projection that reads the same input."""
+
+    perm: torch.Tensor         # [K] act-order: permuted row i is input feature perm[i]
+    hinv: torch.Tensor | None  # [K, K] upper Cholesky factor of the damped inverse (None: round-to-nearest)
+
+
+def prepare(H: torch.Tensor | None, k: int | None = None, percdamp: float = PERCDAMP, invert: bool = True) -> Prepared:
+    """Act-order permutation and ``Hinv`` from a Hessian (identity if ``H`` is None, then ``k`` is needed).
+
+    ``invert=False`` skips the inverse (round-to-nearest with act-order, used for very large heads).
+    """
+    if H is None:
+        if k is None:
+            raise ValueError("prepare: need H or k")
+        H = torch.eye(k, dtype=torch.float32)
+    if H.dim() != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"prepare: H must be square, got shape {tuple(H.shape)}")
+    H = H.to(torch.float32)
+    if not bool(torch.isfinite(H).all()):
+        raise HessianError("prepare: H contains NaN or Inf (calibration activations overflowed?)")
+    diag = torch.diagonal(H)
+    perm = torch.argsort(diag, descending=True, stable=True)   # stable: ties keep input order (determinism)
+    if not invert:
+        return Prepared(perm, None)
+    Hp = H[perm][:, perm].clone()
+    damp = max(1e-5, percdamp * float(torch.diagonal(Hp).mean()))
+    idx = torch.arange(Hp.shape[0])
+    for _ in range(DAMP_TRIES):
+        Hp[idx, idx] += damp
+        L, info = torch.linalg.cholesky_ex(Hp)
+        if int(info) != 0:
+            continue
+        Hi = torch.cholesky_inverse(L)
+        if not bool(torch.isfinite(Hi).all()):
+            continue
+        U, info = torch.linalg.cholesky_ex(Hi, upper=True)
+        if int(info) != 0 or not bool(torch.isfinite(U).all()):
+            continue
+        return Prepared(perm, U.contiguous())
+    raise HessianError(f"prepare: Hessian not positive definite after {DAMP_TRIES} damping steps")
+
+
+@dataclass
+class GroupScales:
+    codes: torch.Tensor      # [N] int64, stored nibble = multiplier - 1 (0..15)
+    scale_max: torch.Tensor  # [] fp16, the stored q_scale_max
+    scale: torch.Tensor      # [N] fp32 holding the exact fp16 scale the loader uses
+
+
+def find_scales(w: torch.Tensor, bits: int) -> GroupScales:
+    """Scales of one group ``w [rows, N]`` (EXL2-SPEC.md 1.6).
+
+    Per column a base scale ``max|w| / ((2^b - 1) / 2)``; a 4-bit code per column on a quadratic grid
+    relative to the group maximum; then a common multiplier ``p`` in [0.70, 1.20] chosen to minimise
+    ``sum |dequant(quant(w)) - w|^3.5`` over the group.
+    """
+    maxq = 2**bits - 1
+    zero = 2 ** (bits - 1)
+    w = w.to(torch.float32)
+    xmax = w.abs().amax(dim=0) + 1e-12                        # [N]
+    base = xmax / (maxq / 2)
+    smax = base.max()
+    mult = torch.clamp(torch.round(torch.sqrt(base / smax) * 16), 1, 16)   # [N] 1..16
+    s0 = (mult / 16) ** 2 * smax                              # working scale before the multiplier
+    best_i, best_err = 0, None
+    for i in range(P_GRID + 1):
+        pi = i / P_GRID
+        p = P_MIN * (1 - pi) + P_MAX * pi
+        s = s0 * p
+        err = (torch.clamp(torch.round(w / s), -zero, maxq - zero) * s - w).abs().pow(ERR_NORM).sum()
+        if best_err is None or err < best_err:
+            best_i, best_err = i, err
+    pif = best_i / P_GRID
+    p = P_MAX * pif + P_MIN * (1 - pif)
+    scale_max = (smax * p).to(torch.float16)
+    codes = (mult - 1).to(torch.int64)
+    scale = codec.group_scales(codes.unsqueeze(0), scale_max.reshape(1))[0].to(torch.float32)
+    return GroupScales(codes, scale_max, scale)
+
+
+def quantize_rows(w: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round rows ``w [..., N]`` to codes with per-column ``scale``; returns (codes int64, fp16-exact values).
+
+    ``q = clamp(rint(w / s) + 2^(b-1), 0, 2^b - 1)``; the value is ``fp16((q - 2^(b-1)) * s)``, the
+    loader's reconstruction.  A zero scale (an all-zero group) gives the zero code.
+    """
+    maxq = 2**bits - 1
+    zero = 2 ** (bits - 1)
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.clamp(torch.round(w / safe) + zero, 0, maxq)
+    q = torch.where(scale == 0, torch.full_like(q, zero), q)
+    deq = ((q - zero) * scale).to(torch.float16).to(torch.float32)
+    return q.to(torch.int64), deq
+
+
+@dataclass
+class QuantResult:
+    tensors: dict[str, torch.Tensor]   # the layer's EXL2 tensors (no prefix)
+    weight: torch.Tensor               # [N, K] fp16: exactly what the loader reconstructs (unpadded)
+    groups: list[tuple[int, int]]      # (bits, rows) in storage order
+
+
+def quantize(
+    weight: torch.Tensor,
+    qparams: QParams,
+    prepared: Prepared,
+    bias: torch.Tensor | None = None,
+) -> QuantResult:
+    """Quantize ``weight [N, K]`` (``nn.Linear`` orientation) to an EXL2 layer.
+
+    With ``prepared.hinv`` None this is round-to-nearest (act-order kept, no error feedback).
+    """
+    n, k = weight.shape
+    if prepared.perm.shape != (k,):
+        raise ValueError(f"quantize: perm has shape {tuple(prepared.perm.shape)}, weight has K = {k}")
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError("quantize: weight contains NaN or Inf")
+    perm = prepared.perm
+    Hinv = prepared.hinv
+    W = weight.t().to(torch.float32)[perm].clone()     # [K, N] permuted rows
+    Q = torch.empty_like(W)                            # dequantized values (fp16-exact)
+    codes = torch.empty(k, n, dtype=torch.int64)
+    err = torch.empty_like(W) if Hinv is not None else None
+    groups = qparams.row_groups(k)
+    scale_codes, scale_max = [], []
+    a = 0
+    for bits, rows in groups:
+        b = a + rows
+        gs = find_scales(W[a:b], bits)
+        scale_codes.append(gs.codes)
+        scale_max.append(gs.scale_max)
+        if Hinv is None:
+            codes[a:b], Q[a:b] = quantize_rows(W[a:b], gs.scale, bits)
+        else:
+            for c in range(a, b):
+                codes[c], Q[c] = quantize_rows(W[c], gs.scale, bits)
+                err[c] = (W[c] - Q[c]) / Hinv[c, c]
+                W[c + 1:b] -= Hinv[c, c + 1:b].unsqueeze(1) * err[c].unsqueeze(0)    # [b-c-1, N]
+            if b < k:
+                W[b:] -= Hinv[a:b, b:].t() @ err[a:b]                                 # [K-b, N]
+        a = b
+    tensors = codec.pack_layer(codes, groups, torch.stack(scale_codes), torch.stack(scale_max), perm, bias)
+    w_out = torch.empty_like(Q)
+    w_out[perm] = Q
+    return QuantResult(tensors, w_out.t().to(torch.float16).contiguous(), groups)
+
+
+def quantize_linear(weight: torch.Tensor, qparams: QParams, H: torch.Tensor | None = None,
+                    bias: torch.Tensor | None = None) -> QuantResult:
+    """Convenience: :func:`prepare` then :func:`quantize` for one matrix."""
+    return quantize(weight, qparams, prepare(H, k=weight.shape[1]), bias)
