@@ -1,0 +1,184 @@
+"""Checkpoint loading: config.json + safetensors (single file, sharded with an index, or any *.safetensors
+as in EXL2 output dirs). Tensors are read lazily, one at a time, through safetensors.safe_open.
+
+Every linear layer is built by `make_linear(prefix, source, ...)`: FP layers become linear.Linear; a layer
+whose `<prefix>.q_weight` exists is routed to linear.load_exl2_linear (the EXL2 swap point).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from . import linear as _linear
+from .arch import TENSOR_NAMES, ModelConfig
+from .model import MLP, Attention, Block, Model, RMSNorm
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint problem a user can fix; the message names the file and tensor."""
+
+
+class TensorSource:
+    """Maps tensor key -> safetensors file of a model directory; reads tensors on demand."""
+
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        if not self.dir.is_dir():
+            raise CheckpointError(f"{self.dir}: not a directory")
+        self._files: dict[str, Path] = {}  # key -> file
+        self._handles: dict[Path, object] = {}
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            self._from_index(index)
+        else:
+            self._from_glob()
+
+    def _from_index(self, index: Path) -> None:
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: malformed index ({e!r})") from None
+        for key, fname in weight_map.items():
+            path = self.dir / fname
+            if not path.is_file():
+                raise CheckpointError(f"{index}: tensor {key} is mapped to {fname}, which does not exist")
+            self._files[key] = path
+
+    def _from_glob(self) -> None:
+        files = sorted(self.dir.glob("*.safetensors"))
+        if not files:
+            pickles = sorted(p.name for p in self.dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if pickles:
+                raise CheckpointError(
+                    f"{self.dir}: only pickle checkpoints found ({', '.join(pickles)}); refusing to unpickle "
+                    f"(it can run arbitrary code). Convert the model to safetensors first.")
+            raise CheckpointError(f"{self.dir}: no *.safetensors files")
+        for path in files:
+            for key in self._open(path).keys():
+                if key in self._files:
+                    raise CheckpointError(f"tensor {key} is in both {self._files[key].name} and {path.name}")
+                self._files[key] = path
+
+    def _open(self, path: Path):
+        if path not in self._handles:
+            try:
+                self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types for bad headers
+                raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
+        return self._handles[path]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._files
+
+    def keys(self) -> list[str]:
+        return list(self._files)
+
+    def file_of(self, key: str) -> Path:
+        return self._files[key]
+
+    def get(self, key: str) -> torch.Tensor:
+        """The stored tensor (CPU, stored dtype). Missing or unreadable -> CheckpointError naming it."""
+        if key not in self._files:
+            raise CheckpointError(f"{self.dir}: tensor {key} not found in any safetensors file")
+        path = self._files[key]
+        handle = self._open(path)
+        if key not in handle.keys():
+            raise CheckpointError(f"{path}: tensor {key} is listed in the index but missing from the file")
+        try:
+            return handle.get_tensor(key)
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot read tensor {key} ({e})") from None
+
+    def get_float(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+        """A floating tensor checked for dtype and shape, converted to `dtype` on `device`."""
+        t = self.get(key)
+        if t.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{self.file_of(key)}: tensor {key} has dtype {t.dtype}, expected fp16/bf16/fp32")
+        if tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"{self.file_of(key)}: tensor {key} has shape {tuple(t.shape)}, "
+                                  f"expected {tuple(shape)}")
+        return t.to(device=device, dtype=dtype)
+
+
+def is_exl2(prefix: str, source: TensorSource) -> bool:
+    return f"{prefix}.q_weight" in source
+
+
+def make_linear(prefix: str, source: TensorSource, *, in_features: int, out_features: int, bias: bool,
+                dtype: torch.dtype, device) -> torch.nn.Module:
+    """Build one linear layer: EXL2 when `<prefix>.q_weight` exists, FP (`<prefix>.weight`) otherwise.
+
+    bias: whether the architecture expects one; presence must match exactly (as ExLlamaV2's loader)."""
+    has_bias = f"{prefix}.bias" in source
+    if has_bias != bias:
+        where = source.file_of(f"{prefix}.bias") if has_bias else source.dir
+        raise CheckpointError(f"{where}: tensor {prefix}.bias is {'present but not' if has_bias else 'missing but'} "
+                              f"expected by the architecture")
+    if is_exl2(prefix, source):
+        tensors = {s: source.get(f"{prefix}.{s}") for s in _linear.EXL2_REQUIRED}
+        tensors.update({s: source.get(f"{prefix}.{s}") for s in _linear.EXL2_OPTIONAL if f"{prefix}.{s}" in source})
+        # looked up through the module so that a later assignment to linear.load_exl2_linear is honoured
+        return _linear.load_exl2_linear(prefix, tensors, in_features=in_features, out_features=out_features,
+                                        dtype=dtype, device=device)
+    w = source.get_float(f"{prefix}.weight", (out_features, in_features), dtype, device)  # [N, K]
+    b = source.get_float(f"{prefix}.bias", (out_features,), dtype, device) if bias else None
+    return _linear.Linear(w, b)
+
+
+LinearFactory = Callable[..., torch.nn.Module]
+
+
+def load_config(model_dir: str | Path) -> ModelConfig:
+    return ModelConfig.from_file(Path(model_dir) / "config.json")
+
+
+def load_model(model_dir: str | Path, *, dtype: torch.dtype | None = None, device="cpu",
+               linear_factory: LinearFactory = make_linear) -> Model:
+    """Load a model directory (HF FP or EXL2) into the runtime's Model on `device`.
+
+    dtype is the compute dtype; default float32 on CPU (the reference), float16 on CUDA."""
+    if dtype is None:
+        dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype {dtype} not supported; use float32 (CPU) or float16 (CUDA)")
+    cfg = load_config(model_dir)
+    src = TensorSource(model_dir)
+    C, D, H, Hkv, I = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
+
+    def lin(key, i, k_in, n_out, bias):
+        return linear_factory(TENSOR_NAMES[key].format(i=i), src, in_features=k_in, out_features=n_out,
+                              bias=bias, dtype=dtype, device=device)
+
+    def norm(key, i=0):
+        return RMSNorm(src.get_float(TENSOR_NAMES[key].format(i=i), (C,), dtype, device), cfg.rms_norm_eps)
+
+    embed = src.get_float(TENSOR_NAMES["embed"], (cfg.vocab_size, C), dtype, device)  # [V, C]
+    blocks = []
+    for i in range(cfg.num_layers):
+        attn_keys = [TENSOR_NAMES[k].format(i=i) for k in ("q", "k", "v", "o")]
+        mlp_keys = [TENSOR_NAMES[k].format(i=i) for k in ("gate", "up", "down")]
+        for group, what in ((attn_keys, "attention"), (mlp_keys, "MLP")):
+            kinds = {is_exl2(p, src) for p in group}
+            if len(kinds) > 1:
+                raise CheckpointError(f"{src.dir}: layer {i}: partially quantized {what} "
+                                      f"(EXL2: {[p for p in group if is_exl2(p, src)]})")
+        attn = Attention(cfg, lin("q", i, C, H * D, cfg.qkv_bias), lin("k", i, C, Hkv * D, cfg.qkv_bias),
+                         lin("v", i, C, Hkv * D, cfg.qkv_bias), lin("o", i, H * D, C, cfg.o_bias))
+        mlp = MLP(lin("gate", i, C, I, cfg.mlp_bias), lin("up", i, C, I, cfg.mlp_bias),
+                  lin("down", i, I, C, cfg.mlp_bias))
+        blocks.append(Block(norm("attn_norm", i), attn, norm("mlp_norm", i), mlp))
+    head_prefix = TENSOR_NAMES["head"]
+    if f"{head_prefix}.weight" in src or is_exl2(head_prefix, src):  # the ExLlamaV2 loader tries lm_head first
+        head = lin("head", 0, C, cfg.vocab_size, False)
+    elif cfg.tie_word_embeddings:
+        head = _linear.Linear(embed)  # shares the embedding tensor, no copy
+    else:
+        raise CheckpointError(f"{src.dir}: tensor {head_prefix}.weight not found and tie_word_embeddings is false")
+    return Model(cfg, embed, blocks, norm("norm"), head).eval()

@@ -1,0 +1,199 @@
+"""The one model definition: Llama layout (Qwen2, Llama, Mistral), no quantization code.
+
+Linear layers are opaque modules (see linear.py); the loader decides what they are. Shapes:
+B batch, T new tokens in this call, P past tokens in the cache, S = P + T keys, C hidden size,
+H query heads, Hkv key/value heads, D head_dim, V vocabulary.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .arch import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()  # statistics in fp32 whatever the compute dtype
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [D/2] fp32, scaling applied. Computed in fp32 the way the reference
+    implementations (Meta's Llama, transformers) do, so angles agree bit for bit where possible."""
+    D = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))  # [D/2]
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    if s["rope_type"] == "linear":
+        return inv / s["factor"]
+    # llama3: keep high frequencies, divide low ones by factor, interpolate the band in between.
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_ctx = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv  # [D/2]
+    scaled = torch.where(wavelen > old_ctx / lo, inv / factor, inv)
+    smooth = (old_ctx / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
+class Rotary(nn.Module):
+    """NeoX / rotate-half RoPE; angles, cos and sin in fp32."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        inv = rope_inv_freq(cfg)  # [D/2] fp32
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def cos_sin(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(start, start + length, device=self.inv_freq.device, dtype=torch.float32)  # [T]
+        freqs = pos[:, None] * self.inv_freq[None, :]  # [T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+        return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, h, D] (any float dtype); cos/sin [T, D] fp32. Rotation computed in fp32."""
+    xf = x.float()
+    half = xf.shape[-1] // 2
+    rot = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)  # rotate_half, [B, T, h, D]
+    c, s = cos[:, None, :], sin[:, None, :]  # [T, 1, D] broadcast over heads
+    return (xf * c + rot * s).to(x.dtype)
+
+
+def lower_right_mask(q_len: int, k_len: int, device=None) -> torch.Tensor:
+    """Boolean [q_len, k_len], True = may attend. Query i (absolute position k_len - q_len + i) sees keys
+    0 .. k_len - q_len + i: the causal mask aligned to the bottom-right corner."""
+    if q_len > k_len:
+        raise ValueError(f"lower_right_mask: q_len {q_len} > k_len {k_len}")
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal GQA attention of T new queries against S = P + T keys, fp32 softmax.
+
+    q [B, H, T, D], k/v [B, Hkv, S, D] -> [B, H, T, D] in q's dtype.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} not 4-D/matching")
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if k.shape[0] != B or k.shape[3] != D or H % Hkv or S < T:
+        raise ValueError(f"attention: q {tuple(q.shape)} incompatible with k {tuple(k.shape)}")
+    out_dtype = q.dtype
+    # fp32 softmax: upcast fp16/bf16 inputs (Q.K^T of large q/k overflows fp16; EXL2-SPEC 6).
+    q, k, v = q.float(), k.float(), v.float()
+    if Hkv != H:  # GQA: each kv head serves H/Hkv query heads
+        rep = H // Hkv
+        k = k[:, :, None].expand(B, Hkv, rep, S, D).reshape(B, H, S, D)  # [B, H, S, D]
+        v = v[:, :, None].expand(B, Hkv, rep, S, D).reshape(B, H, S, D)  # [B, H, S, D]
+    scale = 1.0 / math.sqrt(D)
+    if T == S:  # no past: lower-right == top-left, let SDPA use its fused causal path
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    elif T == 1:  # one new token sees every key
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    else:
+        mask = lower_right_mask(T, S, device=q.device)  # [T, S]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.to(out_dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, q: nn.Module, k: nn.Module, v: nn.Module, o: nn.Module):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q, k, v, o
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def forward(self, x, cos, sin, layer_cache=None, past_len: int = 0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, H, D]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)  # [B, T, Hkv, D]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)  # [B, T, Hkv, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if layer_cache is not None:
+            k, v = layer_cache.update(k, v, past_len)  # [B, S, Hkv, D] each
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, H, T, D]
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, H*D]
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, gate: nn.Module, up: nn.Module, down: nn.Module):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate, up, down
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, attn_norm: RMSNorm, attn: Attention, mlp_norm: RMSNorm, mlp: MLP):
+        super().__init__()
+        self.input_layernorm, self.self_attn = attn_norm, attn
+        self.post_attention_layernorm, self.mlp = mlp_norm, mlp
+
+    def forward(self, x, cos, sin, layer_cache=None, past_len: int = 0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer_cache, past_len)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Model(nn.Module):
+    """Embedding -> blocks -> final norm -> head. Built by loader.load_model."""
+
+    def __init__(self, cfg: ModelConfig, embed: torch.Tensor, blocks: list[Block], norm: RMSNorm,
+                 head: nn.Module):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Parameter(embed, requires_grad=False)  # [V, C]
+        self.layers = nn.ModuleList(blocks)
+        self.norm = norm
+        self.lm_head = head
+        self.rotary = Rotary(cfg).to(embed.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
+    def forward(self, input_ids: torch.Tensor, cache=None, *, last_only: bool = False) -> torch.Tensor:
+        """input_ids [B, T] integer -> logits float32 [B, T, V] ([B, 1, V] with last_only).
+
+        With a cache, the T tokens follow the cache's past_len tokens and are appended to it.
+        """
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be a 2-D integer tensor [B, T], got {input_ids.dtype} "
+                             f"{tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if T == 0:
+            raise ValueError("input_ids: no tokens")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            raise ValueError(f"input_ids: token id out of range [0, {self.cfg.vocab_size}): {lo if lo < 0 else hi}")
+        past = 0
+        if cache is not None:
+            past = cache.past_len
+            cache.check_append(B, T)
+        input_ids = input_ids.to(self.device)
+        x = F.embedding(input_ids, self.embed_tokens)  # [B, T, C]
+        cos, sin = self.rotary.cos_sin(past, T)  # [T, D] each
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, None if cache is None else cache.layers[i], past)
+        if cache is not None:
+            cache.advance(T)
+        if last_only:
+            x = x[:, -1:]  # [B, 1, C]
+        return self.lm_head(self.norm(x)).float()  # [B, T or 1, V]

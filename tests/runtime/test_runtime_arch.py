@@ -1,0 +1,98 @@
+"""config.json parsing and the architecture table."""
+import json
+
+import pytest
+import torch
+from exl2.runtime.arch import (
+    ARCHITECTURES,
+    ModelConfig,
+    UnsupportedArchitectureError,
+    get_arch,
+)
+from exl2.runtime.model import rope_inv_freq
+
+BASE = dict(architectures=["LlamaForCausalLM"], hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
+            intermediate_size=512, num_hidden_layers=2, vocab_size=1000)
+
+
+def test_table_rows():
+    assert set(ARCHITECTURES) == {"Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM"}
+    q = ARCHITECTURES["Qwen2ForCausalLM"]
+    assert q.qkv_bias and not q.o_bias and not q.mlp_bias
+
+
+def test_unknown_architecture():
+    with pytest.raises(UnsupportedArchitectureError, match="supported: LlamaForCausalLM, MistralForCausalLM, "
+                                                           "Qwen2ForCausalLM"):
+        get_arch(["FalconForCausalLM"])
+    with pytest.raises(UnsupportedArchitectureError):
+        ModelConfig.from_dict({**BASE, "architectures": None})
+
+
+def test_head_dim_and_defaults():
+    c = ModelConfig.from_dict(BASE)
+    assert (c.head_dim, c.kv_dim, c.rope_theta, c.rope_scaling) == (32, 64, 10000.0, None)
+    assert ModelConfig.from_dict({**BASE, "head_dim": 64}).head_dim == 64
+    c = ModelConfig.from_dict({**BASE, "eos_token_id": [5, 7], "bos_token_id": 1, "tie_word_embeddings": True})
+    assert c.eos_token_ids == [5, 7] and c.bos_token_id == 1 and c.tie_word_embeddings
+
+
+def test_llama_attention_bias_from_config():
+    c = ModelConfig.from_dict({**BASE, "attention_bias": True})
+    assert c.qkv_bias and c.o_bias and not c.mlp_bias
+
+
+def test_qwen2_sliding_window_read_not_applied():
+    c = ModelConfig.from_dict({**BASE, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 4096,
+                               "use_sliding_window": False, "rope_theta": 1e6})
+    assert c.sliding_window == 4096 and c.rope_theta == 1e6 and c.qkv_bias and not c.o_bias
+
+
+LLAMA3 = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+
+
+@pytest.mark.parametrize("layout", ["v4", "v5"])
+def test_rope_layouts(layout):
+    """transformers 4.x writes rope_theta + rope_scaling; 5.x writes rope_parameters."""
+    if layout == "v4":
+        d = {**BASE, "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", **LLAMA3}}
+    else:
+        d = {**BASE, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, **LLAMA3}}
+    c = ModelConfig.from_dict(d)
+    assert c.rope_theta == 500000.0 and c.rope_scaling == {"rope_type": "llama3", **LLAMA3}
+    old = ModelConfig.from_dict({**BASE, "rope_scaling": {"type": "linear", "factor": 2.0}})
+    assert old.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+
+
+def test_unsupported_rope_type():
+    with pytest.raises(ValueError, match="rope type 'dynamic' not supported"):
+        ModelConfig.from_dict({**BASE, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
+
+
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 4.0},
+                                     {"rope_type": "llama3", **LLAMA3}])
+def test_inv_freq_matches_transformers(scaling):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    d = {**BASE, "head_dim": 128, "rope_theta": 500000.0, "rope_scaling": scaling,
+         "max_position_embeddings": 131072}
+    ours = rope_inv_freq(ModelConfig.from_dict(d))
+    hf_cfg = LlamaConfig(**{k: v for k, v in d.items() if k != "architectures"})
+    if scaling is None:
+        ref = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, dtype=torch.int64).float() / 128))
+    else:
+        ref, _ = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](hf_cfg, "cpu")
+    assert ours.dtype == torch.float32
+    assert torch.equal(ours, ref)  # same fp32 recipe: bit-identical
+
+
+def test_from_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        ModelConfig.from_file(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="invalid JSON"):
+        ModelConfig.from_file(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**BASE, "hidden_size": None}))
+    with pytest.raises(ValueError, match="hidden_size"):
+        ModelConfig.from_file(tmp_path)
