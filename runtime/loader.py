@@ -125,8 +125,11 @@ def make_linear(prefix: str, source: TensorSource, *, in_features: int, out_feat
         tensors = {s: source.get(f"{prefix}.{s}") for s in _linear.EXL2_REQUIRED}
         tensors.update({s: source.get(f"{prefix}.{s}") for s in _linear.EXL2_OPTIONAL if f"{prefix}.{s}" in source})
         # looked up through the module so that a later assignment to linear.load_exl2_linear is honoured
-        return _linear.load_exl2_linear(prefix, tensors, in_features=in_features, out_features=out_features,
-                                        dtype=dtype, device=device)
+        try:
+            return _linear.load_exl2_linear(prefix, tensors, in_features=in_features, out_features=out_features,
+                                            dtype=dtype, device=device)
+        except ValueError as e:
+            raise CheckpointError(f"{source.file_of(prefix + '.q_weight')}: {e}") from None
     w = source.get_float(f"{prefix}.weight", (out_features, in_features), dtype, device)  # [N, K]
     b = source.get_float(f"{prefix}.bias", (out_features,), dtype, device) if bias else None
     return _linear.Linear(w, b)
@@ -139,29 +142,39 @@ def load_config(model_dir: str | Path) -> ModelConfig:
     return ModelConfig.from_file(Path(model_dir) / "config.json")
 
 
-def load_model(model_dir: str | Path, *, dtype: torch.dtype | None = None, device="cpu",
-               linear_factory: LinearFactory = make_linear) -> Model:
-    """Load a model directory (HF FP or EXL2) into the runtime's Model on `device`.
+class ModelParts:
+    """Builds a model's pieces one at a time from a checkpoint, for streaming work (calibration, conversion).
 
-    dtype is the compute dtype; default float32 on CPU (the reference), float16 on CUDA."""
-    if dtype is None:
-        dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
-    if dtype not in FLOAT_DTYPES:
-        raise ValueError(f"dtype {dtype} not supported; use float32 (CPU) or float16 (CUDA)")
-    cfg = load_config(model_dir)
-    src = TensorSource(model_dir)
-    C, D, H, Hkv, I = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
+    `load_model` assembles all of them; the converter keeps only one decoder layer resident.
+    """
 
-    def lin(key, i, k_in, n_out, bias):
-        return linear_factory(TENSOR_NAMES[key].format(i=i), src, in_features=k_in, out_features=n_out,
-                              bias=bias, dtype=dtype, device=device)
+    def __init__(self, model_dir: str | Path, *, dtype: torch.dtype | None = None, device="cpu",
+                 linear_factory: LinearFactory = make_linear):
+        if dtype is None:
+            dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype {dtype} not supported; use float32 (CPU) or float16 (CUDA)")
+        self.dir = Path(model_dir)
+        self.cfg = load_config(model_dir)
+        self.src = TensorSource(model_dir)
+        self.dtype, self.device, self.linear_factory = dtype, device, linear_factory
 
-    def norm(key, i=0):
-        return RMSNorm(src.get_float(TENSOR_NAMES[key].format(i=i), (C,), dtype, device), cfg.rms_norm_eps)
+    def linear(self, key: str, i: int, k_in: int, n_out: int, bias: bool) -> torch.nn.Module:
+        return self.linear_factory(TENSOR_NAMES[key].format(i=i), self.src, in_features=k_in, out_features=n_out,
+                                   bias=bias, dtype=self.dtype, device=self.device)
 
-    embed = src.get_float(TENSOR_NAMES["embed"], (cfg.vocab_size, C), dtype, device)  # [V, C]
-    blocks = []
-    for i in range(cfg.num_layers):
+    def norm(self, key: str, i: int = 0) -> RMSNorm:
+        C = self.cfg.hidden_size
+        return RMSNorm(self.src.get_float(TENSOR_NAMES[key].format(i=i), (C,), self.dtype, self.device),
+                       self.cfg.rms_norm_eps)
+
+    def embedding(self) -> torch.Tensor:
+        return self.src.get_float(TENSOR_NAMES["embed"], (self.cfg.vocab_size, self.cfg.hidden_size),
+                                  self.dtype, self.device)  # [V, C]
+
+    def block(self, i: int) -> Block:
+        cfg, src = self.cfg, self.src
+        C, D, H, Hkv, I = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
         attn_keys = [TENSOR_NAMES[k].format(i=i) for k in ("q", "k", "v", "o")]
         mlp_keys = [TENSOR_NAMES[k].format(i=i) for k in ("gate", "up", "down")]
         for group, what in ((attn_keys, "attention"), (mlp_keys, "MLP")):
@@ -169,16 +182,33 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype | None = None, devic
             if len(kinds) > 1:
                 raise CheckpointError(f"{src.dir}: layer {i}: partially quantized {what} "
                                       f"(EXL2: {[p for p in group if is_exl2(p, src)]})")
+        lin = self.linear
         attn = Attention(cfg, lin("q", i, C, H * D, cfg.qkv_bias), lin("k", i, C, Hkv * D, cfg.qkv_bias),
                          lin("v", i, C, Hkv * D, cfg.qkv_bias), lin("o", i, H * D, C, cfg.o_bias))
         mlp = MLP(lin("gate", i, C, I, cfg.mlp_bias), lin("up", i, C, I, cfg.mlp_bias),
                   lin("down", i, I, C, cfg.mlp_bias))
-        blocks.append(Block(norm("attn_norm", i), attn, norm("mlp_norm", i), mlp))
-    head_prefix = TENSOR_NAMES["head"]
-    if f"{head_prefix}.weight" in src or is_exl2(head_prefix, src):  # the ExLlamaV2 loader tries lm_head first
-        head = lin("head", 0, C, cfg.vocab_size, False)
-    elif cfg.tie_word_embeddings:
-        head = _linear.Linear(embed)  # shares the embedding tensor, no copy
-    else:
-        raise CheckpointError(f"{src.dir}: tensor {head_prefix}.weight not found and tie_word_embeddings is false")
-    return Model(cfg, embed, blocks, norm("norm"), head).eval()
+        return Block(self.norm("attn_norm", i), attn, self.norm("mlp_norm", i), mlp)
+
+    def has_head(self) -> bool:
+        """Whether the checkpoint stores its own head (FP or EXL2); the ExLlamaV2 loader tries lm_head first."""
+        head_prefix = TENSOR_NAMES["head"]
+        return f"{head_prefix}.weight" in self.src or is_exl2(head_prefix, self.src)
+
+    def head(self, embed: torch.Tensor | None = None) -> torch.nn.Module:
+        if self.has_head():
+            return self.linear("head", 0, self.cfg.hidden_size, self.cfg.vocab_size, False)
+        if self.cfg.tie_word_embeddings:
+            return _linear.Linear(self.embedding() if embed is None else embed)  # shares the tensor, no copy
+        raise CheckpointError(f"{self.src.dir}: tensor {TENSOR_NAMES['head']}.weight not found and "
+                              f"tie_word_embeddings is false")
+
+
+def load_model(model_dir: str | Path, *, dtype: torch.dtype | None = None, device="cpu",
+               linear_factory: LinearFactory = make_linear) -> Model:
+    """Load a model directory (HF FP or EXL2) into the runtime's Model on `device`.
+
+    dtype is the compute dtype; default float32 on CPU (the reference), float16 on CUDA."""
+    parts = ModelParts(model_dir, dtype=dtype, device=device, linear_factory=linear_factory)
+    embed = parts.embedding()
+    blocks = [parts.block(i) for i in range(parts.cfg.num_layers)]
+    return Model(parts.cfg, embed, blocks, parts.norm("norm"), parts.head(embed)).eval()
