@@ -83,6 +83,12 @@ class TensorSource:
     def file_of(self, key: str) -> Path:
         return self._files[key]
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The stored shape, read from the header without loading the tensor."""
+        if key not in self._files:
+            raise CheckpointError(f"{self.dir}: tensor {key} not found in any safetensors file")
+        return tuple(self._open(self._files[key]).get_slice(key).get_shape())
+
     def get(self, key: str) -> torch.Tensor:
         """The stored tensor (CPU, stored dtype). Missing or unreadable -> CheckpointError naming it."""
         if key not in self._files:

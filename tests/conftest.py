@@ -2,6 +2,7 @@ import pathlib
 import sys
 
 import pytest
+import torch
 
 # The top-level `fixtures/` folder (real offline test material) is not part of the installed
 # package; make it importable however pytest is started.
@@ -16,3 +17,110 @@ def smollm2_dir():
     from fixtures.smollm2 import build_smollm2
 
     return build_smollm2()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A byte-level BPE tokenizer.json (vocabulary 512) trained here: every UTF-8 text tokenizes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = [
+        "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+        "must be in want of a wife.",
+        "def main(argv=None):\n    parser = argparse.ArgumentParser()\n    return 0\n",
+        "The quick brown fox jumps over the lazy dog. 0123456789",
+        "如果您想要创建一个 Debian 软件包来满足您的需求。",
+    ] * 20
+    tok.train_from_iterator(corpus, trainer)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+# ---- tiny random checkpoints written with transformers (test-only dependency) ----
+
+# Small enough for seconds-long tests; kv dims (2*32=64, 2*64=128) are multiples of 64 so that the
+# quantized cache modes (Hadamard spans of 64) apply.
+TINY = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256,
+            num_hidden_layers=2, vocab_size=512, max_position_embeddings=512)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
+    """transformers initialises biases to 0 and norms to 1: randomise them (a loader that drops biases
+    would pass otherwise), and use a larger weight std so logits are far from uniform."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            elif "norm" in name:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)  # U(0.5, 1.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def build_tiny(kind: str, out_dir, *, tie: bool = False, dtype=torch.float32, max_shard_size=None,
+               seed: int = 0, **overrides):
+    """Write a tiny random `kind` ("qwen2", "llama3", "mistral") checkpoint to out_dir; returns out_dir."""
+    import transformers as tf
+
+    kw = dict(TINY, tie_word_embeddings=tie, **overrides)
+    if kind == "qwen2":
+        cfg = tf.Qwen2Config(rope_theta=1e6, **kw)
+        cls = tf.Qwen2ForCausalLM
+    elif kind == "llama3":
+        # head_dim given explicitly and != hidden/heads; llama3 scaling with a short original context so
+        # that low, medium and high frequency bands all occur at head_dim 64.
+        kw.setdefault("head_dim", 64)
+        cfg = tf.LlamaConfig(rope_theta=500000.0, rope_scaling=dict(
+            rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=64), **kw)
+        cls = tf.LlamaForCausalLM
+    elif kind == "mistral":
+        cfg = tf.MistralConfig(sliding_window=None, **kw)
+        cls = tf.MistralForCausalLM
+    else:
+        raise ValueError(kind)
+    torch.manual_seed(seed)
+    model = cls(cfg)
+    randomize_(model, seed)
+    model = model.to(dtype)
+    extra = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(out_dir, **extra)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_builder():
+    """build_tiny itself, for module- or session-scoped fixtures."""
+    return build_tiny
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """Factory: tiny_checkpoint("qwen2", tie=True, ...) -> path of a fresh checkpoint dir."""
+    count = [0]
+
+    def make(kind: str, **kw):
+        count[0] += 1
+        return build_tiny(kind, tmp_path / f"{kind}_{count[0]}", **kw)
+
+    return make
+
+
+@pytest.fixture
+def hf_logits():
+    """hf_logits(model_dir, ids) -> transformers' float32 logits (eager attention)."""
+    from transformers import AutoModelForCausalLM
+
+    def run(model_dir, ids):
+        ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+        with torch.no_grad():
+            return ref(ids).logits
+
+    return run

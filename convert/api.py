@@ -1,0 +1,324 @@
+"""The conversion job: a resumable state machine over a working directory.
+
+    work/
+      job.json                 parameters, checkpoint hash, finished stages (rewritten atomically)
+      cal/measure.safetensors  measurement rows        cal/quant.safetensors  quantization rows
+      measure/                 measurement checkpoints, then measurement.json
+      measurement.json         the finished measurement (ExLlamaV2 schema + provenance)
+      bpw-4.00/                one folder per target: strategy.json, out_tensor/, model/ (unless -cf),
+                               validation.json
+
+Stages run in order: calibration rows -> measurement (skipped with a reused measurement) -> per target:
+optimize -> quantize -> compile -> validate.  Each finished stage is recorded in job.json; a rerun with
+the same parameters skips it, and a rerun that changes a parameter finished work depends on is refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from exl2.calibration import CalibrationRows, default_rows, user_rows
+from exl2.measure import measurement as mj
+from exl2.measure.measure import preflight, run_measurement
+from exl2.measure.optimize import optimize
+from exl2.quant_kernels.codec import padded_columns
+from exl2.runtime.arch import ModelConfig
+from exl2.runtime.loader import ModelParts, TensorSource
+
+from . import quantize as qpass
+from . import validate as val
+from . import writer
+
+VERSION = "0.1.0"
+JOB_FORMAT = 1
+
+Status = Callable[[dict], None]
+
+
+class ConvertError(RuntimeError):
+    """A problem the user can fix (bad input, changed parameters, impossible target); one line."""
+
+
+@dataclass
+class ConvertOptions:
+    in_dir: str
+    work_dir: str
+    bits: list[float] = field(default_factory=lambda: [4.125])
+    head_bits: int = 6
+    compile_dir: str | None = None        # -cf: final model here (one target) or here/<bpw>bpw (several)
+    cal_dataset: str | None = None        # None: the embedded default mix
+    rows: int = 100
+    length: int = 2048
+    measurement_rows: int = 16
+    measurement_length: int = 2048
+    shard_mib: int = 8192
+    measurement: str | None = None        # reuse this measurement.json
+    force_measurement: bool = False
+    measure_only: bool = False
+    output_measurement: str | None = None  # -om: also copy measurement.json here
+    fresh: bool = False                   # -nr
+    device: str = "cpu"
+    seed: int = 0
+    validate: bool = True
+    validation_rows: int = 4
+
+
+# Parameters whose change invalidates finished work, by what they invalidate.
+MEASURE_PARAMS = ("checkpoint_sha256", "cal_dataset", "measurement_rows", "measurement_length", "seed")
+QUANT_PARAMS = ("checkpoint_sha256", "cal_dataset", "rows", "length", "head_bits", "seed", "measurement_sha256")
+
+
+def checkpoint_sha256(model_dir: Path) -> str:
+    """Content hash of config.json and every *.safetensors file, in name order."""
+    h = hashlib.sha256()
+    for f in [model_dir / "config.json", *sorted(model_dir.glob("*.safetensors"))]:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def decoder_numel(cfg: ModelConfig) -> int:
+    """Weights the bpw budget covers: K x padded N of every attention and MLP projection."""
+    C, D, H, Hkv, I = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
+    per_layer = (C * padded_columns(H * D) + 2 * C * padded_columns(Hkv * D) + H * D * padded_columns(C)
+                 + 2 * C * padded_columns(I) + I * padded_columns(C))
+    return cfg.num_layers * per_layer
+
+
+def target_dir_name(bpw: float) -> str:
+    return f"bpw-{bpw:.2f}"
+
+
+class Job:
+    def __init__(self, opts: ConvertOptions, status: Status | None = None, progress_factory=None):
+        self.o = opts
+        self.status = status or (lambda d: None)
+        self.progress_factory = progress_factory     # (description, total) -> callable(done, total)
+        self.in_dir = Path(opts.in_dir)
+        self.work = Path(opts.work_dir)
+        self.job_file = self.work / "job.json"
+
+    # -- set-up -----------------------------------------------------------------------------------
+
+    def _check_inputs(self) -> None:
+        o = self.o
+        for name in ("config.json",):
+            if not (self.in_dir / name).is_file():
+                raise ConvertError(f"{self.in_dir / name}: not found (is -i a Hugging Face model directory?)")
+        if not (self.in_dir / "tokenizer.json").is_file():
+            raise ConvertError(f"{self.in_dir / 'tokenizer.json'}: not found (a tokenizer.json is required)")
+        if o.head_bits not in (2, 3, 4, 5, 6, 8):
+            raise ConvertError(f"--head-bits {o.head_bits}: must be one of 2, 3, 4, 5, 6, 8")
+        for name in ("rows", "length", "measurement_rows", "measurement_length", "validation_rows"):
+            if getattr(o, name) <= 0:
+                raise ConvertError(f"--{name.replace('_', '-')} {getattr(o, name)}: must be positive")
+        if o.shard_mib < 0:
+            raise ConvertError(f"--shard-size {o.shard_mib}: must be >= 0")
+        if not o.measure_only and not o.bits:
+            raise ConvertError("--bits: give at least one target")
+        for b in o.bits:
+            if not 1.5 <= b <= 9.0:
+                raise ConvertError(f"--bits {b}: outside any model's feasible range (about 2 to 8 bits per weight)")
+
+    def _load_job(self) -> dict:
+        if self.o.fresh and self.work.exists():
+            shutil.rmtree(self.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.work, os.W_OK):
+            raise ConvertError(f"{self.work}: output directory is not writable")
+        params = {
+            "checkpoint_sha256": checkpoint_sha256(self.in_dir),
+            "cal_dataset": str(Path(self.o.cal_dataset).resolve()) if self.o.cal_dataset else None,
+            "rows": self.o.rows, "length": self.o.length, "measurement_rows": self.o.measurement_rows,
+            "measurement_length": self.o.measurement_length, "head_bits": self.o.head_bits, "seed": self.o.seed,
+            "measurement_sha256": None,
+        }
+        if self.job_file.exists():
+            job = json.loads(self.job_file.read_text())
+            if job.get("finished_stages") is None or job.get("params") is None:
+                raise ConvertError(f"{self.job_file}: not a job file of this tool; use -nr to start over")
+            old = job["params"]
+            done = job["finished_stages"]
+            measured = "measure" in done
+            quantized = any(s.startswith("quant:") for s in done)
+            for k in MEASURE_PARAMS + QUANT_PARAMS:
+                if k == "measurement_sha256":
+                    continue
+                if old.get(k) != params[k] and ((k in MEASURE_PARAMS and measured) or (k in QUANT_PARAMS and quantized)):
+                    flag = {"checkpoint_sha256": "-i (the checkpoint's content changed)", "cal_dataset": "-c",
+                            "rows": "-r", "length": "-l", "measurement_rows": "-mr", "measurement_length": "-ml",
+                            "head_bits": "-hb", "seed": "--seed"}[k]
+                    raise ConvertError(f"{self.work}: finished work used {flag} = {old.get(k)}, this run asks for "
+                                       f"{params[k]}; use -nr to start over or another -o")
+            params["measurement_sha256"] = old.get("measurement_sha256")
+            job["params"] = params
+        else:
+            job = {"format": JOB_FORMAT, "tool_version": VERSION, "in_dir": str(self.in_dir.resolve()),
+                   "params": params, "finished_stages": []}
+        self.job = job
+        self._save()
+        return job
+
+    def _save(self) -> None:
+        _write_json(self.job_file, self.job)
+
+    def _done(self, stage: str) -> bool:
+        return stage in self.job["finished_stages"]
+
+    def _finish(self, stage: str) -> None:
+        if stage not in self.job["finished_stages"]:
+            self.job["finished_stages"].append(stage)
+        self._save()
+        self.status({"stage": stage, "state": "finished"})
+
+    def _progress(self, desc: str):
+        return self.progress_factory(desc) if self.progress_factory else None
+
+    # -- stages -----------------------------------------------------------------------------------
+
+    def _rows(self, which: str) -> CalibrationRows:
+        o, cfg = self.o, self.cfg
+        path = self.work / "cal" / f"{which}.safetensors"
+        if path.exists():
+            return CalibrationRows.load(path)
+        n, length = (o.measurement_rows, o.measurement_length) if which == "measure" else (o.rows, o.length)
+        tok = self.in_dir / "tokenizer.json"
+        if o.cal_dataset:
+            rows = user_rows(o.cal_dataset, tok, n, length, seed=o.seed, vocab_size=cfg.vocab_size)
+        else:
+            from exl2.calibration import MEASURE_WEIGHTS, QUANT_WEIGHTS
+
+            rows = default_rows(tok, n, length, seed=o.seed, bos_id=cfg.bos_token_id, vocab_size=cfg.vocab_size,
+                                weights=MEASURE_WEIGHTS if which == "measure" else QUANT_WEIGHTS)
+        path.parent.mkdir(exist_ok=True)
+        rows.save(path)
+        return rows
+
+    def measure(self) -> dict:
+        o = self.o
+        if o.measurement:
+            data = mj.load(o.measurement, checkpoint_sha256=self.job["params"]["checkpoint_sha256"],
+                           force=o.force_measurement)
+            missing = [f"model.layers.{i}.{m}" for i in range(self.cfg.num_layers) for m in ("self_attn", "mlp")
+                       if f"model.layers.{i}.{m}" not in data["measurement"]]
+            if missing:
+                raise ConvertError(f"{o.measurement}: no measurement for {missing[0]} (another model's file?)")
+        elif self._done("measure"):
+            data = mj.load(self.work / "measurement.json")
+        else:
+            rows = self._rows("measure")
+            pf = preflight(self.parts, rows.input_ids[0], device=o.device)
+            self.status({"stage": "preflight", "message": pf.report(), "max_abs": pf.max_abs})
+            prov = {"tool_version": VERSION, "checkpoint_sha256": self.job["params"]["checkpoint_sha256"],
+                    "calibration_sha256": rows.sha256, "rows": int(rows.input_ids.shape[0]),
+                    "length": int(rows.input_ids.shape[1]),
+                    "calibration": "(default)" if not o.cal_dataset else Path(o.cal_dataset).name}
+            data = run_measurement(self.in_dir, rows.input_ids, self.work / "measure", device=o.device,
+                                   provenance=prov, status=self.status, progress=self._progress("measure"))
+            shutil.copyfile(self.work / "measure" / "measurement.json", self.work / "measurement.json")
+            self._finish("measure")
+        text = json.dumps(data, indent=4)
+        self.job["params"]["measurement_sha256"] = hashlib.sha256(
+            json.dumps(data["measurement"], sort_keys=True).encode()).hexdigest()
+        self._save()
+        if o.output_measurement:
+            dest = Path(o.output_measurement)
+            if dest.is_dir():
+                dest = dest / "measurement.json"
+            dest.write_text(text)
+        return data
+
+    def target(self, bpw: float, data: dict) -> dict:
+        o = self.o
+        tdir = self.work / target_dir_name(bpw)
+        tdir.mkdir(exist_ok=True)
+        tag = f"{bpw:.2f}"
+        numel = decoder_numel(self.cfg)
+        strategy_file = tdir / "strategy.json"
+        if self._done(f"optimize:{tag}") and strategy_file.exists():
+            strat = json.loads(strategy_file.read_text())
+        else:
+            try:
+                sol = optimize(data["measurement"], numel, bpw)
+            except ValueError as e:
+                raise ConvertError(f"--bits {bpw}: {e}") from None
+            strat = {"bpw_target": bpw, "bpw": sol.bits / numel, "bits": sol.bits, "budget": sol.budget,
+                     "numel": numel, "norm": sol.norm, "max_err": sol.max_err,
+                     "strategy": {k: {"option": i, **data["measurement"][k][i]} for k, i in sol.choice.items()}}
+            _write_json(strategy_file, strat)
+            self._finish(f"optimize:{tag}")
+        self.status({"stage": "optimize", "bpw_target": bpw, "bpw": strat["bpw"]})
+        if not self._done(f"quant:{tag}"):
+            rows = self._rows("quant")
+            report = qpass.run_quantization(self.in_dir, rows.input_ids, strat["strategy"], o.head_bits, tdir,
+                                            device=o.device, status=self.status,
+                                            progress=self._progress(f"quantize {bpw} bpw"),
+                                            ppl_rows=min(4, rows.input_ids.shape[0]))
+            _write_json(tdir / "quant_report.json", report)
+            self._finish(f"quant:{tag}")
+        report = json.loads((tdir / "quant_report.json").read_text())
+        out = self._compile_dir(bpw)
+        if not self._done(f"compile:{tag}") or not (out / "config.json").exists():
+            qconf = {"quant_method": "exl2", "version": VERSION, "bits": bpw, "head_bits": o.head_bits,
+                     "calibration": {"rows": o.rows, "length": o.length,
+                                     "dataset": "(default)" if not o.cal_dataset else Path(o.cal_dataset).name},
+                     "exl2": {"bpw": strat["bpw"], "checkpoint_sha256": self.job["params"]["checkpoint_sha256"]}}
+            writer.compile_model(self.in_dir, tdir / "out_tensor", out, shard_mib=o.shard_mib,
+                                 quantization_config=qconf,
+                                 extra_files={"measurement.json": json.dumps(data, indent=4)})
+            self._finish(f"compile:{tag}")
+        result = {"bpw_target": bpw, "bpw": strat["bpw"], "output": str(out), "head": report["head"]}
+        if o.validate:
+            vfile = out / "validation.json"
+            if not vfile.exists():
+                rows = self._rows("quant")
+                vrows = val.held_out_rows(self.in_dir / "tokenizer.json", rows.input_ids, o.validation_rows,
+                                          min(o.length, 512), self.cfg.bos_token_id, self.cfg.vocab_size)
+                v = val.compare(self.in_dir, out, vrows, device=o.device)
+                val.write(vfile, v)
+            result["validation"] = json.loads(vfile.read_text())
+            self.status({"stage": "validate", "bpw_target": bpw, **result["validation"]})
+        return result
+
+    def _compile_dir(self, bpw: float) -> Path:
+        if self.o.compile_dir:
+            base = Path(self.o.compile_dir)
+            return base if len(self.o.bits) == 1 else base / f"{bpw:g}bpw"
+        return self.work / target_dir_name(bpw) / "model"
+
+    def run(self) -> dict:
+        self._check_inputs()
+        try:
+            self.cfg = ModelConfig.from_file(self.in_dir / "config.json")
+        except (ValueError, KeyError, OSError) as e:
+            raise ConvertError(f"{self.in_dir / 'config.json'}: {e}") from None
+        self._load_job()
+        self.parts = ModelParts(self.in_dir, device=self.o.device)
+        data = self.measure()
+        results = {"work_dir": str(self.work), "measurement": str(self.work / "measurement.json"), "targets": []}
+        if self.o.measure_only:
+            return results
+        for bpw in self.o.bits:
+            results["targets"].append(self.target(bpw, data))
+        return results
+
+
+def convert(opts: ConvertOptions, status: Status | None = None, progress_factory=None) -> dict:
+    """Run (or resume) a conversion; returns a summary with one entry per target bpw."""
+    return Job(opts, status, progress_factory).run()

@@ -1,0 +1,159 @@
+"""The quantization pass: every decoder module with its chosen option, then the head (EXL2-SPEC.md 3.7).
+
+Per module, with only that layer's weights resident:
+
+1. run the full-precision module on the current states, which are the outputs of the already
+   *quantized* earlier modules (errors propagate, as they will at inference), collecting the Hessians;
+2. GPTQ each projection with the strategy's option (q/k/v share one act-order and inverse, gate/up too);
+3. write ``out_tensor/<projection>.safetensors``, read it back and check that the codec reconstructs the
+   quantizer's own weight bit for bit;
+4. swap the quantized weights in and re-run the module: its outputs are the next module's inputs.
+
+The head is quantized with the head option on the final-norm outputs, round-to-nearest (act-order kept)
+when it has more than 1e9 elements.  States are checkpointed after every layer, so a killed run resumes
+from the last finished layer and writes the same bytes as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from exl2.measure.measure import embed_rows
+from exl2.measure.measurement import entry_options
+from exl2.measure.stream import MODULES, collect, linears, load_states, rel_error, run_module, save_states, \
+    save_tensors, set_weight
+from exl2.quant_kernels import codec, gptq
+from exl2.quant_kernels.qparams import HEAD_OPTIONS
+from exl2.runtime.loader import ModelParts
+from exl2.runtime.model import Rotary
+
+RTN_HEAD_ELEMENTS = 1e9
+
+Status = Callable[[dict], None]
+
+
+class QuantizeError(RuntimeError):
+    """A packed layer does not reload to the quantizer's weight, or the quantization cannot proceed."""
+
+
+def _store(out_dir: Path, prefix: str, result: gptq.QuantResult) -> None:
+    """Write one layer's tensors, then reload them from disk and check the reconstruction bit for bit."""
+    path = out_dir / f"{prefix}.safetensors"
+    save_tensors(path, {f"{prefix}.{k}": v for k, v in result.tensors.items()})
+    back = {k.split(".")[-1]: v for k, v in load_file(str(path)).items()}
+    n = result.weight.shape[0]
+    w = codec.dequantize_layer(back)[:n]
+    if not torch.equal(w.view(torch.int16), result.weight.view(torch.int16)):
+        diff = float((w.float() - result.weight.float()).abs().max())
+        raise QuantizeError(f"{path}: reloaded {prefix} differs from the quantized weight (max |diff| {diff:.3g})")
+
+
+def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, device, out_dir: Path):
+    """Quantize one module in place; returns (new states, relative output error vs full precision)."""
+    key = spec.key(layer)
+    options = entry_options(strategy[key])
+    H, ref = collect(block, spec, states, cos, sin, device)
+    layers = linears(block, spec)
+    prepared = {}
+    for p in spec.projections:
+        owner = spec.hessian_of[p]
+        if owner not in prepared:
+            prepared[owner] = gptq.prepare(H[p].cpu())
+        lin = layers[p]
+        bias = None if lin.bias is None else lin.bias.data.float().cpu()
+        r = gptq.quantize(lin.weight.data.float().cpu(), options[p], prepared[owner], bias)
+        _store(out_dir, f"{key}.{p}", r)
+        set_weight(lin, r.weight)
+    outs, errs = [], []
+    with torch.no_grad():
+        for x, y_ref in zip(states, ref):
+            y = run_module(block, spec, x.to(device), cos, sin)
+            errs.append(rel_error(y, y_ref.to(device)))
+            outs.append(y.float().cpu())
+    return outs, sum(errs) / len(errs)
+
+
+def quantize_head(parts: ModelParts, states, input_ids: torch.Tensor, head_bits: int, out_dir: Path, device,
+                  ppl_rows: int) -> dict:
+    """Quantize lm_head (or the tied embedding) on the final-norm outputs; returns head facts and the
+    calibration perplexity of the quantized model on the first ``ppl_rows`` rows."""
+    qp = HEAD_OPTIONS[head_bits]
+    norm = parts.norm("norm")
+    if parts.has_head():
+        w = parts.src.get_float("lm_head.weight", (parts.cfg.vocab_size, parts.cfg.hidden_size), torch.float32, "cpu")
+    else:
+        w = parts.embedding().float().cpu()                                    # tied: [V, C]
+    H = gptq.Hessian(w.shape[1])
+    with torch.no_grad():
+        normed = [norm(x.to(device)) for x in states]
+    for h in normed:
+        H.add(h)
+    rtn = w.numel() > RTN_HEAD_ELEMENTS
+    prepared = gptq.prepare(H.result().cpu(), invert=not rtn)
+    r = gptq.quantize(w, qp, prepared)
+    _store(out_dir, "lm_head", r)
+    # Calibration perplexity of the whole quantized model (a sanity number, not a benchmark).
+    wq = r.weight.to(device, torch.float32)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for h, ids in zip(normed[:ppl_rows], input_ids[:ppl_rows]):
+            logits = F.linear(h.float(), wq)[0, :-1]                            # [L-1, V]
+            target = ids[1:].to(device)
+            nll += float(F.cross_entropy(logits, target, reduction="sum"))
+            count += target.numel()
+    return {"head_bits": head_bits, "rtn": rtn, "option": qp.desc(),
+            "calibration_ppl": math.exp(nll / max(count, 1))}
+
+
+def run_quantization(model_dir: str | Path, input_ids: torch.Tensor, strategy: dict, head_bits: int,
+                     work: str | Path, *, device="cpu", status: Status | None = None, progress=None,
+                     ppl_rows: int = 4) -> dict:
+    """Quantize the whole model into ``work/out_tensor``; resumes from ``work/quant.progress.json``.
+
+    Returns a report: per-module relative output errors and the head facts.
+    """
+    work = Path(work)
+    out_dir = work / "out_tensor"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = ModelParts(model_dir, device=device)
+    n_layers = parts.cfg.num_layers
+    prog_file = work / "quant.progress.json"
+    states_file = work / "quant.states.safetensors"
+    if prog_file.exists() and states_file.exists():
+        report = json.loads(prog_file.read_text())
+        states = load_states(states_file)
+    else:
+        report = {"next_layer": 0, "errors": {}}
+        states = embed_rows(parts, input_ids)
+    cos, sin = Rotary(parts.cfg).to(device).cos_sin(0, input_ids.shape[1])
+    for layer in range(report["next_layer"], n_layers):
+        t0 = time.time()
+        block = parts.block(layer)
+        for spec in MODULES:
+            states, err = quantize_module(block, spec, layer, strategy, states, cos, sin, device, out_dir)
+            report["errors"][spec.key(layer)] = err
+            if status:
+                status({"stage": "quant", "module": spec.key(layer), "rfn_error": err})
+        del block
+        report["next_layer"] = layer + 1
+        save_states(states_file, states)
+        tmp = prog_file.with_name(prog_file.name + ".tmp")
+        tmp.write_text(json.dumps(report))
+        os.replace(tmp, prog_file)
+        if status:
+            status({"stage": "quant", "layer": layer, "layers": n_layers, "seconds": round(time.time() - t0, 2)})
+        if progress:
+            progress(layer + 1, n_layers)
+    report["head"] = quantize_head(parts, states, input_ids, head_bits, out_dir, device, ppl_rows)
+    if status:
+        status({"stage": "quant", "module": "lm_head", **report["head"]})
+    states_file.unlink(missing_ok=True)
+    return report

@@ -1,0 +1,177 @@
+"""The measurement pass: for every decoder module, the output error of each candidate combination.
+
+For each module (a layer's attention, then its MLP), with only that layer's weights resident:
+
+1. run it in full precision over all calibration rows, collecting the Hessian of each projection's input
+   (q/k/v share one, gate/up share one) and the reference output;
+2. quantize each projection once per *distinct* option of its column of the table (GPTQ);
+3. for each combination of the table (19 attention, 17 MLP), swap those weights in, re-run all rows and
+   record ``accuracy = max(1e-6, 1 - mean_rows ||Y_q - Y_ref||_F / ||Y_ref||_F)`` (EXL2-SPEC.md 3.4) and
+   the module's total bits;
+4. feed the next module the *reference* output (errors do not propagate while measuring).
+
+Progress is checkpointed after every layer (states, partial measurement, layer index), so a killed run
+resumes from the last finished layer and gives the same result as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from exl2.quant_kernels import gptq
+from exl2.quant_kernels.codec import padded_columns
+from exl2.quant_kernels.qparams import distinct_options
+from exl2.runtime.loader import ModelParts
+
+from . import measurement as mj
+from .stream import FP16_MAX, MODULES, collect, linears, load_states, rel_error, run_module, save_states, set_weight
+
+MIN_ACCURACY = 0.1      # a module whose best option is worse than this aborts the run (ExLlamaV2's rule)
+
+Status = Callable[[dict], None]
+
+
+class MeasureError(RuntimeError):
+    """The measurement cannot go on (NaN activations, a module no option can represent)."""
+
+
+@dataclass
+class Preflight:
+    max_abs: list[float]          # largest |activation| after each decoder layer
+    overflow_layers: list[int]    # layers whose activations exceed the fp16 range
+
+    def report(self) -> str:
+        peak = max(self.max_abs) if self.max_abs else 0.0
+        worst = max(range(len(self.max_abs)), key=lambda i: self.max_abs[i]) if self.max_abs else -1
+        msg = f"preflight: peak |activation| {peak:.4g} at layer {worst} (fp16 max {FP16_MAX:.0f})"
+        if self.overflow_layers:
+            msg += f"; layers {self.overflow_layers} exceed the fp16 range: fp16 inference of this model will overflow"
+        return msg
+
+
+def embed_rows(parts: ModelParts, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    """Token rows [R, L] to per-row embeddings [1, L, C] (float32, CPU); ids beyond the table become 0."""
+    emb = parts.embedding()
+    ids = input_ids.clone()
+    ids[(ids < 0) | (ids >= emb.shape[0])] = 0
+    with torch.no_grad():
+        return [F.embedding(ids[r:r + 1].to(emb.device), emb).float().cpu() for r in range(ids.shape[0])]
+
+
+def preflight(parts: ModelParts, first_row: torch.Tensor, device="cpu") -> Preflight:
+    """One row through the full-precision model: per-layer peak |activation| against the fp16 range."""
+    from exl2.runtime.model import Rotary
+
+    x = embed_rows(parts, first_row.reshape(1, -1))[0].to(device)
+    cos, sin = Rotary(parts.cfg).to(device).cos_sin(0, x.shape[1])
+    peaks = []
+    with torch.no_grad():
+        for i in range(parts.cfg.num_layers):
+            block = parts.block(i)
+            for spec in MODULES:
+                x = run_module(block, spec, x, cos, sin)
+            if bool(torch.isnan(x).any()):
+                raise MeasureError(f"preflight: NaN in the output of layer {i} (full precision)")
+            peaks.append(float(x.abs().max()))
+            del block
+    return Preflight(peaks, [i for i, p in enumerate(peaks) if p > FP16_MAX])
+
+
+def shapes_of(layers: dict) -> dict[str, tuple[int, int, bool]]:
+    """(K, padded N, has bias) per projection, as the bit accounting counts them."""
+    return {p: (m.in_features, padded_columns(m.out_features), getattr(m, "bias", None) is not None)
+            for p, m in layers.items()}
+
+
+def measure_module(block, spec, layer: int, states: list[torch.Tensor], cos, sin, device,
+                   status: Status | None = None) -> tuple[list[dict], list[torch.Tensor]]:
+    """Measure one module; returns (the measurement entries, the reference outputs)."""
+    H, ref = collect(block, spec, states, cos, sin, device)
+    layers = linears(block, spec)
+    original = {p: m.weight.data.clone() for p, m in layers.items()}
+    prepared = {}
+    for p, owner in spec.hessian_of.items():
+        if owner not in prepared:
+            prepared[owner] = gptq.prepare(H[p].cpu())
+    variants: dict[str, list] = {}
+    for j, (p, opts) in enumerate(zip(spec.projections, distinct_options(spec.options))):
+        w = original[p].float().cpu()
+        b = layers[p].bias
+        variants[p] = [(qp, gptq.quantize(w, qp, prepared[spec.hessian_of[p]],
+                                         None if b is None else b.data.float().cpu()).weight) for qp in opts]
+    shapes = shapes_of(layers)
+    entries = []
+    for ci, combo in enumerate(spec.options):
+        for p, qp in zip(spec.projections, combo):
+            w = next(v for q, v in variants[p] if q == qp)
+            set_weight(layers[p], w)
+        with torch.no_grad():
+            errs = [rel_error(run_module(block, spec, x.to(device), cos, sin), r.to(device))
+                    for x, r in zip(states, ref)]
+        acc = max(1e-6, 1.0 - sum(errs) / len(errs))
+        entries.append(mj.entry(acc, dict(zip(spec.projections, combo)), shapes))
+        if status:
+            status({"stage": "measure", "module": spec.key(layer), "option": ci, "of": len(spec.options),
+                    "accuracy": acc})
+    for p, w in original.items():
+        set_weight(layers[p], w)
+    best = max(e["accuracy"] for e in entries)
+    if best < MIN_ACCURACY:
+        raise MeasureError(f"{spec.key(layer)}: best accuracy {best:.4f} is below {MIN_ACCURACY}; "
+                           f"the model cannot be quantized with these options")
+    return entries, ref
+
+
+def run_measurement(model_dir: str | Path, input_ids: torch.Tensor, work: str | Path, *, device="cpu",
+                    provenance: dict | None = None, status: Status | None = None, progress=None) -> dict:
+    """Measure every decoder module of ``model_dir`` on calibration rows ``input_ids [R, L]``.
+
+    ``work`` holds the checkpoint files (``states.safetensors``, ``measurement.partial.json``); when they
+    exist the run resumes after the last finished layer.  Returns the measurement.json data (also written
+    to ``work/measurement.json``).  ``progress`` is an optional callable ``(layer_done, layers)``.
+    """
+    from exl2.runtime.model import Rotary
+
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    parts = ModelParts(model_dir, device=device)
+    n_layers = parts.cfg.num_layers
+    partial = work / "measurement.partial.json"
+    states_file = work / "states.safetensors"
+    if partial.exists() and states_file.exists():
+        saved = json.loads(partial.read_text())
+        measurement, start = saved["measurement"], saved["next_layer"]
+        states = load_states(states_file)
+    else:
+        measurement, start = {}, 0
+        states = embed_rows(parts, input_ids)
+    cos, sin = Rotary(parts.cfg).to(device).cos_sin(0, input_ids.shape[1])
+    for layer in range(start, n_layers):
+        t0 = time.time()
+        block = parts.block(layer)
+        for spec in MODULES:
+            entries, states = measure_module(block, spec, layer, states, cos, sin, device, status)
+            measurement[spec.key(layer)] = entries
+        del block
+        save_states(states_file, states)
+        tmp = partial.with_name(partial.name + ".tmp")
+        tmp.write_text(json.dumps({"measurement": measurement, "next_layer": layer + 1}))
+        os.replace(tmp, partial)
+        if status:
+            status({"stage": "measure", "layer": layer, "layers": n_layers, "seconds": round(time.time() - t0, 2)})
+        if progress:
+            progress(layer + 1, n_layers)
+    measurement["model.norm.norm"] = None
+    measurement["lm_head.linear"] = None
+    last = 2 * n_layers + 2          # index of the head in ExLlamaV2's module list: embedding, 2 per layer, norm, head
+    mj.save(work / "measurement.json", measurement, last, provenance)
+    states_file.unlink(missing_ok=True)
+    partial.unlink(missing_ok=True)
+    return mj.load(work / "measurement.json")

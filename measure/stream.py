@@ -1,0 +1,130 @@
+"""Layer-by-layer machinery shared by the measurement and quantization passes.
+
+A decoder layer is two *modules* in ExLlamaV2's sense, each with its residual add:
+
+    self_attn:  y = x + o_proj(attn(q_proj(h), k_proj(h), v_proj(h)))     h = input_layernorm(x)
+    mlp:        y = x + down_proj(silu(gate_proj(h)) * up_proj(h))         h = post_attention_layernorm(x)
+
+Calibration states are kept per row as float32 ``[1, L, C]`` tensors on the CPU and moved to the work
+device one row at a time, so device memory holds one layer's weights plus one row's activations.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from exl2.quant_kernels import gptq
+from exl2.quant_kernels.qparams import ATTN_OPTIONS, ATTN_PROJ, MLP_OPTIONS, MLP_PROJ
+from exl2.runtime.model import Block
+
+FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    kind: str                      # "self_attn" or "mlp"
+    projections: tuple[str, ...]
+    hessian_of: dict[str, str]     # projection -> projection whose input it shares
+    options: list                  # the combination table
+
+    def key(self, layer: int) -> str:
+        return f"model.layers.{layer}.{self.kind}"
+
+
+ATTN = ModuleSpec("self_attn", ATTN_PROJ, {"q_proj": "q_proj", "k_proj": "q_proj", "v_proj": "q_proj",
+                                             "o_proj": "o_proj"}, ATTN_OPTIONS)
+MLP = ModuleSpec("mlp", MLP_PROJ, {"gate_proj": "gate_proj", "up_proj": "gate_proj", "down_proj": "down_proj"},
+                 MLP_OPTIONS)
+MODULES = (ATTN, MLP)
+
+
+def linears(block: Block, spec: ModuleSpec) -> dict[str, nn.Module]:
+    parent = block.self_attn if spec.kind == "self_attn" else block.mlp
+    return {p: getattr(parent, p) for p in spec.projections}
+
+
+def run_module(block: Block, spec: ModuleSpec, x: torch.Tensor, cos, sin) -> torch.Tensor:
+    """The module's output including its residual add; x [1, L, C] -> [1, L, C]."""
+    if spec.kind == "self_attn":
+        return x + block.self_attn(block.input_layernorm(x), cos, sin)
+    return x + block.mlp(block.post_attention_layernorm(x))
+
+
+class _Recorder(nn.Module):
+    """Wraps a linear layer and adds every input it sees to a Hessian (one add per calibration row)."""
+
+    def __init__(self, inner: nn.Module, hessian: gptq.Hessian):
+        super().__init__()
+        self.inner, self.hessian = inner, hessian
+
+    def forward(self, x):
+        self.hessian.add(x)
+        return self.inner(x)
+
+
+def collect(block: Block, spec: ModuleSpec, states: list[torch.Tensor], cos, sin, device,
+            max_abs: list | None = None) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Run the module in full precision over all rows: Hessians per projection and the outputs.
+
+    Returns ``(H, outputs)`` with ``H[proj]`` averaged over rows (shared inputs share one matrix) and
+    outputs on the CPU.  NaN in an output raises; ``max_abs`` (if given) receives the largest |output|.
+    """
+    parent = block.self_attn if spec.kind == "self_attn" else block.mlp
+    owners = sorted(set(spec.hessian_of.values()))
+    layers = linears(block, spec)
+    hess = {o: gptq.Hessian(layers[o].in_features, device=device) for o in owners}
+    for o in owners:
+        setattr(parent, o, _Recorder(layers[o], hess[o]))
+    outputs = []
+    try:
+        with torch.no_grad():
+            for x in states:
+                y = run_module(block, spec, x.to(device), cos, sin)
+                if bool(torch.isnan(y).any()):
+                    raise FloatingPointError(f"{spec.kind}: NaN in the full-precision output")
+                if max_abs is not None:
+                    max_abs.append(float(y.abs().max()))
+                outputs.append(y.cpu())
+    finally:
+        for o in owners:
+            setattr(parent, o, layers[o])
+    H = {p: hess[o].result() for p, o in spec.hessian_of.items()}
+    return H, outputs
+
+
+def set_weight(layer: nn.Module, w: torch.Tensor) -> None:
+    """Swap a runtime Linear's weight ([N, K]) in place, keeping its dtype and device."""
+    layer.weight.data = w.to(layer.weight.device, layer.weight.dtype)
+
+
+def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """||y - ref||_F / ||ref||_F in fp32, with y clamped to the fp16 range first (EXL2-SPEC.md 3.4)."""
+    y = y.float().clamp(-FP16_MAX, FP16_MAX)
+    ref = ref.float()
+    return float((y - ref).norm() / ref.norm().clamp_min(1e-20))
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoint files: written to a temporary name, then renamed into place
+# ------------------------------------------------------------------------------------------------
+
+def save_states(path: Path, states: list[torch.Tensor]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({f"row.{i:05d}": s.contiguous() for i, s in enumerate(states)}, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_states(path: Path) -> list[torch.Tensor]:
+    t = load_file(str(path))
+    return [t[k] for k in sorted(t)]
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
