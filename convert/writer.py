@@ -39,7 +39,7 @@ def module_order(n_layers: int) -> list[tuple[str, str]]:
     return out
 
 
-def compile_model(model_dir: str | Path, out_tensor: str | Path, target: str | Path, *, shard_mib: int = 8192,
+def compile_model(model_dir: str | Path, out_tensor: str | Path, target: str | Path, *, shard_mib: float = 8192,
                   quantization_config: dict, extra_files: dict[str, str] | None = None) -> list[Path]:
     """Write the EXL2 model to ``target``; returns the shard paths.  ``shard_mib`` 0 means no limit.
 
@@ -47,7 +47,7 @@ def compile_model(model_dir: str | Path, out_tensor: str | Path, target: str | P
     """
     model_dir, out_tensor, target = Path(model_dir), Path(out_tensor), Path(target)
     parts = ModelParts(model_dir, dtype=torch.float32)
-    limit = shard_mib * 1024 * 1024 if shard_mib > 0 else None
+    limit = int(shard_mib * 1024 * 1024) if shard_mib > 0 else None
     tmp = target.with_name(target.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -31,15 +31,11 @@ from exl2.quant_kernels.qparams import distinct_options
 from exl2.runtime.loader import ModelParts
 
 from . import measurement as mj
-from .stream import FP16_MAX, MODULES, collect, linears, load_states, rel_error, run_module, save_states, set_weight
+from .stream import FP16_MAX, MODULES, MeasureError, collect, linears, load_states, rel_error, run_module, save_states, set_weight
 
 MIN_ACCURACY = 0.1      # a module whose best option is worse than this aborts the run (ExLlamaV2's rule)
 
 Status = Callable[[dict], None]
-
-
-class MeasureError(RuntimeError):
-    """The measurement cannot go on (NaN activations, a module no option can represent)."""
 
 
 @dataclass
@@ -75,6 +71,9 @@ def preflight(parts: ModelParts, first_row: torch.Tensor, device="cpu") -> Prefl
     with torch.no_grad():
         for i in range(parts.cfg.num_layers):
             block = parts.block(i)
+            for name, p in block.named_parameters():
+                if not bool(torch.isfinite(p).all()):
+                    raise MeasureError(f"model.layers.{i}.{name}: NaN or Inf in the checkpoint's weights")
             for spec in MODULES:
                 x = run_module(block, spec, x, cos, sin)
             if bool(torch.isnan(x).any()):

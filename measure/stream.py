@@ -25,6 +25,10 @@ from exl2.runtime.model import Block
 FP16_MAX = 65504.0
 
 
+class MeasureError(RuntimeError):
+    """The work cannot go on: NaN activations or weights, a module no option can represent."""
+
+
 @dataclass(frozen=True)
 class ModuleSpec:
     kind: str                      # "self_attn" or "mlp"
@@ -86,7 +90,7 @@ def collect(block: Block, spec: ModuleSpec, states: list[torch.Tensor], cos, sin
             for x in states:
                 y = run_module(block, spec, x.to(device), cos, sin)
                 if bool(torch.isnan(y).any()):
-                    raise FloatingPointError(f"{spec.kind}: NaN in the full-precision output")
+                    raise MeasureError(f"{spec.kind}: NaN in the full-precision output")
                 if max_abs is not None:
                     max_abs.append(float(y.abs().max()))
                 outputs.append(y.cpu())
