@@ -14,7 +14,6 @@ the same parameters skips it, and a rerun that changes a parameter finished work
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -23,19 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from exl2.calibration import CalibrationRows, default_rows, user_rows
 from exl2.measure import measurement as mj
 from exl2.measure.measure import preflight, run_measurement
 from exl2.measure.optimize import optimize
 from exl2.quant_kernels.codec import padded_columns
 from exl2.runtime.arch import ModelConfig
-from exl2.runtime.loader import ModelParts, TensorSource
+from exl2.runtime.loader import ModelParts
 
 from . import quantize as qpass
 from . import validate as val
-from . import writer
+from . import card, writer
 
 VERSION = "0.1.0"
 JOB_FORMAT = 1
@@ -87,10 +84,19 @@ def checkpoint_sha256(model_dir: Path) -> str:
     return h.hexdigest()
 
 
-def _write_json(path: Path, data) -> None:
+def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, data) -> None:
+    _write_text(path, json.dumps(data, indent=2))
+
+
+def qconf_calibration(o: ConvertOptions) -> dict:
+    """The ``calibration`` block of quantization_config (EXL2-SPEC.md 2.1)."""
+    return {"rows": o.rows, "length": o.length, "dataset": "(default)" if not o.cal_dataset else Path(o.cal_dataset).name}
 
 
 def decoder_numel(cfg: ModelConfig) -> int:
@@ -276,8 +282,7 @@ class Job:
         out = self._compile_dir(bpw)
         if not self._done(f"compile:{tag}") or not (out / "config.json").exists():
             qconf = {"quant_method": "exl2", "version": VERSION, "bits": bpw, "head_bits": o.head_bits,
-                     "calibration": {"rows": o.rows, "length": o.length,
-                                     "dataset": "(default)" if not o.cal_dataset else Path(o.cal_dataset).name},
+                     "calibration": qconf_calibration(o),
                      "exl2": {"bpw": strat["bpw"], "checkpoint_sha256": self.job["params"]["checkpoint_sha256"]}}
             writer.compile_model(self.in_dir, tdir / "out_tensor", out, shard_mib=o.shard_mib,
                                  quantization_config=qconf,
@@ -294,6 +299,11 @@ class Job:
                 val.write(vfile, v)
             result["validation"] = json.loads(vfile.read_text())
             self.status({"stage": "validate", "bpw_target": bpw, **result["validation"]})
+        text = card.model_card(base_model=self.in_dir.resolve().name, strat=strat, head=report["head"],
+                               head_bits=o.head_bits, calibration=qconf_calibration(o),
+                               validation=result.get("validation"),
+                               checkpoint_sha256=self.job["params"]["checkpoint_sha256"], tool_version=VERSION)
+        _write_text(out / "README.md", text)
         return result
 
     def _compile_dir(self, bpw: float) -> Path:

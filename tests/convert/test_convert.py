@@ -62,8 +62,12 @@ def test_outputs_load_and_get_better_with_bits(qwen_tied, qwen_job):
 def test_output_directory_layout(qwen_tied, qwen_job):
     out = Path(qwen_job[1]["targets"][0]["output"])
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["config.json", "generation_config.json", "measurement.json", "output.safetensors",
-                     "tokenizer.json", "validation.json"]
+    assert names == ["README.md", "config.json", "generation_config.json", "measurement.json",
+                     "output.safetensors", "tokenizer.json", "validation.json"]
+    card = (out / "README.md").read_text()
+    v = json.loads((out / "validation.json").read_text())
+    assert f"{v['kld_mean']:.5f}" in card and f"{v['ppl_exl2']:.4f}" in card
+    assert "| 0 |" in card and "| 1 |" in card           # one allocation row per decoder layer
     cfg = json.loads((out / "config.json").read_text())
     q = cfg["quantization_config"]
     assert q["quant_method"] == "exl2" and q["bits"] == 3.0 and q["head_bits"] == 6
