@@ -15,9 +15,7 @@ from the last finished layer and writes the same bytes as an uninterrupted one.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -28,8 +26,8 @@ from safetensors.torch import load_file
 
 from exl2.measure.measure import embed_rows
 from exl2.measure.measurement import entry_options
-from exl2.measure.stream import MODULES, collect, linears, load_states, rel_error, run_module, save_states, \
-    save_tensors, set_weight
+from exl2.measure.stream import (MODULES, clear_checkpoint, collect, linears, load_checkpoint, rel_error, run_module,
+                                 save_checkpoint, save_tensors, set_weight)
 from exl2.quant_kernels import codec, gptq
 from exl2.quant_kernels.qparams import HEAD_OPTIONS
 from exl2.runtime.loader import ModelParts
@@ -125,14 +123,8 @@ def run_quantization(model_dir: str | Path, input_ids: torch.Tensor, strategy: d
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = ModelParts(model_dir, device=device)
     n_layers = parts.cfg.num_layers
-    prog_file = work / "quant.progress.json"
-    states_file = work / "quant.states.safetensors"
-    if prog_file.exists() and states_file.exists():
-        report = json.loads(prog_file.read_text())
-        states = load_states(states_file)
-    else:
-        report = {"next_layer": 0, "errors": {}}
-        states = embed_rows(parts, input_ids)
+    saved = load_checkpoint(work, "quant")
+    report, states = saved if saved else ({"next_layer": 0, "errors": {}}, embed_rows(parts, input_ids))
     cos, sin = Rotary(parts.cfg).to(device).cos_sin(0, input_ids.shape[1])
     for layer in range(report["next_layer"], n_layers):
         t0 = time.time()
@@ -144,10 +136,7 @@ def run_quantization(model_dir: str | Path, input_ids: torch.Tensor, strategy: d
                 status({"stage": "quant", "module": spec.key(layer), "rfn_error": err})
         del block
         report["next_layer"] = layer + 1
-        save_states(states_file, states)
-        tmp = prog_file.with_name(prog_file.name + ".tmp")
-        tmp.write_text(json.dumps(report))
-        os.replace(tmp, prog_file)
+        save_checkpoint(work, "quant", report, states)
         if status:
             status({"stage": "quant", "layer": layer, "layers": n_layers, "seconds": round(time.time() - t0, 2)})
         if progress:
@@ -155,5 +144,5 @@ def run_quantization(model_dir: str | Path, input_ids: torch.Tensor, strategy: d
     report["head"] = quantize_head(parts, states, input_ids, head_bits, out_dir, device, ppl_rows)
     if status:
         status({"stage": "quant", "module": "lm_head", **report["head"]})
-    states_file.unlink(missing_ok=True)
+    clear_checkpoint(work, "quant")
     return report

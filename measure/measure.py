@@ -15,8 +15,6 @@ resumes from the last finished layer and gives the same result as an uninterrupt
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +29,8 @@ from exl2.quant_kernels.qparams import distinct_options
 from exl2.runtime.loader import ModelParts
 
 from . import measurement as mj
-from .stream import FP16_MAX, MODULES, MeasureError, collect, linears, load_states, rel_error, run_module, save_states, set_weight
+from .stream import (FP16_MAX, MODULES, MeasureError, clear_checkpoint, collect, linears, load_checkpoint, rel_error,
+                     run_module, save_checkpoint, set_weight)
 
 MIN_ACCURACY = 0.1      # a module whose best option is worse than this aborts the run (ExLlamaV2's rule)
 
@@ -142,12 +141,10 @@ def run_measurement(model_dir: str | Path, input_ids: torch.Tensor, work: str | 
     work.mkdir(parents=True, exist_ok=True)
     parts = ModelParts(model_dir, device=device)
     n_layers = parts.cfg.num_layers
-    partial = work / "measurement.partial.json"
-    states_file = work / "states.safetensors"
-    if partial.exists() and states_file.exists():
-        saved = json.loads(partial.read_text())
-        measurement, start = saved["measurement"], saved["next_layer"]
-        states = load_states(states_file)
+    saved = load_checkpoint(work, "measure")
+    if saved:
+        (progress_rec, states) = saved
+        measurement, start = progress_rec["measurement"], progress_rec["next_layer"]
     else:
         measurement, start = {}, 0
         states = embed_rows(parts, input_ids)
@@ -159,10 +156,7 @@ def run_measurement(model_dir: str | Path, input_ids: torch.Tensor, work: str | 
             entries, states = measure_module(block, spec, layer, states, cos, sin, device, status)
             measurement[spec.key(layer)] = entries
         del block
-        save_states(states_file, states)
-        tmp = partial.with_name(partial.name + ".tmp")
-        tmp.write_text(json.dumps({"measurement": measurement, "next_layer": layer + 1}))
-        os.replace(tmp, partial)
+        save_checkpoint(work, "measure", {"measurement": measurement, "next_layer": layer + 1}, states)
         if status:
             status({"stage": "measure", "layer": layer, "layers": n_layers, "seconds": round(time.time() - t0, 2)})
         if progress:
@@ -171,6 +165,5 @@ def run_measurement(model_dir: str | Path, input_ids: torch.Tensor, work: str | 
     measurement["lm_head.linear"] = None
     last = 2 * n_layers + 2          # index of the head in ExLlamaV2's module list: embedding, 2 per layer, norm, head
     mj.save(work / "measurement.json", measurement, last, provenance)
-    states_file.unlink(missing_ok=True)
-    partial.unlink(missing_ok=True)
+    clear_checkpoint(work, "measure")
     return mj.load(work / "measurement.json")

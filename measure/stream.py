@@ -10,6 +10,7 @@ device one row at a time, so device memory holds one layer's weights plus one ro
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,28 @@ def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------------------
 # Checkpoint files: written to a temporary name, then renamed into place
 # ------------------------------------------------------------------------------------------------
+
+def load_checkpoint(work: Path, name: str) -> tuple[dict, list[torch.Tensor]] | None:
+    """The progress record and states of an interrupted layer loop, or None to start from scratch."""
+    prog, states = work / f"{name}.progress.json", work / f"{name}.states.safetensors"
+    if prog.exists() and states.exists():
+        return json.loads(prog.read_text()), load_states(states)
+    return None
+
+
+def save_checkpoint(work: Path, name: str, progress: dict, states: list[torch.Tensor]) -> None:
+    """States first, then the progress record that points at them (each replaced atomically)."""
+    save_states(work / f"{name}.states.safetensors", states)
+    prog = work / f"{name}.progress.json"
+    tmp = prog.with_name(prog.name + ".tmp")
+    tmp.write_text(json.dumps(progress))
+    os.replace(tmp, prog)
+
+
+def clear_checkpoint(work: Path, name: str) -> None:
+    for suffix in (".progress.json", ".states.safetensors"):
+        (work / f"{name}{suffix}").unlink(missing_ok=True)
+
 
 def save_states(path: Path, states: list[torch.Tensor]) -> None:
     tmp = path.with_name(path.name + ".tmp")

@@ -1,0 +1,72 @@
+"""The measurement pass on a tiny random Qwen2: schema, monotone errors, resume equals uninterrupted."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from exl2.calibration import default_rows
+from exl2.measure import measurement as mj
+from exl2.measure.measure import run_measurement
+from exl2.quant_kernels.qparams import ATTN_OPTIONS, MLP_OPTIONS
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_builder, tiny_tokenizer):
+    d = Path(tiny_builder("qwen2", tmp_path_factory.mktemp("m") / "model", num_hidden_layers=3))
+    shutil.copy(tiny_tokenizer, d / "tokenizer.json")
+    rows = default_rows(d / "tokenizer.json", rows=4, length=64, vocab_size=512)
+    return d, rows.input_ids
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory):
+    d, ids = tiny
+    return run_measurement(d, ids, tmp_path_factory.mktemp("w"), provenance={"checkpoint_sha256": "x"})
+
+
+def test_schema(uninterrupted):
+    m = uninterrupted["measurement"]
+    assert uninterrupted["last_module_idx"] == 2 * 3 + 2
+    assert m["model.norm.norm"] is None and m["lm_head.linear"] is None
+    for i in range(3):
+        attn, mlp = m[f"model.layers.{i}.self_attn"], m[f"model.layers.{i}.mlp"]
+        assert len(attn) == 19 and len(mlp) == 17
+        assert [mj.entry_options(e) for e in attn] == [dict(zip(("q_proj", "k_proj", "v_proj", "o_proj"), r))
+                                                        for r in ATTN_OPTIONS]
+        assert [tuple(mj.entry_options(e).values()) for e in mlp] == list(MLP_OPTIONS)
+        for entries in (attn, mlp):
+            assert all(0 < e["accuracy"] <= 1 for e in entries)
+
+
+def test_error_falls_with_bits_at_equal_group_size(uninterrupted):
+    m = uninterrupted["measurement"]
+    for i in range(3):
+        attn = m[f"model.layers.{i}.self_attn"]
+        # Uniform 4, 6 and 8 bits, all with 128-row groups: options 6, 16 and 18.
+        assert attn[6]["accuracy"] < attn[16]["accuracy"] < attn[18]["accuracy"]
+        mlp = m[f"model.layers.{i}.mlp"]
+        # Uniform 4-bit g32 (option 8) vs 8-bit g128 on every projection (option 16).
+        assert mlp[0]["accuracy"] < mlp[8]["accuracy"] < mlp[16]["accuracy"]
+
+
+def test_resume_after_interruption_gives_the_same_measurement(tiny, uninterrupted, tmp_path):
+    d, ids = tiny
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_layer(event):
+        if event.get("layer") == 0:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_measurement(d, ids, tmp_path, provenance={"checkpoint_sha256": "x"}, status=stop_after_first_layer)
+    assert (tmp_path / "measure.progress.json").exists()
+    seen = []
+    resumed = run_measurement(d, ids, tmp_path, provenance={"checkpoint_sha256": "x"}, status=seen.append)
+    assert [e["layer"] for e in seen if "layer" in e] == [1, 2]          # layer 0 was not measured again
+    assert resumed["measurement"] == uninterrupted["measurement"]
+    assert not (tmp_path / "measure.progress.json").exists()
