@@ -175,6 +175,7 @@ def pack_layer(
     scale_max: torch.Tensor,
     perm: torch.Tensor,
     bias: torch.Tensor | None = None,
+    reference: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Assemble the tensors of one EXL2 layer (keys without the module prefix).
 
@@ -186,7 +187,8 @@ def pack_layer(
     bias:        ``[N]`` or None
 
     Columns are padded to a multiple of 32: padded codes hold the zero point and padded scale codes 0,
-    so padded weights dequantize to exactly 0.
+    so padded weights dequantize to exactly 0.  Packing runs in the native kernels when available
+    (``ops.pack_bits``, same bytes); ``reference=True`` uses :func:`pack_bits` here.
     """
     k, n = q.shape
     np_ = padded_columns(n)
@@ -199,7 +201,11 @@ def pack_layer(
         qg = q[g.row:g.row + g.rows]
         if pad:
             qg = torch.cat([qg.to(torch.int64), torch.full((g.rows, pad), 2 ** (g.bits - 1), dtype=torch.int64)], 1)
-        words.append(pack_bits(qg, g.bits))
+        if reference:
+            words.append(pack_bits(qg, g.bits))
+        else:
+            from . import ops
+            words.append(ops.pack_bits(qg, g.bits))
     codes = scale_codes.to(torch.int64)
     if pad:
         codes = torch.cat([codes, torch.zeros(codes.shape[0], pad, dtype=torch.int64)], 1)
@@ -237,12 +243,16 @@ def unpack_layer(t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[Group],
     return q, glist, perm
 
 
-def dequantize_layer(t: dict[str, torch.Tensor], prescale: float = 1.0) -> torch.Tensor:
+def dequantize_layer(t: dict[str, torch.Tensor], prescale: float = 1.0, reference: bool = False) -> torch.Tensor:
     """The fp16 weight ExLlamaV2 reconstructs, in ``nn.Linear`` orientation ``[Np, K]``.
 
     ``prescale`` is the loader's per-layer factor (``logit_scale`` for the head, ``scale_depth`` for
-    o_proj/down_proj of some architectures; 1 otherwise).
+    o_proj/down_proj of some architectures; 1 otherwise).  Runs in the native kernels when available
+    (``ops.dequantize_layer``, same bits); ``reference=True`` runs the torch code below, the spec.
     """
+    if not reference:
+        from . import ops
+        return ops.dequantize_layer(t, prescale)
     q, glist, perm = unpack_layer(t)
     scales = group_scales(unpack_scale_codes(t["q_scale"]), t["q_scale_max"], prescale)   # [G, Np]
     gidx = torch.cat([torch.full((g.rows,), i, dtype=torch.int64) for i, g in enumerate(glist)])

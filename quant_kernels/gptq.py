@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import codec
+from . import codec, ops
 from .qparams import QParams
 
 P_MIN, P_MAX, P_GRID = 0.70, 1.20, 96   # scale multiplier search: 97 values from 0.70 to 1.20
@@ -171,10 +171,14 @@ def quantize(
     qparams: QParams,
     prepared: Prepared,
     bias: torch.Tensor | None = None,
+    reference: bool = False,
 ) -> QuantResult:
     """Quantize ``weight [N, K]`` (``nn.Linear`` orientation) to an EXL2 layer.
 
     With ``prepared.hinv`` None this is round-to-nearest (act-order kept, no error feedback).
+    The scale search and the per-group row loop run in the native kernels when they are available
+    (``ops.find_scales``, ``ops.gptq_group``; same codes and values bit for bit); ``reference=True``
+    runs the pure-torch loop below, the specification.
     """
     n, k = weight.shape
     if prepared.perm.shape != (k,):
@@ -189,13 +193,18 @@ def quantize(
     err = torch.empty_like(W) if Hinv is not None else None
     groups = qparams.row_groups(k)
     scale_codes, scale_max = [], []
+    native = not reference and ops.backend(W) != "reference"
     a = 0
     for bits, rows in groups:
         b = a + rows
-        gs = find_scales(W[a:b], bits)
+        gs = ops.find_scales(W[a:b], bits) if native else find_scales(W[a:b], bits)
         scale_codes.append(gs.codes)
         scale_max.append(gs.scale_max)
-        if Hinv is None:
+        if native:
+            ops.gptq_group(W[a:b], Hinv, a, gs.scale, bits, codes[a:b], Q[a:b], None if err is None else err[a:b])
+            if Hinv is not None and b < k:
+                W[b:] -= Hinv[a:b, b:].t() @ err[a:b]                                 # [K-b, N]
+        elif Hinv is None:
             codes[a:b], Q[a:b] = quantize_rows(W[a:b], gs.scale, bits)
         else:
             for c in range(a, b):
@@ -205,13 +214,14 @@ def quantize(
             if b < k:
                 W[b:] -= Hinv[a:b, b:].t() @ err[a:b]                                 # [K-b, N]
         a = b
-    tensors = codec.pack_layer(codes, groups, torch.stack(scale_codes), torch.stack(scale_max), perm, bias)
+    tensors = codec.pack_layer(codes, groups, torch.stack(scale_codes), torch.stack(scale_max), perm, bias,
+                               reference=reference)
     w_out = torch.empty_like(Q)
     w_out[perm] = Q
     return QuantResult(tensors, w_out.t().to(torch.float16).contiguous(), groups)
 
 
 def quantize_linear(weight: torch.Tensor, qparams: QParams, H: torch.Tensor | None = None,
-                    bias: torch.Tensor | None = None) -> QuantResult:
+                    bias: torch.Tensor | None = None, reference: bool = False) -> QuantResult:
     """Convenience: :func:`prepare` then :func:`quantize` for one matrix."""
-    return quantize(weight, qparams, prepare(H, k=weight.shape[1]), bias)
+    return quantize(weight, qparams, prepare(H, k=weight.shape[1]), bias, reference=reference)

@@ -1,0 +1,387 @@
+"""Native kernels (quant_kernels/csrc via ops.py) against the torch reference: bit for bit.
+
+The extension is built once per session by the ``native`` fixture (first build about 30 s on two
+cores, then loaded from the cache in ~1 s).  CUDA tests at the end run only with a device.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from exl2.quant_kernels import codec, ext, gptq, kv_quant, ops
+from exl2.quant_kernels.codec import EXL2FormatError
+from exl2.quant_kernels.qparams import QParams
+
+WIDTHS = (2, 3, 4, 5, 6, 8)
+
+
+@pytest.fixture(scope="session")
+def native():
+    if ext.disabled():
+        pytest.skip("EXL2_NO_EXT is set: native kernels disabled")
+    m = ext.get()
+    if m is None:
+        pytest.fail(f"the native extension did not build: {ext.failure()}")
+    return m
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (dtype, shape and every bit, so -0 != +0 and NaN payloads count)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        view = {torch.float16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}[a.dtype]
+        return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+    return torch.equal(a, b)
+
+
+def make_layer(k, n, groups, seed=0, bias=False):
+    """A random valid EXL2 layer with the given [(bits, rows), ...] groups (N padded to Np)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.cat([torch.randint(0, 2**b, (r, n), generator=g) for b, r in groups])
+    codes = torch.randint(0, 16, (len(groups), n), generator=g)
+    smax = torch.rand(len(groups), generator=g) * 0.1 + 1e-3
+    perm = torch.randperm(k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    return codec.pack_layer(q, groups, codes, smax, perm, b, reference=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# fp16 conversions of exl2_math.h
+# ------------------------------------------------------------------------------------------------
+
+def test_half_to_float_all_65536(native):
+    h = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    got = native.half_bits_to_float(h)
+    ref = h.view(torch.float16).to(torch.float32)
+    nan = torch.isnan(ref)
+    assert torch.equal(torch.isnan(got), nan)
+    assert same(got[~nan], ref[~nan])
+
+
+def test_float_to_half_exhaustive(native):
+    """Every half, every midpoint between neighbours (ties to even) and +-1 fp32 ulp around it."""
+    h = torch.arange(0, 0x7C01, dtype=torch.int32).to(torch.int16)       # +0 .. +inf
+    f = h.view(torch.float16).to(torch.float64)
+    mids = ((f[:-1] + f[1:]) / 2).to(torch.float32)                        # exact in fp32
+    mids = torch.cat([mids, torch.tensor([65520.0])])                      # the overflow tie
+    near = torch.cat([mids, torch.nextafter(mids, torch.tensor(0.0)), torch.nextafter(mids, torch.tensor(1e9))])
+    g = torch.Generator().manual_seed(0)
+    rnd = torch.randn(200_000, generator=g) * torch.logspace(-9, 6, 200_000)
+    vals = torch.cat([f.to(torch.float32), near, rnd, torch.tensor([1e30, float("inf"), 2.0**-25, 2.0**-26])])
+    vals = torch.cat([vals, -vals])
+    got = native.float_to_half_bits(vals.contiguous())
+    assert torch.equal(got, vals.to(torch.float16).view(torch.int16))
+    nan = native.float_to_half_bits(torch.tensor([float("nan")]))
+    assert torch.isnan(nan.view(torch.float16)).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Bitstream and layers
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", WIDTHS)
+@pytest.mark.parametrize("rows_mult,n", [(1, 1), (1, 33), (3, 70), (4, 256)])
+def test_pack_unpack_bit_exact(native, bits, rows_mult, n):
+    rows = rows_mult * 32 // {2: 2, 3: 1, 4: 4, 5: 1, 6: 2, 8: 8}[bits]   # includes minimal whole-word runs
+    g = torch.Generator().manual_seed(bits * 100 + n)
+    q = torch.randint(0, 2**bits, (rows, n), generator=g)
+    q[0] = 2**bits - 1                                                     # all ones crossing word edges
+    words = ops.pack_bits(q, bits)
+    assert same(words, codec.pack_bits(q, bits))
+    assert same(ops.unpack_bits(words, bits, rows), codec.unpack_bits(words, bits, rows))
+    assert torch.equal(ops.unpack_bits(words, bits, rows), q)
+
+
+LAYERS = [
+    (128, 32, [(4, 128)]),
+    (304, 70, [(8, 32), (6, 64), (5, 64), (3, 96), (2, 48)]),      # K % 128 != 0, N padded, 2-bit tail
+    (416, 33, [(8, 32), (4, 128), (4, 128), (3, 128)]),
+    (112, 100, [(2, 64), (2, 32), (2, 16)]),                       # 16-row 2-bit tail
+]
+
+
+@pytest.mark.parametrize("k,n,groups", LAYERS)
+@pytest.mark.parametrize("prescale", [1.0, 0.7])
+def test_dequantize_layer_bit_exact(native, k, n, groups, prescale):
+    t = make_layer(k, n, groups, seed=k + n, bias=True)
+    ref = codec.dequantize_layer(t, prescale, reference=True)
+    assert same(ops.dequantize_layer(t, prescale), ref)
+    assert same(codec.dequantize_layer(t, prescale), ref)          # codec's default routes natively
+    scales = codec.group_scales(codec.unpack_scale_codes(t["q_scale"]), t["q_scale_max"], prescale)
+    assert same(ops.group_scales(t["q_scale"], t["q_scale_max"], prescale), scales.to(torch.float32))
+
+
+@pytest.mark.parametrize("k,n,groups", LAYERS)
+@pytest.mark.parametrize("m", [1, 5, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_matmul_within_tolerance(native, k, n, groups, m, dtype):
+    t = make_layer(k, n, groups, seed=7)
+    w = codec.dequantize_layer(t, reference=True).to(torch.float32)        # [Np, K]
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    y = ops.matmul(x, t)
+    assert y.dtype == dtype and y.shape == (m, w.shape[0])
+    ref = x.to(torch.float32) @ w.t()
+    mag = x.to(torch.float32).abs() @ w.abs().t()
+    # Both sides sum the same fp32 products in another order.  Measured max |y - ref| / (|x| @ |W|)
+    # is 3.1e-7 (K up to 2048, M up to 64); the bound 1.5e-6 gives ~5x margin.  fp16 outputs add
+    # their own rounding (2^-11 relative).
+    bound = 1.5e-6 * mag + (ref.abs() * 2.0**-11 if dtype == torch.float16 else 0)
+    assert bool(((y.to(torch.float32) - ref).abs() <= bound + 1e-30).all())
+    assert bool((y[:, n:] == 0).all())                                     # padded columns
+
+
+# ------------------------------------------------------------------------------------------------
+# GPTQ
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", WIDTHS)
+@pytest.mark.parametrize("rows,n", [(32, 1), (128, 70), (64, 257)])
+def test_find_scales_bit_exact(native, bits, rows, n):
+    g = torch.Generator().manual_seed(bits + rows + n)
+    w = torch.randn(rows, n, generator=g) * torch.rand(n, generator=g) * 0.05
+    if n > 2:
+        w[:, 1] = 0.0                                                      # an all-zero column
+    ref = gptq.find_scales(w, bits)
+    got = ops.find_scales(w, bits)
+    assert same(got.codes, ref.codes)
+    assert same(got.scale_max, ref.scale_max)
+    assert same(got.scale, ref.scale)
+
+
+def test_find_scales_all_zero_group(native):
+    w = torch.zeros(32, 40)
+    ref, got = gptq.find_scales(w, 4), ops.find_scales(w, 4)
+    assert same(got.codes, ref.codes) and same(got.scale_max, ref.scale_max) and same(got.scale, ref.scale)
+
+
+def _hinv(k, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4 * k, k, generator=g) @ (torch.randn(k, k, generator=g) * 0.1 + torch.eye(k))
+    x = x * torch.linspace(0.2, 3.0, k)
+    return gptq.prepare(x.t() @ x / x.shape[0])
+
+
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_gptq_group_step_bit_exact(native, bits):
+    """One group [a, b) of a K=256 matrix, given scales: same codes, values, errors and updated rows."""
+    k, n, a, b = 256, 70, 64, 192
+    prep = _hinv(k, bits)
+    g = torch.Generator().manual_seed(bits)
+    W0 = torch.randn(k, n, generator=g) * 0.02
+    scale = gptq.find_scales(W0[a:b], bits).scale
+    W_ref = W0.clone()
+    codes_ref, Q_ref, err_ref = (torch.empty(b - a, n, dtype=torch.int64), torch.empty(b - a, n), torch.empty(b - a, n))
+    Hinv = prep.hinv
+    for c in range(a, b):                    # the reference loop of gptq.quantize
+        i = c - a
+        codes_ref[i], Q_ref[i] = gptq.quantize_rows(W_ref[c], scale, bits)
+        err_ref[i] = (W_ref[c] - Q_ref[i]) / Hinv[c, c]
+        W_ref[c + 1:b] -= Hinv[c, c + 1:b].unsqueeze(1) * err_ref[i].unsqueeze(0)
+    W = W0.clone()
+    codes, Q, err = torch.empty_like(codes_ref), torch.empty_like(Q_ref), torch.empty_like(err_ref)
+    ops.gptq_group(W[a:b], Hinv, a, scale, bits, codes, Q, err)
+    assert same(codes, codes_ref) and same(Q, Q_ref) and same(err, err_ref) and same(W, W_ref)
+
+
+RUNS = [   # (option, K, N): mixed widths and group sizes, K % 128 != 0, N needing padding
+    (QParams.make([32, 128, 128], [8, 4, 3], [0.05, 0.1, 0.85]), 384, 70),
+    (QParams.make(64, [6, 5, 2], [0.2, 0.3, 0.5]), 304, 70),
+    (QParams.make(128, [4], [1]), 320, 96),
+    (QParams.make(32, [8, 2], [0.5, 0.5]), 160, 33),
+]
+
+
+@pytest.mark.parametrize("qp,k,n", RUNS, ids=lambda v: v.desc() if isinstance(v, QParams) else str(v))
+def test_whole_gptq_run_bit_exact(native, qp, k, n):
+    """gptq.quantize native vs reference=True: same tensors (codes, scales, groups) and same weight."""
+    if any(b == 2 for b, r in qp.row_groups(k) if r % 16) or any(b != 2 and r % 32 for b, r in qp.row_groups(k)):
+        pytest.skip("option cannot cut this K into whole words")
+    prep = _hinv(k, k)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n)) * 0.02
+    bias = torch.randn(n)
+    for p in (prep, gptq.Prepared(prep.perm, None)):                     # GPTQ and round-to-nearest
+        ref = gptq.quantize(w, qp, p, bias, reference=True)
+        got = gptq.quantize(w, qp, p, bias)
+        assert ref.tensors.keys() == got.tensors.keys()
+        for key in ref.tensors:
+            assert same(got.tensors[key], ref.tensors[key]), key
+        assert same(got.weight, ref.weight)
+
+
+# ------------------------------------------------------------------------------------------------
+# KV cache
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape", [(1, 64), (3, 5, 128), (7, 512)])
+def test_kv_bit_exact(native, bits, shape):
+    g = torch.Generator().manual_seed(bits + shape[-1])
+    x = (torch.randn(shape, generator=g) * torch.logspace(-3, 1.5, shape[-1])).to(torch.float16)
+    x.reshape(-1, shape[-1])[0, :32] = 0                                  # zero inputs
+    x.reshape(-1, 64)[-1] = 0                                             # an all-zero chunk (m = 0 groups)
+    q_ref, s_ref = kv_quant.kv_quantize(x, bits)
+    q, s = ops.kv_quantize(x, bits)
+    assert same(q, q_ref) and same(s, s_ref)
+    assert same(ops.kv_dequantize(q, s, bits, shape[-1]), kv_quant.kv_dequantize(q_ref, s_ref, bits, shape[-1]))
+
+
+def test_kv_overflow_raises_like_reference(native):
+    x = torch.full((1, 64), 3000.0, dtype=torch.float16)
+    with pytest.raises(ValueError, match="overflows"):
+        kv_quant.kv_quantize(x, 4)
+    with pytest.raises(ValueError, match="overflows"):
+        ops.kv_quantize(x, 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Front doors, fallback, lazy build
+# ------------------------------------------------------------------------------------------------
+
+def test_front_doors_name_bad_tensors(native):
+    q = torch.zeros(32, 8, dtype=torch.int64)
+    with pytest.raises(TypeError, match="q must have dtype"):
+        ops.pack_bits(q.float(), 4)
+    with pytest.raises(ValueError, match="q must be 2-D"):
+        ops.pack_bits(q.reshape(-1), 4)
+    with pytest.raises(EXL2FormatError, match="q: codes must lie"):
+        ops.pack_bits(q + 16, 4)
+    with pytest.raises(EXL2FormatError, match="bits must be one of"):
+        ops.pack_bits(q, 7)
+    with pytest.raises(TypeError, match="words must have dtype"):
+        ops.unpack_bits(q, 4, 32)
+    W = torch.zeros(64, 16)
+    codes, Q, err = torch.zeros(32, 16, dtype=torch.int64), torch.zeros(32, 16), torch.zeros(32, 16)
+    H = torch.eye(64)
+    with pytest.raises(ValueError, match="W must be contiguous"):
+        ops.gptq_group(torch.zeros(16, 32).t(), H, 0, torch.ones(16), 4, codes, Q, err)
+    with pytest.raises(TypeError, match="Hinv must have dtype"):
+        ops.gptq_group(W[:32], H.double(), 0, torch.ones(16), 4, codes, Q, err)
+    with pytest.raises(ValueError, match="scale has 8 columns"):
+        ops.gptq_group(W[:32], H, 0, torch.ones(8), 4, codes, Q, err)
+    with pytest.raises(ValueError, match="Q must have W's shape"):
+        ops.gptq_group(W[:32], H, 0, torch.ones(16), 4, codes, Q[:16], err)
+    with pytest.raises(ValueError, match="rows \\[a, a \\+ 32\\) must lie inside"):
+        ops.gptq_group(W[:32], H, 40, torch.ones(16), 4, codes, Q, err)
+    with pytest.raises(TypeError, match="w must have dtype"):
+        ops.find_scales(W.half(), 4)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        ops.kv_quantize(torch.zeros(1, 64), 4)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        ops.kv_quantize(torch.zeros(1, 48, dtype=torch.float16), 4)
+    with pytest.raises(ValueError, match="scales must have last dimension"):
+        ops.kv_dequantize(torch.zeros(1, 32, dtype=torch.uint8), torch.zeros(1, 3, dtype=torch.float16), 4, 64)
+    t = make_layer(128, 32, [(4, 128)])
+    with pytest.raises(ValueError, match="x has 100 features"):
+        ops.matmul(torch.zeros(1, 100), t)
+    with pytest.raises(EXL2FormatError, match="q_scale_max"):
+        ops.dequantize_layer({**t, "q_scale_max": t["q_scale_max"].float()})
+
+
+def test_no_ext_forces_reference(native, monkeypatch):
+    t = make_layer(304, 70, LAYERS[1][2], seed=3)
+    x = torch.randn(3, 304)
+    w = torch.randn(128, 70) * 0.02
+    native_out = (ops.dequantize_layer(t), ops.find_scales(w, 4).scale_max)
+    monkeypatch.setenv("EXL2_NO_EXT", "1")
+    assert ops.backend(x) == "reference" and ext.get() is None
+    assert same(ops.dequantize_layer(t), native_out[0])
+    assert same(ops.find_scales(w, 4).scale_max, native_out[1])
+    assert same(ops.matmul(x, t), x @ codec.dequantize_layer(t, reference=True).float().t())
+    q, s = ops.kv_quantize(torch.ones(2, 64, dtype=torch.float16), 8)
+    assert q.shape == (2, 64)
+
+
+def test_build_failure_falls_back_with_one_line(monkeypatch, capsys):
+    def boom():
+        raise RuntimeError("no compiler here")
+    monkeypatch.setattr(ext, "_build", boom)
+    monkeypatch.setattr(ext, "_module", None)
+    monkeypatch.setattr(ext, "_failed", None)
+    monkeypatch.delenv("EXL2_NO_EXT", raising=False)
+    assert ext.get() is None and ext.get() is None          # second call does not retry
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no compiler here" in err[0] and "reference" in err[0]
+    assert ops.backend(torch.zeros(1)) == "reference"
+    assert same(ops.pack_bits(torch.ones(8, 3, dtype=torch.int64), 4), codec.pack_bits(torch.ones(8, 3, dtype=torch.int64), 4))
+
+
+def test_import_never_builds(tmp_path):
+    env = {**os.environ, "EXL2_EXT_DIR": str(tmp_path / "ext")}
+    env.pop("EXL2_NO_EXT", None)
+    code = "import exl2.quant_kernels.ops, exl2.quant_kernels.gptq, exl2.quant_kernels.codec, exl2.quant_kernels.ext"
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    assert not (tmp_path / "ext").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA (run only with a device and an extension built with CUDA): CUDA == reference, bit for bit
+# ------------------------------------------------------------------------------------------------
+
+def _cuda(native):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if not getattr(native, "has_cuda", False):
+        pytest.skip("extension built without CUDA")
+    return torch.device("cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_cuda_pack_unpack(native, bits):
+    dev = _cuda(native)
+    q = torch.randint(0, 2**bits, (96, 70), generator=torch.Generator().manual_seed(bits))
+    words = ops.pack_bits(q.to(dev), bits)
+    assert same(words.cpu(), codec.pack_bits(q, bits))
+    assert torch.equal(ops.unpack_bits(words, bits, 96).cpu(), q)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("k,n,groups", LAYERS)
+def test_cuda_dequantize_and_matmul(native, k, n, groups):
+    dev = _cuda(native)
+    t = make_layer(k, n, groups, seed=1)
+    ref = codec.dequantize_layer(t, reference=True)
+    td = {key: v.to(dev) for key, v in t.items()}
+    assert same(ops.dequantize_layer(td).cpu(), ref)
+    for m in (1, 8, 32, 40):                     # fused small-M kernel and the large-M path
+        x = torch.randn(m, k)
+        y = ops.matmul(x.to(dev), td).cpu()
+        r = x @ ref.float().t()
+        assert bool(((y - r).abs() <= 1.5e-6 * (x.abs() @ ref.float().abs().t()) + 1e-30).all())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_cuda_find_scales_and_group_step(native, bits):
+    dev = _cuda(native)
+    k, n, a, b = 256, 70, 64, 192
+    prep = _hinv(k, bits)
+    W0 = torch.randn(k, n, generator=torch.Generator().manual_seed(bits)) * 0.02
+    ref = gptq.find_scales(W0[a:b], bits)
+    got = ops.find_scales(W0[a:b].to(dev), bits)
+    assert same(got.codes.cpu(), ref.codes) and same(got.scale_max.cpu(), ref.scale_max)
+    assert same(got.scale.cpu(), ref.scale)
+    outs = []
+    for d in ("cpu", dev):
+        W = W0.clone().to(d)
+        codes = torch.empty(b - a, n, dtype=torch.int64, device=d)
+        Q, err = torch.empty(b - a, n, device=d), torch.empty(b - a, n, device=d)
+        ops.gptq_group(W[a:b], prep.hinv.to(d), a, ref.scale.to(d), bits, codes, Q, err)
+        outs.append([t.cpu() for t in (W, codes, Q, err)])
+    assert all(same(x, y) for x, y in zip(*outs))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cuda_kv(native, bits):
+    dev = _cuda(native)
+    x = (torch.randn(9, 256, generator=torch.Generator().manual_seed(bits)) * 5).to(torch.float16)
+    q_ref, s_ref = kv_quant.kv_quantize(x, bits)
+    q, s = ops.kv_quantize(x.to(dev), bits)
+    assert same(q.cpu(), q_ref) and same(s.cpu(), s_ref)
+    assert same(ops.kv_dequantize(q, s, bits, 256).cpu(), kv_quant.kv_dequantize(q_ref, s_ref, bits, 256))
