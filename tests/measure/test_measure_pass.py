@@ -5,7 +5,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from exl2.calibration import default_rows
 from exl2.measure import measurement as mj

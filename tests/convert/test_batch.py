@@ -1,0 +1,362 @@
+"""exl2-batch: spec validation and the task graph (no Ray), then real batches on a local Ray instance.
+
+The Ray tests share one local instance (2 CPUs) and one first batch: two tiny models x two bpw plus a
+model folder without config.json, with the worker of one quantization task killed (SIGKILL) after its
+first layer. Ray is optional: without it the Ray tests are skipped, the rest still run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from exl2.convert import batch
+from exl2.convert.batch import BatchError, SpecError, is_complete, load_spec, parse_spec, plan, run_batch
+
+SMALL = dict(rows=4, length=64, measurement_rows=4, measurement_length=64, validation_rows=2)
+
+
+def write_spec(path: Path, output: str, models: list[dict], defaults: dict | None = None,
+               resources: dict | None = None) -> Path:
+    """A TOML writer for the few value types a spec uses."""
+    def val(v):
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        return json.dumps(v)
+    lines = [f"output = {val(output)}", "[defaults]"]
+    lines += [f"{k} = {val(v)}" for k, v in (defaults or {}).items()]
+    lines += ["[resources]"] + [f"{k} = {val(v)}" for k, v in (resources or {}).items()]
+    for m in models:
+        lines += ["[[model]]"] + [f"{k} = {val(v)}" for k, v in m.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Spec and plan, without Ray
+# ------------------------------------------------------------------------------------------------
+
+def test_spec_defaults_overrides_and_paths(tmp_path):
+    f = write_spec(tmp_path / "s.toml", "out", [{"path": "models/Qwen2-7B"},
+                                                 {"path": "/abs/llama", "name": "l8", "bpw": [5.0], "rows": 7}],
+                   defaults={"bpw": [3.0, 4.0], "head_bits": 8, "cal_dataset": "cal.parquet"},
+                   resources={"num_gpus": 0.5})
+    spec = load_spec(f)
+    assert spec.output == str(tmp_path / "out")                   # relative to the spec's folder
+    q, l8 = spec.models
+    assert (q.name, q.path, q.bpw, q.head_bits, q.rows) == ("Qwen2-7B", str(tmp_path / "models/Qwen2-7B"),
+                                                           [3.0, 4.0], 8, 100)
+    assert q.cal_dataset == str(tmp_path / "cal.parquet")
+    assert (l8.name, l8.path, l8.bpw, l8.rows, l8.head_bits) == ("l8", "/abs/llama", [5.0], 7, 8)
+    assert (spec.resources.num_cpus, spec.resources.num_gpus, spec.resources.max_retries) == (1, 0.5, 3)
+    assert q.resources == spec.resources
+
+
+def test_per_model_resources():
+    spec = parse_spec({"output": "/o", "resources": {"num_cpus": 2, "memory_gb": 16},
+                       "model": [{"path": "/m/small"},
+                                 {"path": "/m/big", "resources": {"num_gpus": 1, "memory_gb": 64}}]})
+    small, big = spec.models
+    assert (small.resources.num_cpus, small.resources.num_gpus, small.resources.memory_gb) == (2, 0, 16)
+    assert (big.resources.num_cpus, big.resources.num_gpus, big.resources.memory_gb) == (2, 1, 64)
+    devices = {(t.model, t.options["device"], t.resources["num_gpus"]) for t in plan(spec)}
+    assert devices == {("small", "cpu", 0), ("big", "cuda", 1)}
+    with pytest.raises(SpecError, match=r"\[\[model\]\] 'big': resources: unknown key 'gpu'"):
+        parse_spec({"output": "/o", "model": [{"path": "/m/big", "resources": {"gpu": 1}}]})
+
+
+def test_plan_is_a_graph_of_measure_then_targets(tmp_path):
+    spec = parse_spec({"output": "/o", "defaults": {"bpw": [3.0, 4.5]},
+                       "model": [{"path": "/m/a"}, {"path": "/m/b", "bpw": 6}]})
+    tasks = plan(spec)
+    assert [(t.id, t.deps) for t in tasks] == [
+        ("a/measure", []), ("a/3bpw", ["a/measure"]), ("a/4.5bpw", ["a/measure"]),
+        ("b/measure", []), ("b/6bpw", ["b/measure"])]
+    m, t3 = tasks[0], tasks[1]
+    assert m.output == "/o/a/measurement.json"
+    assert m.options["work_dir"] == "/o/a/.work/measure" and m.options["measure_only"]
+    assert t3.output == t3.options["compile_dir"] == "/o/a/3bpw"
+    assert t3.options["work_dir"] == "/o/a/.work/bpw-3.00" and t3.options["bits"] == [3.0]
+    assert all(t.options["device"] == "cpu" and t.options["in_dir"] == f"/m/{t.model}" for t in tasks)
+    # Every option is a ConvertOptions field.
+    from exl2.convert.api import ConvertOptions
+
+    for t in tasks:
+        ConvertOptions(**t.options)
+    gpu = parse_spec({"output": "/o", "resources": {"num_gpus": 1}, "model": [{"path": "/m/a"}]})
+    assert {t.options["device"] for t in plan(gpu)} == {"cuda"}
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"model": [{"path": "a"}]}, "output: missing"),
+    ({"output": "o", "outptu": 1, "model": [{"path": "a"}]}, "unknown key 'outptu'"),
+    ({"output": "o"}, "no [[model]] tables"),
+    ({"output": "o", "model": [{"path": "a"}, {"name": "b"}]}, "[[model]] #2: missing key 'path'"),
+    ({"output": "o", "model": [{"path": "a", "bpww": [4.0]}]}, "[[model]] 'a': unknown key 'bpww'"),
+    ({"output": "o", "model": [{"path": "a", "bpw": "4,5"}]}, "[[model]] 'a': bpw = '4,5': must be a non-empty list"),
+    ({"output": "o", "model": [{"path": "a", "bpw": []}]}, "[[model]] 'a': bpw = []: must be a non-empty list"),
+    ({"output": "o", "model": [{"path": "a", "bpw": [4.0, 12]}]}, "[[model]] 'a': bpw 12: outside"),
+    ({"output": "o", "model": [{"path": "a", "bpw": [4, 4.0]}]}, "[[model]] 'a': bpw = [4, 4.0]: lists a target twice"),
+    ({"output": "o", "defaults": {"bpw": [True]}, "model": [{"path": "a"}]}, "[defaults]: bpw = [True]"),
+    ({"output": "o", "defaults": {"rows": 0}, "model": [{"path": "a"}]}, "[defaults]: rows = 0: must be positive"),
+    ({"output": "o", "defaults": {"head_bits": 7}, "model": [{"path": "a"}]}, "head_bits = 7: must be one of"),
+    ({"output": "o", "model": [{"path": "x/a"}, {"path": "y/a"}]}, "[[model]] 'a': name used twice"),
+    ({"output": "o", "model": [{"path": "a", "name": "../up"}]}, "name = '../up': must be a plain folder name"),
+    ({"output": "o", "resources": {"gpus": 1}, "model": [{"path": "a"}]}, "[resources]: unknown key 'gpus'"),
+    ({"output": "o", "resources": {"num_cpus": -1}, "model": [{"path": "a"}]}, "num_cpus = -1: must be a number"),
+])
+def test_spec_errors_name_the_key_and_model(data, message):
+    with pytest.raises(SpecError) as e:
+        parse_spec(data, "/base", "s.toml")
+    assert message in str(e.value) and str(e.value).startswith("s.toml: ")
+    assert "\n" not in str(e.value)
+
+
+def test_cli_spec_error_is_one_line(tmp_path):
+    f = write_spec(tmp_path / "s.toml", "out", [{"path": "a", "bpw": [4.0, "x"]}])
+    r = CliRunner().invoke(batch.main, [str(f)])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert r.output.strip().splitlines() == [f"error: {f}: [[model]] 'a': bpw = [4.0, 'x']: must be a non-empty "
+                                             "list of numbers, e.g. [3.0, 4.0]"]
+    (tmp_path / "bad.toml").write_text("output = \n")
+    r = CliRunner().invoke(batch.main, [str(tmp_path / "bad.toml")])
+    assert r.exit_code == 2 and "not valid TOML" in r.output
+
+
+def _fake_outputs(tasks):
+    for t in tasks:
+        out = Path(t.output)
+        if t.kind == "measure":
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text("{}")
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            for name in ("validation.json", "README.md"):
+                (out / name).write_text("{}")
+            q = {"bits": t.bpw, "head_bits": 6, "calibration": {"rows": 100, "length": 2048, "dataset": "(default)"}}
+            (out / "config.json").write_text(json.dumps({"quantization_config": q}))
+
+
+def test_complete_outputs_are_skipped_without_ray(tmp_path, monkeypatch):
+    spec = parse_spec({"output": str(tmp_path), "defaults": {"bpw": [3.0, 4.0]}, "model": [{"path": "/m/a"}]})
+    tasks = plan(spec)
+    assert not any(is_complete(t) for t in tasks)
+    _fake_outputs(tasks)
+    (Path(tasks[2].output) / "validation.json").unlink()           # an unvalidated target is not complete
+    assert [is_complete(t) for t in tasks] == [True, True, False]
+    monkeypatch.setitem(sys.modules, "ray", None)                  # importing ray now fails
+    with pytest.raises(BatchError, match=r"needs Ray: pip install 'exl2\[cluster\]'"):
+        run_batch(spec)
+    _fake_outputs(tasks)
+    events = []
+    s = run_batch(spec, emit=events.append)
+    assert (s["succeeded"], s["skipped"], s["failed"]) == (0, 3, 0)
+    assert [(e["task"], e["state"], e["reason"]) for e in events] == [
+        ("a/measure", "skipped", "already done"), ("a/3bpw", "skipped", "already done"),
+        ("a/4bpw", "skipped", "already done")]
+
+
+def test_complete_output_made_with_other_parameters_fails(tmp_path):
+    spec = parse_spec({"output": str(tmp_path), "defaults": {"bpw": [4.0]}, "model": [{"path": "/m/a"}]})
+    _fake_outputs(plan(spec))
+    spec.models[0].head_bits = 8
+    s = run_batch(spec)
+    assert (s["skipped"], s["failed"]) == (1, 1)
+    err = by_task(s)["a/4bpw"]["error"]
+    assert err == (f"{tmp_path / 'a' / '4bpw'} exists with head_bits = 6 but the spec asks for 8; delete it and "
+                   f"{tmp_path / 'a' / '.work' / 'bpw-4.00'} to convert it again")
+
+
+def test_dry_run_prints_the_plan(tmp_path):
+    f = write_spec(tmp_path / "s.toml", "out", [{"path": "a"}], defaults={"bpw": [4.0]})
+    r = CliRunner().invoke(batch.main, [str(f), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0].split()[:2] == ["todo", "a/measure"]
+    assert lines[1].split()[:2] == ["todo", "a/4bpw"] and "(after a/measure)" in lines[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# A real local Ray instance
+# ------------------------------------------------------------------------------------------------
+
+KILLED = "llama/3bpw"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A local Ray instance; its workers inherit EXL2_BATCH_FAULT, which makes the worker running
+    KILLED SIGKILL itself once, right after the converter saved its first quantized layer."""
+    ray = pytest.importorskip("ray")
+    marker = tmp_path_factory.mktemp("fault") / "killed.json"
+    old = os.environ.get("EXL2_BATCH_FAULT")
+    os.environ["EXL2_BATCH_FAULT"] = json.dumps([
+        {"task": KILLED, "event": {"stage": "quant", "layer": 0}, "marker": str(marker)},
+        {"task": "doomed/measure", "event": {"stage": "measure", "layer": 0}, "marker": str(marker.parent / "doomed")}])
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024 * 1024)
+    try:
+        yield ray.get_runtime_context().gcs_address, marker
+    finally:
+        ray.shutdown()
+        if old is None:
+            os.environ.pop("EXL2_BATCH_FAULT", None)
+        else:
+            os.environ["EXL2_BATCH_FAULT"] = old
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_builder, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("models")
+    for name, kind in (("qwen", "qwen2"), ("llama", "llama3")):
+        tiny_builder(kind, root / name, dtype=torch.bfloat16, seed=1)
+        shutil.copy(tiny_tokenizer, root / name / "tokenizer.json")
+    (root / "broken").mkdir()                                       # no config.json
+    shutil.copy(tiny_tokenizer, root / "broken" / "tokenizer.json")
+    return root
+
+
+@pytest.fixture(scope="module")
+def first_run(cluster, models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("batch") / "exl2"
+    spec_file = write_spec(out.parent / "spec.toml", str(out),
+                           [{"path": str(models / "qwen")}, {"path": str(models / "llama")},
+                            {"path": str(models / "broken")}],
+                           defaults={"bpw": [3.0, 4.0], **SMALL}, resources={"num_cpus": 1, "max_retries": 2})
+    events = []
+    summary = run_batch(load_spec(spec_file), emit=events.append)
+    return spec_file, out, summary, events
+
+
+def by_task(summary):
+    return {r["task"]: r for r in summary["tasks"]}
+
+
+def test_batch_outputs_are_valid_models(first_run):
+    from exl2.runtime.loader import load_model
+
+    _, out, summary, events = first_run
+    recs = by_task(summary)
+    good = [f"{m}/{x}" for m in ("qwen", "llama") for x in ("measure", "3bpw", "4bpw")]
+    assert all(recs[t]["state"] == "finished" for t in good), summary
+    for m in ("qwen", "llama"):
+        assert json.loads((out / m / "measurement.json").read_text())["measurement"]
+        assert (out / m / ".work" / "measure" / "job.json").is_file()
+        for b in (3, 4):
+            d = out / m / f"{b}bpw"
+            assert recs[f"{m}/{b}bpw"]["output"] == str(d)
+            assert (out / m / ".work" / f"bpw-{b}.00" / "job.json").is_file()
+            q = json.loads((d / "config.json").read_text())["quantization_config"]
+            assert q["bits"] == b and q["calibration"]["rows"] == 4
+            v = json.loads((d / "validation.json").read_text())
+            assert 0 < v["kld_mean"] == pytest.approx(recs[f"{m}/{b}bpw"]["kld_mean"])
+            assert (d / "README.md").is_file()
+            assert 0.9 * b < recs[f"{m}/{b}bpw"]["bpw"] <= b
+            model = load_model(d)
+            assert type(model.layers[0].mlp.down_proj).__name__ == "EXL2Linear"
+    # Every task went queued -> running -> finished, in that order.
+    for t in good:
+        states = [e["state"] for e in events if e["task"] == t]
+        assert states[0] == "queued" and states[-1] == "finished" and "running" in states
+
+
+def test_broken_model_fails_alone(first_run):
+    _, out, summary, _ = first_run
+    recs = by_task(summary)
+    assert recs["broken/measure"]["state"] == "failed"
+    err = recs["broken/measure"]["error"]
+    assert err.endswith("broken/config.json: not found (is -i a Hugging Face model directory?)")
+    for b in (3, 4):
+        r = recs[f"broken/{b}bpw"]
+        assert r["state"] == "skipped" and r["reason"].startswith("broken/measure failed: ")
+        assert "config.json: not found" in r["reason"]
+    assert (summary["succeeded"], summary["skipped"], summary["failed"]) == (6, 2, 1)
+    assert not (out / "broken" / "3bpw").exists()
+
+
+def test_killed_worker_is_retried_and_resumes(first_run, cluster):
+    _, out, summary, events = first_run
+    _, marker = cluster
+    killed = json.loads(marker.read_text())                         # the fault really fired
+    assert killed["task"] == KILLED and killed["event"]["layer"] == 0
+    running = [e for e in events if e["task"] == KILLED and e["state"] == "running"]
+    assert len(running) == 2, running
+    first, retry = running
+    assert first["pid"] == killed["pid"] != retry["pid"]
+    assert "resume" not in first
+    # The retry found the first attempt's work: strategy done, one layer quantized, not yet finished.
+    stages = retry["resume"]["finished_stages"]
+    assert "optimize:3.00" in stages and "quant:3.00" not in stages
+    assert retry["resume"]["bpw-3.00/quant.progress.json"] == {"next_layer": 1}
+    assert by_task(summary)[KILLED]["state"] == "finished"
+    # And the converter did resume: layer 0's packed tensors are the first attempt's (written before the
+    # kill), layer 1's were written by the retry.
+    killed_at = marker.stat().st_mtime_ns
+    tensors = out / "llama" / ".work" / "bpw-3.00" / "bpw-3.00" / "out_tensor"
+    layer0 = [p.stat().st_mtime_ns for p in tensors.glob("model.layers.0.*.safetensors")]
+    layer1 = [p.stat().st_mtime_ns for p in tensors.glob("model.layers.1.*.safetensors")]
+    assert len(layer0) == len(layer1) == 7
+    assert max(layer0) <= killed_at < min(layer1)
+    job = json.loads((out / "llama" / ".work" / "bpw-3.00" / "job.json").read_text())
+    assert {"optimize:3.00", "quant:3.00", "compile:3.00"} <= set(job["finished_stages"])
+
+
+def test_rerun_does_no_work(first_run):
+    spec_file, out, _, _ = first_run
+    spec = load_spec(spec_file)
+    spec.models = [m for m in spec.models if m.name != "broken"]
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    events = []
+    s = run_batch(spec, emit=events.append)
+    assert (s["succeeded"], s["skipped"], s["failed"]) == (0, 6, 0)
+    assert {e["state"] for e in events} == {"skipped"}
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == mtimes
+
+
+def test_cli_on_existing_cluster_adds_a_target(first_run, cluster, models):
+    """`python -m exl2.convert.batch --address ... --status-json`: a new bpw reuses the measurement."""
+    address, _ = cluster
+    spec_file, out, _, _ = first_run
+    spec2 = write_spec(spec_file.parent / "spec2.toml", str(out), [{"path": str(models / "qwen"), "bpw": [3.0, 5.0]}],
+                       defaults=SMALL)
+    env = {k: v for k, v in os.environ.items() if k != "EXL2_BATCH_FAULT"}
+    p = subprocess.run([sys.executable, "-m", "exl2.convert.batch", str(spec2), "--address", address, "--status-json"],
+                       capture_output=True, text=True, timeout=240, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [json.loads(line) for line in p.stdout.splitlines()]   # stdout is JSON lines only
+    assert [(e.get("task"), e["state"]) for e in lines] == [
+        ("qwen/measure", "skipped"), ("qwen/3bpw", "skipped"), ("qwen/5bpw", "queued"), ("qwen/5bpw", "running"),
+        ("qwen/5bpw", "finished"), (None, "done")]
+    assert lines[-1] == {"state": "done", "succeeded": 1, "skipped": 2, "failed": 0}
+    assert not (out / "qwen" / ".work" / "bpw-5.00" / "cal" / "measure.safetensors").exists()   # not re-measured
+    assert (out / "qwen" / "5bpw" / "validation.json").is_file()
+
+
+def test_cli_table_and_exit_status_on_failure(first_run):
+    spec_file, _, _, _ = first_run
+    r = CliRunner().invoke(batch.main, [str(spec_file)])            # only broken/measure runs (and fails)
+    assert r.exit_code == 1, r.output
+    lines = r.output.splitlines()
+    assert lines[0].split() == ["task", "state", "time", "detail"]
+    row = next(line for line in lines if line.startswith("broken/measure"))
+    assert row.split()[1] == "failed" and "config.json: not found" in row
+    assert lines[-1] == "succeeded 0, skipped 8, failed 1"
+
+
+def test_worker_death_without_retries_fails_that_model(cluster, models, tmp_path):
+    """max_retries = 0: the killed measurement is reported failed (one line); its target is skipped."""
+    f = write_spec(tmp_path / "s.toml", "out", [{"path": str(models / "qwen"), "name": "doomed", "bpw": [4.0]}],
+                   defaults=SMALL, resources={"max_retries": 0})
+    s = run_batch(load_spec(f))
+    recs = by_task(s)
+    assert (cluster[1].parent / "doomed").is_file()
+    err = recs["doomed/measure"]["error"]
+    assert err.startswith("WorkerCrashedError: ") and err.endswith("(after 0 retries; rerun to resume)")
+    assert "\n" not in err, err
+    assert recs["doomed/4bpw"]["state"] == "skipped" and recs["doomed/4bpw"]["reason"].startswith("doomed/measure failed")
