@@ -51,9 +51,9 @@ class LayerKV:
             self.v = torch.zeros_like(self.k)
         else:
             # imported only when a quantized cache is made
-            from exl2.quant_kernels import kv_quant
+            from exl2.quant_kernels import kv_quant, ops
 
-            self._kvq = kv_quant
+            self._kvq = ops  # the front door: native kernels when built, else the kv_quant reference
             if d % kv_quant.CHUNK:  # Hadamard rotation spans of 64 elements (EXL2-SPEC 4.1)
                 raise ValueError(f"quantized cache mode {mode!r}: kv_heads*head_dim = {d} is not a multiple "
                                  f"of {kv_quant.CHUNK}")
