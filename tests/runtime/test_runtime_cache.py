@@ -60,13 +60,15 @@ def test_layer_semantics_past_dequantized_chunk_unquantized(mode):
 def test_each_token_quantized_once(tiny_checkpoint, monkeypatch):
     m = load_model(tiny_checkpoint("qwen2"))
     rows = []
-    real = kv_quant.kv_quantize
+    from exl2.quant_kernels import ops
+
+    real = ops.kv_quantize   # the cache's front door (native or reference)
 
     def spy(x, bits):
         rows.append(x.shape[1])  # tokens in this call
         return real(x, bits)
 
-    monkeypatch.setattr(kv_quant, "kv_quantize", spy)
+    monkeypatch.setattr(ops, "kv_quantize", spy)
     cache = KVCache(m.cfg, 64, mode="q4")
     ids = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
