@@ -7,7 +7,7 @@ PIP = $(PYTHON) -m pip
 # torch==2.13.0 is pinned first so pip takes the CPU build from local disk instead of a CUDA build.
 install:
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,cluster]'
 
 # The whole test suite (CPU; CUDA tests skip without a device).
 test: install

@@ -17,6 +17,8 @@ The spec (TOML)::
     path = "/models/Qwen2-7B"
     name = "qwen2-7b"                     # default: the folder name
     bpw = [4.0, 5.0]                      # any key of [defaults] may be overridden
+    [model.resources]                     # and any key of [resources], for this model's tasks
+    num_gpus = 1
 
 The plan is a graph: per model one measurement task, then one quantization task per bpw that takes the
 measurement's path from it (a Ray ObjectRef argument, so Ray starts it when the measurement exists)::
@@ -43,7 +45,6 @@ import shutil
 import signal
 import sys
 import time
-import tomllib
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -92,6 +93,7 @@ class Model:
     cal_dataset: str | None
     validation_rows: int
     seed: int
+    resources: "Resources"
 
 
 @dataclass
@@ -145,6 +147,25 @@ def _check_settings(where: str, table: dict, base: Path) -> dict:
     return out
 
 
+def _check_resources(where: str, table, base: dict) -> Resources:
+    if not isinstance(table, dict):
+        raise SpecError(f"{where}: must be a table")
+    res = dict(base)
+    for key, value in table.items():
+        if key not in RESOURCE_DEFAULTS:
+            raise SpecError(f"{where}: unknown key {key!r} (known: {', '.join(RESOURCE_DEFAULTS)})")
+        if not _is_number(value) or value < 0:
+            raise SpecError(f"{where}: {key} = {value!r}: must be a number >= 0")
+        if key == "max_retries" and not isinstance(value, int):
+            raise SpecError(f"{where}: max_retries = {value!r}: must be an integer")
+        res[key] = value
+    if res["num_cpus"] == 0 and res["num_gpus"] == 0:
+        raise SpecError(f"{where}: num_cpus and num_gpus are both 0")
+    if res["num_gpus"] > 1 and res["num_gpus"] != int(res["num_gpus"]):
+        raise SpecError(f"{where}: num_gpus = {res['num_gpus']}: above 1 it must be a whole number")
+    return Resources(**res)
+
+
 def parse_spec(data: dict, base_dir: str | Path = ".", source: str = "spec") -> Spec:
     """Validate a parsed TOML spec; every error is one SpecError naming the key (and the model)."""
     base = Path(base_dir)
@@ -159,19 +180,7 @@ def parse_spec(data: dict, base_dir: str | Path = ".", source: str = "spec") -> 
             raise SpecError(f"{source}: {key}: must be a table ([{key}])")
     defaults = {**DEFAULTS, **_check_settings(f"{source}: [defaults]", data.get("defaults", {}), base)}
 
-    res = dict(RESOURCE_DEFAULTS)
-    for key, value in data.get("resources", {}).items():
-        if key not in RESOURCE_DEFAULTS:
-            raise SpecError(f"{source}: [resources]: unknown key {key!r} (known: {', '.join(RESOURCE_DEFAULTS)})")
-        if not _is_number(value) or value < 0:
-            raise SpecError(f"{source}: [resources]: {key} = {value!r}: must be a number >= 0")
-        if key == "max_retries" and not isinstance(value, int):
-            raise SpecError(f"{source}: [resources]: max_retries = {value!r}: must be an integer")
-        res[key] = value
-    if res["num_cpus"] == 0 and res["num_gpus"] == 0:
-        raise SpecError(f"{source}: [resources]: num_cpus and num_gpus are both 0")
-    if res["num_gpus"] > 1 and res["num_gpus"] != int(res["num_gpus"]):
-        raise SpecError(f"{source}: [resources]: num_gpus = {res['num_gpus']}: above 1 it must be a whole number")
+    resources = _check_resources(f"{source}: [resources]", data.get("resources", {}), RESOURCE_DEFAULTS)
 
     tables = data.get("model")
     if not isinstance(tables, list) or not tables:
@@ -194,9 +203,10 @@ def parse_spec(data: dict, base_dir: str | Path = ".", source: str = "spec") -> 
             raise SpecError(f"{source}: {label}: name used twice (models #{seen[name]} and #{i}); set name = \"...\"")
         seen[name] = i
         settings = _check_settings(f"{source}: {label}",
-                                   {k: v for k, v in t.items() if k not in ("path", "name")}, base)
-        models.append(Model(name=name, path=str(path), **{**defaults, **settings}))
-    return Spec(output=str(base / output), resources=Resources(**res), models=models)
+                                   {k: v for k, v in t.items() if k not in ("path", "name", "resources")}, base)
+        res = _check_resources(f"{source}: {label}: resources", t.get("resources", {}), asdict(resources))
+        models.append(Model(name=name, path=str(path), resources=res, **{**defaults, **settings}))
+    return Spec(output=str(base / output), resources=resources, models=models)
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -205,6 +215,10 @@ def load_spec(path: str | Path) -> Spec:
         text = path.read_text()
     except OSError as e:
         raise SpecError(f"{path}: {e.strerror or e}") from None
+    try:
+        import tomllib
+    except ImportError:          # Python 3.10: the same parser as the tomli package
+        import tomli as tomllib
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -224,6 +238,7 @@ class Task:
     bpw: float | None
     output: str                  # measurement.json, or the compiled model folder
     options: dict                # ConvertOptions keyword arguments
+    resources: dict = field(default_factory=dict)   # Resources of this task (Ray options)
     deps: list[str] = field(default_factory=list)
 
 
@@ -233,21 +248,22 @@ def bpw_dir_name(bpw: float) -> str:
 
 def plan(spec: Spec) -> list[Task]:
     """Tasks in dependency order: per model its measurement, then one quantization per bpw."""
-    device = "cuda" if spec.resources.num_gpus > 0 else "cpu"
     tasks = []
     for m in spec.models:
+        device = "cuda" if m.resources.num_gpus > 0 else "cpu"
+        res = asdict(m.resources)
         root = Path(spec.output) / m.name
         common = dict(in_dir=m.path, head_bits=m.head_bits, cal_dataset=m.cal_dataset, rows=m.rows,
                       length=m.length, measurement_rows=m.measurement_rows,
                       measurement_length=m.measurement_length, seed=m.seed, device=device,
                       validation_rows=m.validation_rows, validate=True)
         measure = Task(id=f"{m.name}/measure", kind="measure", model=m.name, bpw=None,
-                       output=str(root / "measurement.json"),
+                       output=str(root / "measurement.json"), resources=res,
                        options=dict(common, work_dir=str(root / ".work" / "measure"), measure_only=True))
         tasks.append(measure)
         for b in m.bpw:
             tasks.append(Task(id=f"{m.name}/{bpw_dir_name(b)}", kind="quantize", model=m.name, bpw=b,
-                              output=str(root / bpw_dir_name(b)), deps=[measure.id],
+                              output=str(root / bpw_dir_name(b)), deps=[measure.id], resources=res,
                               options=dict(common, work_dir=str(root / ".work" / f"bpw-{b:.2f}"), bits=[b],
                                            compile_dir=str(root / bpw_dir_name(b)))))
     return tasks
@@ -259,6 +275,30 @@ def is_complete(task: Task) -> bool:
     if task.kind == "measure":
         return out.is_file()
     return all((out / f).is_file() for f in ("config.json", "validation.json", "README.md"))
+
+
+def mismatch(task: Task) -> str | None:
+    """For a complete target: why its quantization_config disagrees with the spec (None if it agrees).
+
+    Skipping goes by the outputs' presence, so a spec edited after a run would otherwise be ignored
+    silently.  (measurement.json is not compared: its recorded row length can legitimately differ.)
+    """
+    if task.kind != "quantize":
+        return None
+    out = Path(task.output)
+    try:
+        q = json.loads((out / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError) as e:
+        return f"{out / 'config.json'}: unreadable ({e})"
+    o = task.options
+    want = {"bits": task.bpw, "head_bits": o["head_bits"],
+            "calibration": {"rows": o["rows"], "length": o["length"],
+                            "dataset": Path(o["cal_dataset"]).name if o["cal_dataset"] else "(default)"}}
+    for key, value in want.items():
+        if q.get(key) != value:
+            return (f"{out} exists with {key} = {q.get(key)!r} but the spec asks for {value!r}; delete it and "
+                    f"{Path(o['work_dir'])} to convert it again")
+    return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -281,14 +321,13 @@ def _resume_state(work_dir: Path) -> dict:
 
 
 def _fault_hook(task_id: str) -> Callable[[dict], None]:
-    """Fault injection for tests: EXL2_BATCH_FAULT='{"task": ID, "event": {...}, "marker": PATH}' makes
-    the worker of task ID kill itself (SIGKILL) at the first converter event containing ``event``, once:
-    the marker file records that it happened."""
+    """Fault injection for tests: EXL2_BATCH_FAULT='[{"task": ID, "event": {...}, "marker": PATH}, ...]'
+    makes the worker of task ID kill itself (SIGKILL) at the first converter event that contains
+    ``event``, once: the marker file records that it happened (and the pid)."""
     raw = os.environ.get("EXL2_BATCH_FAULT")
-    if not raw:
-        return lambda e: None
-    fault = json.loads(raw)
-    if fault.get("task") != task_id:
+    faults = json.loads(raw) if raw else []
+    fault = next((f for f in ([faults] if isinstance(faults, dict) else faults) if f.get("task") == task_id), None)
+    if fault is None:
         return lambda e: None
     marker, want = Path(fault["marker"]), fault.get("event", {})
 
@@ -390,6 +429,8 @@ def _import_ray():
 
 def _connect(ray, address: str | None, num_cpus: int | None, object_store_mb: int | None) -> bool:
     """Connect to a cluster (address) or start a local instance; True if this call started Ray."""
+    if address and address != "auto" and "://" not in address:
+        _probe(address)
     if ray.is_initialized():
         return False
     import logging
@@ -407,9 +448,24 @@ def _connect(ray, address: str | None, num_cpus: int | None, object_store_mb: in
     return True
 
 
-def _check_feasible(ray, res: Resources, local: bool, warn: Emit) -> None:
+def _probe(address: str, timeout: float = 10.0) -> None:
+    """Fail fast on an unreachable HOST:PORT (ray.init would retry for minutes)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise BatchError(f"--address {address}: expected 'auto' or HOST:PORT (the head node's GCS, port 6379 by default)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise BatchError(f"--address {address}: no Ray head node answers there ({e.strerror or e}); "
+                         "start one with `ray start --head`") from None
+
+
+def _check_feasible(ray, tasks: list[Task], local: bool, warn: Emit) -> None:
     total = ray.cluster_resources()
-    for key, need in (("CPU", res.num_cpus), ("GPU", res.num_gpus)):
+    for key in ("CPU", "GPU"):
+        need = max(t.resources[f"num_{key.lower()}s"] for t in tasks)
         have = total.get(key, 0)
         if need > have:
             msg = (f"[resources] num_{key.lower()}s = {need:g} per task, but the cluster has {have:g} {key}s"
@@ -419,18 +475,17 @@ def _check_feasible(ray, res: Resources, local: bool, warn: Emit) -> None:
             warn(msg)
 
 
-def _one_line(e: BaseException) -> str:
+def _one_line(e: BaseException, retries: int) -> str:
     cause = getattr(e, "cause", None)
     if isinstance(cause, TaskError):
         return str(cause)
     if cause is not None and not isinstance(cause, type(e)):
-        return _one_line(cause)
-    name = type(e).__name__
-    if name in ("WorkerCrashedError", "NodeDiedError", "OutOfMemoryError", "TaskUnschedulableError",
-                "RayActorError", "LocalRayletDiedError"):
-        first = next((line for line in str(e).splitlines() if line.strip()), "")
-        return f"{name}: {first}"[:300]
-    return f"{name}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        return _one_line(cause, retries)
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    msg = f"{type(e).__name__}: {first}"[:300]
+    if type(e).__name__ in ("WorkerCrashedError", "NodeDiedError", "OutOfMemoryError"):
+        msg += f" (after {retries} retries; rerun to resume)"
+    return msg
 
 
 def run_batch(spec: Spec, *, address: str | None = None, num_cpus: int | None = None,
@@ -438,7 +493,8 @@ def run_batch(spec: Spec, *, address: str | None = None, num_cpus: int | None = 
     """Run the spec's plan; returns {"tasks": [...], "succeeded": n, "skipped": n, "failed": n}.
 
     emit receives one dict per task state change: queued, running, finished, failed, skipped.
-    Already-complete tasks are skipped before Ray is touched; if nothing is left to do Ray is not started.
+    Already-complete tasks are skipped before Ray is touched (or failed, if made with other parameters);
+    if nothing is left to do Ray is not started.
     """
     emit = emit or (lambda e: None)
     tasks = plan(spec)
@@ -453,7 +509,11 @@ def run_batch(spec: Spec, *, address: str | None = None, num_cpus: int | None = 
     todo = []
     for t in tasks:
         if is_complete(t):
-            record(t, "skipped", reason="already done", output=t.output)
+            why = mismatch(t)
+            if why:
+                record(t, "failed", error=why)
+            else:
+                record(t, "skipped", reason="already done", output=t.output)
         else:
             todo.append(t)
 
@@ -461,7 +521,7 @@ def run_batch(spec: Spec, *, address: str | None = None, num_cpus: int | None = 
         ray = _import_ray()
         started = _connect(ray, address, num_cpus, object_store_mb)
         try:
-            _check_feasible(ray, spec.resources, local=started and not address,
+            _check_feasible(ray, todo, local=started and not address,
                             warn=lambda m: click.echo(f"warning: {m}", err=True))
             _execute(ray, spec, todo, by_id, records, record, emit)
         finally:
@@ -475,12 +535,15 @@ def run_batch(spec: Spec, *, address: str | None = None, num_cpus: int | None = 
 
 
 def _execute(ray, spec: Spec, todo: list[Task], by_id: dict, records: dict, record, emit: Emit) -> None:
-    res = spec.resources
-    opts = dict(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=res.max_retries,
-                retry_exceptions=False)
-    if res.memory_gb:
-        opts["memory"] = int(res.memory_gb * 1024 ** 3)
-    remote_task = ray.remote(run_task).options(**opts)
+    plain = ray.remote(run_task)
+
+    def remote_for(res: dict):
+        opts = dict(num_cpus=res["num_cpus"], num_gpus=res["num_gpus"], max_retries=res["max_retries"],
+                    retry_exceptions=False)         # a ConvertError is final; a dead worker is retried
+        if res["memory_gb"]:
+            opts["memory"] = int(res["memory_gb"] * 1024 ** 3)
+        return plain.options(**opts)
+
     sink = ray.remote(num_cpus=0)(_EventSink).remote()
 
     refs: dict[str, object] = {}
@@ -490,7 +553,7 @@ def _execute(ray, spec: Spec, todo: list[Task], by_id: dict, records: dict, reco
             upstream = refs.get(dep, by_id[dep].output)     # an ObjectRef, or the finished measurement's path
         else:
             upstream = None
-        refs[t.id] = remote_task.remote(asdict(t), upstream, sink)
+        refs[t.id] = remote_for(t.resources).remote(asdict(t), upstream, sink)
         record(t, "queued")
 
     pending = {refs[t.id]: t for t in todo}
@@ -511,7 +574,7 @@ def _execute(ray, spec: Spec, todo: list[Task], by_id: dict, records: dict, reco
             if dep is not None and dep["state"] == "failed":
                 record(t, "skipped", reason=f"{dep['task']} failed: {dep['error']}")
             else:
-                record(t, "failed", error=_one_line(e))
+                record(t, "failed", error=_one_line(e, t.resources["max_retries"]))
             return
         record(t, "finished", **out)
 

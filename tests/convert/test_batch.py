@@ -174,6 +174,14 @@ def test_complete_output_made_with_other_parameters_fails(tmp_path):
                    f"{tmp_path / 'a' / '.work' / 'bpw-4.00'} to convert it again")
 
 
+def test_unreachable_address_fails_fast(tmp_path):
+    pytest.importorskip("ray")
+    f = write_spec(tmp_path / "s.toml", "out", [{"path": "a"}])
+    r = CliRunner().invoke(batch.main, [str(f), "--address", "127.0.0.1:1"])
+    assert r.exit_code == 2
+    assert r.output.startswith("error: --address 127.0.0.1:1: no Ray head node answers there")
+
+
 def test_dry_run_prints_the_plan(tmp_path):
     f = write_spec(tmp_path / "s.toml", "out", [{"path": "a"}], defaults={"bpw": [4.0]})
     r = CliRunner().invoke(batch.main, [str(f), "--dry-run"])

@@ -69,3 +69,30 @@ def test_resume_after_interruption_gives_the_same_measurement(tiny, uninterrupte
     assert [e["layer"] for e in seen if "layer" in e] == [1, 2]          # layer 0 was not measured again
     assert resumed["measurement"] == uninterrupted["measurement"]
     assert not (tmp_path / "measure.progress.json").exists()
+
+
+def test_one_layer_resident_at_a_time(tiny, tmp_path, monkeypatch):
+    """Memory grows with one layer, not with depth: no two decoder layers' weights are alive together."""
+    import gc
+    import weakref
+
+    from exl2.runtime.loader import ModelParts
+
+    d, ids = tiny
+    alive: list[weakref.ref] = []
+    real_block = ModelParts.block
+
+    def tracked(self, i):
+        b = real_block(self, i)
+        alive.append(weakref.ref(b))
+        return b
+
+    monkeypatch.setattr(ModelParts, "block", tracked)
+    most = [0]
+
+    def check(event):
+        gc.collect()
+        most[0] = max(most[0], sum(r() is not None for r in alive))
+
+    run_measurement(d, ids, tmp_path, status=check)
+    assert len(alive) == 3 and most[0] == 1
