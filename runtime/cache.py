@@ -62,6 +62,11 @@ class LayerKV:
             self.vq = torch.zeros(batch, max_len, d * vb // 8, dtype=torch.uint8, device=device)
             self.ks = torch.zeros(batch, max_len, d // SCALE_GROUP, dtype=torch.float16, device=device)
             self.vs = torch.zeros_like(self.ks)
+            # Working copy of the dequantized past (as ExLlamaV2 keeps one): each stored token is
+            # dequantized once, so a token-by-token pass costs linear, not quadratic, time.
+            self.kw = torch.zeros(batch, max_len, kv_heads, head_dim, dtype=dtype, device=device)
+            self.vw = torch.zeros_like(self.kw)
+            self.valid = 0  # tokens [0, valid) of the working copy match the quantized store
 
     def _store_q(self, qbuf, sbuf, x, bits, past_len):
         B, T = x.shape[:2]
@@ -97,12 +102,16 @@ class LayerKV:
             v_all = torch.cat([self.v[:, :past_len].to(v.dtype), v], dim=1)  # [B, P+T, Hkv, D]
             return k_all, v_all
         kb, vb = self.bits
-        k_past = self._load_q(self.kq, self.ks, kb, past_len)
-        v_past = self._load_q(self.vq, self.vs, vb, past_len)
+        self.valid = min(self.valid, past_len)  # a reset cache rewrites from past_len on
+        if self.valid < past_len:
+            a = self.valid
+            self.kw[:, a:past_len] = self._load_q(self.kq[:, a:], self.ks[:, a:], kb, past_len - a)
+            self.vw[:, a:past_len] = self._load_q(self.vq[:, a:], self.vs[:, a:], vb, past_len - a)
+            self.valid = past_len
         self._store_q(self.kq, self.ks, k, kb, past_len)
         self._store_q(self.vq, self.vs, v, vb, past_len)
-        k_all = torch.cat([k_past.to(k.dtype), k], dim=1)  # [B, P+T, Hkv, D]
-        v_all = torch.cat([v_past.to(v.dtype), v], dim=1)  # [B, P+T, Hkv, D]
+        k_all = torch.cat([self.kw[:, :past_len].to(k.dtype), k], dim=1)  # [B, P+T, Hkv, D]
+        v_all = torch.cat([self.vw[:, :past_len].to(v.dtype), v], dim=1)  # [B, P+T, Hkv, D]
         return k_all, v_all
 
 

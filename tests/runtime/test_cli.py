@@ -91,7 +91,8 @@ def test_eval_full_mode_equals_library_and_kld_ref(tiny, tmp_path):
                                         "--kld-ref", model, "--json", out, "-q"])
     assert code == 0, err
     recs = json.loads(out.read_text())
-    assert [(r["cache"], r["mode"]) for r in recs] == [("fp16", "full"), ("fp16", "cache")]
+    assert [(r["cache"], r["mode"]) for r in recs] == [("none", "full"), ("fp16", "cache")]
+    assert recs[0]["bytes_per_token"] is None and recs[1]["bytes_per_token"] == 2 * 256
     rows = load_data_rows(model, data, 2, 16)
     assert recs[0]["ppl"] == pytest.approx(perplexity(load_model(model), rows).ppl, rel=1e-12)
     assert recs[0]["kld_mean"] == pytest.approx(0, abs=1e-7) and recs[0]["top1"] == 1.0
@@ -182,3 +183,31 @@ def test_console_script_exits_2_without_traceback(tmp_path):
                        timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "missing" in p.stderr
+
+
+def test_eval_default_mode_is_full_and_auto_picks_cache(tiny, tmp_path):
+    model, data = tiny
+    out = tmp_path / "r.json"
+    code, stdout, err = _run(cli.eval_main, [model, "--data", data, "--rows", 2, "--length", 16, "--json", out, "-q"])
+    assert code == 0, err
+    (rec,) = json.loads(out.read_text())
+    assert rec["cache"] == "none" and rec["mode"] == "full" and rec["bytes_per_token"] is None
+    assert stdout.splitlines()[2].startswith("| none  | full ")
+    code, _, err = _run(cli.eval_main, [model, "--data", data, "--rows", 2, "--length", 16, "--cache", "q6",
+                                        "--chunk", 4, "--json", out, "-q"])
+    assert code == 0, err
+    (rec,) = json.loads(out.read_text())
+    assert rec["cache"] == "q6" and rec["mode"] == "cache"
+
+
+def test_humaneval_sampling_is_seeded_and_batched(tiny):
+    from exl2.runtime.humaneval import HumanEvalParams, sample_completions
+
+    model, _ = tiny
+    m, tok = load_model(model), TextTokenizer(model)
+    p = HumanEvalParams(max_new_tokens=12, batch_size=3, cache_mode="q4", temperature=1.0, top_p=1.0, top_k=0)
+    a = sample_completions(m, tok, "def f(x):\n", 5, p, seed=7)
+    b = sample_completions(m, tok, "def f(x):\n", 5, p, seed=7)
+    c = sample_completions(m, tok, "def f(x):\n", 5, p, seed=8)
+    assert len(a) == 5 and a == b and a != c
+    assert all("\n" + ch not in s for s in a for ch in "abcdefghijklmnopqrstuvwxyz")  # truncated at column-0 lines

@@ -133,3 +133,22 @@ def test_reset_and_batch_check(tiny_checkpoint):
         assert torch.equal(a, b) and cache.past_len == 5
         with pytest.raises(ValueError, match="batch 1 != cache batch_size 2"):
             m(ids[:1], cache)
+
+
+@pytest.mark.parametrize("mode", ["q4", "q8"])
+def test_reset_cache_equals_fresh_cache(tiny_checkpoint, mode):
+    """The dequantized working copy must not leak tokens of an earlier row after reset()."""
+    m = load_model(tiny_checkpoint("qwen2"))
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randint(0, 512, (1, 24), generator=g), torch.randint(0, 512, (1, 24), generator=g)
+
+    def token_by_token(ids, cache):
+        with torch.no_grad():
+            return torch.cat([m(ids[:, i:i + 1], cache) for i in range(ids.shape[1])], dim=1)
+
+    reused = KVCache(m.cfg, 64, mode=mode)
+    token_by_token(a, reused)
+    reused.reset()
+    got = token_by_token(b, reused)
+    want = token_by_token(b, KVCache(m.cfg, 64, mode=mode))
+    assert torch.equal(got, want)

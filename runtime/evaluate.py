@@ -1,0 +1,234 @@
+"""Perplexity and KL divergence of a model on token rows (EXL2-SPEC 5.1).
+
+Two ways to score a row of L tokens, both predicting tokens 1..L-1 from positions 0..L-2:
+
+- ``mode="full"``: one forward pass per row, no cache (the row's own K/V stay in the compute dtype).
+- ``mode="cache"``: the row is fed through a KV cache of ``cache_mode`` in chunks of ``chunk`` tokens
+  (default 1: token by token, as ExLlamaV2's ``-eq4/-eq6/-eq8`` evaluation), each chunk's logits scored as
+  they come. Every past token then comes from the (possibly quantized) cache; a chunk's own K/V are used
+  unquantized for its own attention (the runtime cache's semantics, EXL2-SPEC 4.1), so only ``chunk=1``
+  makes *every* attended token a cached one.
+
+Log-probabilities are fp32 ``log_softmax`` of the logits. With a reference model, KL(ref || model) is computed
+per predicted token over the whole vocabulary, the reference always run in full mode; the model runs once and
+yields perplexity and KL divergence together. Memory: logits are held for one row (or one chunk) at a time,
+never ``[R, L, V]``.
+
+``evaluate_rows`` scores several (mode, cache) configurations in one sweep over the rows, so the reference
+logits of a row are computed once for all of them.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import MODES as CACHE_MODES
+from .cache import KVCache
+from .model import Model
+
+MODES = ("full", "cache")
+
+# Progress hook: called once per row and configuration scored, with the number of tokens just scored.
+Progress = Callable[[int], None]
+
+
+@dataclass
+class EvalResult:
+    """Scores of one (mode, cache_mode) configuration over all rows."""
+
+    mode: str
+    cache_mode: str | None  # None in full mode (no cache involved)
+    rows: int
+    length: int
+    nll_sum: float = 0.0  # sum of -log p(token) over all predicted tokens (float64 accumulation)
+    tokens: int = 0  # predicted tokens: rows * (length - 1)
+    chunk: int | None = None  # cache mode: tokens fed per forward pass
+    kld: list[float] | None = field(default=None, repr=False)  # per-token KL(ref || model), with a reference
+    top1_hits: int = 0  # tokens where argmax(model) == argmax(ref), with a reference
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll_sum / self.tokens if self.tokens else float("nan")
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.mean_nll) if self.tokens else float("nan")
+
+    def _kld_tensor(self) -> torch.Tensor | None:
+        return None if not self.kld else torch.tensor(self.kld, dtype=torch.float64)
+
+    @property
+    def kld_mean(self) -> float | None:
+        t = self._kld_tensor()
+        return None if t is None else float(t.mean())
+
+    @property
+    def kld_median(self) -> float | None:
+        t = self._kld_tensor()
+        return None if t is None else float(t.median())  # lower median for an even count (torch's rule)
+
+    @property
+    def kld_p99(self) -> float | None:
+        t = self._kld_tensor()
+        return None if t is None else float(torch.quantile(t, 0.99))  # linear interpolation
+
+    @property
+    def top1(self) -> float | None:
+        return None if self.kld is None else self.top1_hits / self.tokens
+
+    def to_dict(self) -> dict:
+        """The JSON record of exl2-eval (kld_* and top1 only with a reference)."""
+        d = {"cache": self.cache_mode or "none", "mode": self.mode, "rows": self.rows, "length": self.length,
+             "tokens": self.tokens, "ppl": self.ppl}
+        if self.kld is not None:
+            d.update(kld_mean=self.kld_mean, kld_median=self.kld_median, kld_p99=self.kld_p99, top1=self.top1)
+        return d
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    mode: str = "full"
+    cache_mode: str = "fp16"
+    chunk: int = 1
+
+    def check(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r} not supported; use one of {', '.join(MODES)}")
+        if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk <= 0:
+            raise ValueError(f"chunk must be a positive integer, got {self.chunk!r}")
+        if self.cache_mode not in CACHE_MODES:
+            raise ValueError(f"cache mode {self.cache_mode!r} not supported; use one of {', '.join(CACHE_MODES)}")
+
+
+def _check_rows(rows: torch.Tensor, model: Model) -> torch.Tensor:
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"rows must be an integer tensor [R, L], got "
+                         f"{getattr(rows, 'dtype', type(rows).__name__)} {tuple(getattr(rows, 'shape', ()))}")
+    if rows.shape[0] == 0 or rows.shape[1] < 2:
+        raise ValueError(f"rows {tuple(rows.shape)}: need at least one row of at least 2 tokens")
+    lo, hi = int(rows.min()), int(rows.max())
+    if lo < 0 or hi >= model.cfg.vocab_size:
+        raise ValueError(f"rows: token id {lo if lo < 0 else hi} outside the model's vocabulary "
+                         f"[0, {model.cfg.vocab_size})")
+    return rows.long()
+
+
+def _score(res: EvalResult, logits: torch.Tensor, targets: torch.Tensor, ref_lp: torch.Tensor | None) -> None:
+    """Accumulate logits [N, V] (fp32) predicting targets [N] into res; ref_lp [N, V] reference log-probs."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # [N, V]
+    nll = -lp.gather(-1, targets[:, None].to(lp.device))[:, 0]  # [N]
+    res.nll_sum += float(nll.double().sum())
+    res.tokens += targets.shape[0]
+    if ref_lp is not None:
+        ref_lp = ref_lp.to(lp.device)
+        # KL(ref || model) = sum_v p_ref (log p_ref - log p_model); xlogy-style: p_ref = 0 terms vanish
+        kl = (ref_lp.exp() * (ref_lp - lp)).sum(-1)  # [N]
+        res.kld.extend(kl.clamp_min(0.0).tolist())  # rounding can give -1e-9 for identical distributions
+        res.top1_hits += int((lp.argmax(-1) == ref_lp.argmax(-1)).sum())
+
+
+def _make_cache(model: Model, cfg: EvalConfig, length: int) -> KVCache:
+    # "fp16" is stored in float16 whatever the compute dtype, mirroring ExLlamaV2's FP16 cache; on the fp32
+    # CPU reference that makes it (slightly) lossy, like every real FP16 cache.
+    store = torch.float16 if cfg.cache_mode == "fp16" else None
+    return KVCache(model.cfg, length, mode=cfg.cache_mode, dtype=model.dtype, device=model.device,
+                   storage_dtype=store)
+
+
+@torch.inference_mode()
+def evaluate_rows(model: Model, rows: torch.Tensor, configs: Sequence[EvalConfig] = (EvalConfig(),), *,
+                  ref_model: Model | None = None, progress: Progress | None = None) -> list[EvalResult]:
+    """Score rows [R, L] under each configuration; with ref_model also KL(ref || model) and top-1 agreement.
+
+    Rows are the outer loop: the reference's log-probs of a row are computed once (full mode) and shared by
+    all configurations. Returns one EvalResult per configuration, in order."""
+    rows = _check_rows(rows, model)
+    configs = list(configs)
+    for c in configs:
+        c.check()
+    if ref_model is not None:
+        _check_rows(rows, ref_model)
+        if ref_model.cfg.vocab_size != model.cfg.vocab_size:
+            raise ValueError(f"reference vocabulary {ref_model.cfg.vocab_size} != model vocabulary "
+                             f"{model.cfg.vocab_size}")
+    R, L = rows.shape
+    results = [EvalResult(c.mode, c.cache_mode if c.mode == "cache" else None, R, L,
+                          chunk=c.chunk if c.mode == "cache" else None,
+                          kld=[] if ref_model is not None else None) for c in configs]
+    caches: dict[EvalConfig, KVCache] = {}
+    for r in range(R):
+        row = rows[r:r + 1].to(model.device)  # [1, L]
+        targets = rows[r, 1:]  # [L-1]
+        ref_lp = None
+        if ref_model is not None:
+            ref_lp = torch.log_softmax(ref_model(row.to(ref_model.device))[0, :-1].float(), dim=-1)  # [L-1, V]
+        for c, res in zip(configs, results):
+            if c.mode == "full":
+                logits = model(row)[0, :-1]  # [L-1, V]
+                _score(res, logits, targets, ref_lp)
+                del logits
+            else:
+                cache = caches.get(c)
+                if cache is None:
+                    cache = caches[c] = _make_cache(model, c, L)
+                cache.reset()
+                for s in range(0, L - 1, c.chunk):  # the last token is never fed: it predicts nothing
+                    e = min(s + c.chunk, L - 1)
+                    logits = model(row[:, s:e], cache)[0]  # [e-s, V]
+                    _score(res, logits, targets[s:e], None if ref_lp is None else ref_lp[s:e])
+                    del logits
+            if progress is not None:
+                progress(L - 1)
+        del ref_lp
+    return results
+
+
+def perplexity(model: Model, rows: torch.Tensor, mode: str = "full", cache_mode: str = "fp16",
+               chunk: int = 1, *, progress: Progress | None = None) -> EvalResult:
+    """Perplexity of rows [R, L]: exp of the mean NLL of tokens 1..L-1 over all rows (result.ppl,
+    result.nll_sum, result.tokens)."""
+    return evaluate_rows(model, rows, [EvalConfig(mode, cache_mode, chunk)], progress=progress)[0]
+
+
+def kl_divergence(model: Model, ref_model: Model, rows: torch.Tensor, mode: str = "full",
+                  cache_mode: str = "fp16", chunk: int = 1, *, progress: Progress | None = None) -> EvalResult:
+    """KL(ref || model) per predicted token (result.kld_mean / kld_median / kld_p99), top-1 agreement
+    (result.top1) and the model's perplexity, from one pass of the model (the reference runs in full mode)."""
+    return evaluate_rows(model, rows, [EvalConfig(mode, cache_mode, chunk)], ref_model=ref_model,
+                         progress=progress)[0]
+
+
+def prepend_bos(rows: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """ExLlamaV2's rows for `requires_bos` architectures: BOS, then the row's first L-1 tokens ([R, L])."""
+    bos = torch.full((rows.shape[0], 1), bos_id, dtype=rows.dtype)  # [R, 1]
+    return torch.cat([bos, rows[:, :-1]], dim=1)  # [R, L]
+
+
+# ---------------------------------------------------------------------------------------------- whole run
+
+
+def load_data_rows(model_dir, data, rows: int, length: int, *, bos: bool | None = None,
+                   text_column: str | None = None) -> torch.Tensor:
+    """Token rows [rows, length] of a txt/jsonl/parquet file with MODEL's tokenizer.json (the first
+    rows x length tokens, as ExLlamaV2). bos None: a BOS starts every row when the architecture requires
+    one (EXL2-SPEC 5.1: the row's first length-1 tokens follow it)."""
+    from pathlib import Path
+
+    from exl2.calibration.rows import user_rows
+
+    from .loader import load_config
+
+    cfg = load_config(model_dir)
+    r = user_rows(data, Path(model_dir) / "tokenizer.json", rows, length, text_column=text_column,
+                  vocab_size=cfg.vocab_size)
+    ids = r.input_ids
+    if bos is None:
+        bos = cfg.arch.requires_bos
+    if bos:
+        if cfg.bos_token_id is None:
+            raise ValueError(f"{Path(model_dir) / 'config.json'}: no bos_token_id, but a BOS was asked for")
+        ids = prepend_bos(ids, cfg.bos_token_id)
+    return ids
