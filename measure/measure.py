@@ -29,7 +29,7 @@ from exl2.quant_kernels.qparams import distinct_options
 from exl2.runtime.loader import ModelParts
 
 from . import measurement as mj
-from .stream import (FP16_MAX, MODULES, MeasureError, clear_checkpoint, collect, linears, load_checkpoint, rel_error,
+from .stream import (FP16_MAX, MODULES, MeasureError, clear_checkpoint, collect, linears, load_checkpoint, rel_error, token_error,
                      run_module, save_checkpoint, set_weight)
 
 MIN_ACCURACY = 0.1      # a module whose best option is worse than this aborts the run (ExLlamaV2's rule)
@@ -110,11 +110,16 @@ def measure_module(block, spec, layer: int, states: list[torch.Tensor], cos, sin
         for p, qp in zip(spec.projections, combo):
             w = next(v for q, v in variants[p] if q == qp)
             set_weight(layers[p], w)
+        errs, tok_errs = [], []
         with torch.no_grad():
-            errs = [rel_error(run_module(block, spec, x.to(device), cos, sin), r.to(device))
-                    for x, r in zip(states, ref)]
+            for x, r in zip(states, ref):
+                y = run_module(block, spec, x.to(device), cos, sin)
+                errs.append(rel_error(y, r.to(device)))
+                tok_errs.append(token_error(y, r.to(device)))
         acc = max(1e-6, 1.0 - sum(errs) / len(errs))
-        entries.append(mj.entry(acc, dict(zip(spec.projections, combo)), shapes))
+        e = mj.entry(acc, dict(zip(spec.projections, combo)), shapes)
+        e["token_err"] = sum(tok_errs) / len(tok_errs)
+        entries.append(e)
         if status:
             status({"stage": "measure", "module": spec.key(layer), "option": ci, "of": len(spec.options),
                     "accuracy": acc})

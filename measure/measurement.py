@@ -20,8 +20,10 @@ Layout (EXL2-SPEC.md 2.2)::
                "rows": 16, "length": 2048}
     }
 
-ExLlamaV2 reads only ``measurement`` and ``last_module_idx`` (``-m FILE``), so the ``exl2`` block travels
-with the file without disturbing it; a file written by ExLlamaV2 has no such block and is accepted.
+ExLlamaV2 reads only ``measurement`` and ``last_module_idx`` (``-m FILE``), and of each entry only
+``accuracy``, ``total_bits`` and the projections, so the ``exl2`` block and our extra per-entry field
+``token_err`` (the per-token error our optimizer prefers, see measure/stream.py) travel with the file
+without disturbing it; a file written by ExLlamaV2 has neither and is accepted.
 """
 from __future__ import annotations
 

@@ -107,6 +107,19 @@ def set_weight(layer: nn.Module, w: torch.Tensor) -> None:
     layer.weight.data = w.to(layer.weight.device, layer.weight.dtype)
 
 
+def token_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean over tokens of ||y_t - ref_t|| / ||ref_t|| (fp32, y clamped to the fp16 range).
+
+    Unlike :func:`rel_error` (one norm over the whole row), a token whose residual stream carries a
+    massive activation (attention-sink tokens reach 1e4 and more in small models) does not drown the
+    error of every other token.  The next layer's RMSNorm rescales each token by its own norm, so this
+    is the error the next layer actually sees.
+    """
+    y = y.float().clamp(-FP16_MAX, FP16_MAX).reshape(-1, y.shape[-1])        # [tokens, C]
+    ref = ref.float().reshape(-1, ref.shape[-1])
+    return float(((y - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-20)).mean())
+
+
 def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     """||y - ref||_F / ||ref||_F in fp32, with y clamped to the fp16 range first (EXL2-SPEC.md 3.4)."""
     y = y.float().clamp(-FP16_MAX, FP16_MAX)

@@ -37,7 +37,7 @@ def test_schema(uninterrupted):
                                                         for r in ATTN_OPTIONS]
         assert [tuple(mj.entry_options(e).values()) for e in mlp] == list(MLP_OPTIONS)
         for entries in (attn, mlp):
-            assert all(0 < e["accuracy"] <= 1 for e in entries)
+            assert all(0 < e["accuracy"] <= 1 and e["token_err"] >= 0 for e in entries)
 
 
 def test_error_falls_with_bits_at_equal_group_size(uninterrupted):

@@ -109,3 +109,18 @@ def test_norm_sweep_minimises_max_error():
     budget = int(numel * 3.5)
     for norm in (1.5, 2.5, 3.5):
         assert sol.max_err <= solve(slots, budget, norm).max_err + 1e-15
+
+
+def test_token_err_preferred_over_accuracy_when_present():
+    # Two modules, two options each; by 1 - accuracy module "a" looks insensitive, by token_err it is the
+    # sensitive one.  With bits for one upgrade only, the upgrade must follow token_err.
+    def e(acc, tok, bits):
+        return {"accuracy": acc, "total_bits": bits, "token_err": tok}
+
+    m = {"a": [e(0.99, 0.30, 10), e(0.995, 0.05, 20)], "b": [e(0.90, 0.10, 10), e(0.95, 0.08, 20)]}
+    assert optimize(m, numel=10, bpw=3.0).choice == {"a": 1, "b": 0}
+    # Without token_err (an ExLlamaV2 file) the same numbers give the other answer.
+    for entries in m.values():
+        for x in entries:
+            del x["token_err"]
+    assert optimize(m, numel=10, bpw=3.0).choice == {"a": 0, "b": 1}
