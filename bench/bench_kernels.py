@@ -17,18 +17,19 @@ import argparse
 import datetime
 import pathlib
 import platform
-import re
 import sys
 import time
 
 import torch
 
-from exl2.quant_kernels import codec, ext, gptq, ops
-from exl2.quant_kernels.qparams import QParams
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from bench.report import write_section  # noqa: E402
+from exl2.quant_kernels import codec, ext, gptq, ops  # noqa: E402
+from exl2.quant_kernels.qparams import QParams  # noqa: E402
 
 FULL = [(3584, 3584), (3584, 18944), (18944, 3584)]
 QUICK = [(512, 512), (512, 1536), (1536, 512)]
-MARK_START, MARK_END = "<!-- bench_kernels:start -->", "<!-- bench_kernels:end -->"
 
 
 def timeit(fn, repeat: int) -> float:
@@ -98,7 +99,6 @@ def main(argv=None) -> int:
                platform.processor()) if pathlib.Path("/proc/cpuinfo").exists() else platform.processor()
     cmd = "python bench/bench_kernels.py" + (" --quick" if args.quick else "") + " --write"
     section = "\n".join([
-        MARK_START,
         "## Native kernels vs torch reference (bench/bench_kernels.py)",
         "",
         f"Command: `{cmd}`  ",
@@ -109,17 +109,9 @@ def main(argv=None) -> int:
         "share the trailing torch matmul.  Reference matmul = reference dequantize + torch matmul.",
         "",
         *lines,
-        MARK_END,
     ])
     if args.write:
-        path = pathlib.Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
-        text = path.read_text() if path.exists() else "# Benchmarks\n"
-        if MARK_START in text:
-            text = re.sub(re.escape(MARK_START) + ".*?" + re.escape(MARK_END), lambda _: section, text, flags=re.S)
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
-        path.write_text(text)
-        print(f"wrote {path}")
+        print(f"wrote {write_section('bench_kernels', section)}")
     return 0
 
 

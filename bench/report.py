@@ -1,0 +1,23 @@
+"""BENCHMARKS.md sections: each benchmark owns the text between its start and end markers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+PATH = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def write_section(name: str, body: str) -> Path:
+    """Replace (or append) the section ``name``; ``body`` is the text between the markers."""
+    start, end = markers(name)
+    section = f"{start}\n{body.strip()}\n{end}"
+    text = PATH.read_text() if PATH.exists() else "# Benchmarks\n"
+    if start in text and end in text:
+        text = text[: text.index(start)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    PATH.write_text(text)
+    return PATH
