@@ -38,6 +38,8 @@ import tempfile
 import zipfile
 import zlib
 
+from exl2.calibration.rows import sha256_file
+
 DATA_DIR = pathlib.Path(__file__).resolve().parent / "data"
 DOC_SEPARATOR = "\n\x1e\n"  # ASCII record separator on a line of its own; never inside a document
 
@@ -76,14 +78,6 @@ def _cache() -> pathlib.Path:
     return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "exl2-calibration-sources"
 
 
-def _sha256_file(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _run(cmd, cwd):
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -95,7 +89,7 @@ class Source:
 
     def __init__(self, kind, name, version, archive: pathlib.Path, root: pathlib.Path):
         self.kind, self.name, self.version, self.archive, self.root = kind, name, version, archive, root
-        self.sha256 = _sha256_file(archive)
+        self.sha256 = sha256_file(archive)
 
     def read(self, member: str) -> str:
         return (self.root / member).read_text(encoding="utf-8")

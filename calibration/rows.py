@@ -161,7 +161,8 @@ def _check_sizes(rows, length) -> None:
             raise CalibrationError(f"{name} must be a positive integer, got {v!r}")
 
 
-def _sha256_file(path: pathlib.Path) -> str:
+def sha256_file(path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -179,7 +180,7 @@ def _load_tokenizer(path):
         tok = Tokenizer.from_file(str(path))
     except Exception as e:
         raise CalibrationError(f"{path}: not a tokenizers tokenizer.json ({e})") from e
-    return tok, _sha256_file(path)
+    return tok, sha256_file(path)
 
 
 class _TextHash:
@@ -379,7 +380,7 @@ def default_rows(tokenizer_json_path, rows: int, length: int, seed: int = 0, bos
 
 
 def _manifest_sha256() -> str:
-    return _sha256_file(DATA_DIR / "MANIFEST.json")
+    return sha256_file(DATA_DIR / "MANIFEST.json")
 
 
 # ---------------------------------------------------------------------------------------------
