@@ -301,3 +301,20 @@ def test_inspect_reports_and_checks(qwen_job, tmp_path):
     r = CliRunner().invoke(inspect_main, [str(bad)])
     assert r.exit_code == 1
     assert "model.layers.1.mlp.up_proj.q_groups: dtype must be torch.int16" in r.output
+
+
+def test_measure_only_writes_measurement_file(qwen_tied, tmp_path):
+    """-om: measure only; the file is ExLlamaV2's schema plus provenance, and -m reuses it."""
+    from exl2.measure import measurement as mj
+
+    dest = tmp_path / "meas.json"
+    code, out = run_cli("-i", str(qwen_tied), "-o", str(tmp_path / "w"), "-om", str(dest), "-mr", "4", "-ml", "64")
+    assert code == 0, out
+    data = mj.load(dest)
+    assert len(data["measurement"]["model.layers.0.self_attn"]) == 19
+    assert len(data["measurement"]["model.layers.1.mlp"]) == 17
+    assert data["exl2"]["rows"] == 4 and data["exl2"]["length"] == 64
+    assert not (tmp_path / "w" / "bpw-4.12").exists()            # nothing quantized
+    code, out = run_cli("-i", str(qwen_tied), "-o", str(tmp_path / "w2"), "-m", str(dest), "-b", "4.0",
+                        "-r", "4", "-l", "64", "--no-validate")
+    assert code == 0, out
