@@ -45,7 +45,12 @@ def strategies(measurement: dict, numel: int, bpw: float) -> dict[str, tuple[dic
     for name, (ai, mi) in {"uniform 4-bit g128 (attn #6, mlp #7)": (6, 7),
                            "uniform 4-bit g32 (attn #9, mlp #8)": (9, 8)}.items():
         strat = {k: v[ai if k.endswith("self_attn") else mi] for k, v in measurement.items() if v}
-        out[name] = (strat, sum(e["total_bits"] for e in strat.values()) / numel)
+        size = sum(e["total_bits"] for e in strat.values()) / numel
+        out[name] = (strat, size)
+        # Ours at exactly the uniform option's size: the like-for-like comparison.
+        sol = optimize(measurement, numel, size)
+        out[f"exl2 allocation (ours) at {size:.3f} bpw"] = ({k: measurement[k][i] for k, i in sol.choice.items()},
+                                                           sol.bits / numel)
     return out
 
 
@@ -60,6 +65,7 @@ def main(argv=None) -> int:
 
     src = build_smollm2()
     work = Path(args.work)
+    reused = (work / "measurement.json").exists()
     t0 = time.time()
     convert(ConvertOptions(in_dir=str(src), work_dir=str(work), measurement_rows=8, measurement_length=512,
                            rows=16, length=512, measure_only=True))
@@ -93,7 +99,8 @@ def main(argv=None) -> int:
              "Command: `python bench/bench_allocation.py --write`  ",
              f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU only  ",
              f"Date: {datetime.date.today()}", "",
-             f"Calibration: embedded default mix, measurement 8 x 512 tokens ({t_measure:.0f} s), quantization "
+             f"Calibration: embedded default mix, measurement 8 x 512 tokens "
+             f"({'reused from an earlier run' if reused else f'{t_measure:.0f} s'}), quantization "
              f"16 x 512; head 6 bits. Scored on {vrows.shape[0]} held-out rows x 512 of the same mix "
              f"({results[0][2]['tokens']} tokens) after reloading each model from disk. FP16 perplexity "
              f"{fp_ppl:.3f}.", "",
