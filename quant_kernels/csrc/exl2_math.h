@@ -303,4 +303,24 @@ EXL2_HD uint16_t kv_decode(uint32_t q, uint16_t scale, int bits) {
     return h_mul(float_to_half((float)((int)q - (1 << (bits - 1)))), half_to_float(scale));
 }
 
+// Dequantize one 64-element chunk (codes, two group scales) into x[0..63]: decode, the two 32-point
+// butterflies (even and odd elements), then x 1/32.  Shared by the CPU loop and the CUDA kernel (one
+// chunk per thread).  Returns true if any value overflowed fp16.
+EXL2_HD bool kv_dequantize_chunk(const uint8_t* q, const uint16_t* scales, long ch, int bits, uint16_t* x) {
+    uint16_t v[64];
+    for (int i = 0; i < 64; i++) {
+        long e = ch * 64 + i;
+        uint32_t code = bits == 8 ? q[e] : ((q[e >> 1] >> ((e & 1) * 4)) & 0xF);
+        v[i] = kv_decode(code, scales[ch * 2 + i / 32], bits);
+    }
+    hadamard32_half(v, 2);
+    hadamard32_half(v + 1, 2);
+    bool overflow = false;
+    for (int i = 0; i < 64; i++) {
+        if (!h_finite(v[i])) overflow = true;
+        x[ch * 64 + i] = h_mul(v[i], 1.0f / 32.0f);
+    }
+    return overflow;
+}
+
 }  // namespace exl2

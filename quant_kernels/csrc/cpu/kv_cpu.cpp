@@ -45,18 +45,7 @@ int kv_dequantize(const uint8_t* q, const uint16_t* scales, long rows, long D, i
     int overflow = 0;
     #pragma omp parallel for schedule(static) reduction(| : overflow)
     for (long ch = 0; ch < chunks; ch++) {
-        uint16_t v[64];
-        for (int i = 0; i < 64; i++) {
-            long e = ch * 64 + i;
-            uint32_t code = bits == 8 ? q[e] : ((q[e >> 1] >> ((e & 1) * 4)) & 0xF);
-            v[i] = kv_decode(code, scales[ch * 2 + i / 32], bits);
-        }
-        hadamard32_half(v, 2);
-        hadamard32_half(v + 1, 2);
-        for (int i = 0; i < 64; i++) {
-            if (!h_finite(v[i])) overflow = 1;
-            x[ch * 64 + i] = h_mul(v[i], 1.0f / 32.0f);
-        }
+        if (kv_dequantize_chunk(q, scales, ch, bits, x)) overflow = 1;
     }
     return overflow;
 }
