@@ -247,7 +247,7 @@ class Job:
             dest = Path(o.output_measurement)
             if dest.is_dir():
                 dest = dest / "measurement.json"
-            dest.write_text(text)
+            _write_text(dest, text)
         return data
 
     def target(self, bpw: float, data: dict) -> dict:
