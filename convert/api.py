@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from exl2.calibration import CalibrationRows, default_rows, user_rows
+from exl2.calibration.rows import sha256_file
 from exl2.measure import measurement as mj
 from exl2.measure.measure import preflight, run_measurement
 from exl2.measure.optimize import optimize
@@ -73,14 +74,26 @@ MEASURE_PARAMS = ("checkpoint_sha256", "cal_dataset", "measurement_rows", "measu
 QUANT_PARAMS = ("checkpoint_sha256", "cal_dataset", "rows", "length", "head_bits", "seed", "measurement_sha256")
 
 
-def checkpoint_sha256(model_dir: Path) -> str:
-    """Content hash of config.json and every *.safetensors file, in name order."""
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    return [model_dir / "config.json", *sorted(model_dir.glob("*.safetensors"))]
+
+
+def checkpoint_stat(model_dir: Path) -> list:
+    """Name, size and modification time of each hashed file: when unchanged, the stored hash is reused."""
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in checkpoint_files(model_dir)]
+
+
+def checkpoint_sha256(model_dir: Path, known: dict | None = None) -> str:
+    """Content hash of config.json and every *.safetensors file (sha256 over "name\0file-sha256" lines).
+
+    ``known`` is an earlier job's ``{"stat": ..., "sha256": ...}``; if the files' names, sizes and times
+    are unchanged its hash is returned without reading the files again (a 72B checkpoint is ~145 GB).
+    """
+    if known and known.get("stat") == checkpoint_stat(model_dir):
+        return known["sha256"]
     h = hashlib.sha256()
-    for f in [model_dir / "config.json", *sorted(model_dir.glob("*.safetensors"))]:
-        h.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
+    for f in checkpoint_files(model_dir):
+        h.update(f"{f.name}\0{sha256_file(f)}\n".encode())
     return h.hexdigest()
 
 
@@ -148,15 +161,18 @@ class Job:
         self.work.mkdir(parents=True, exist_ok=True)
         if not os.access(self.work, os.W_OK):
             raise ConvertError(f"{self.work}: output directory is not writable")
+        previous = json.loads(self.job_file.read_text()) if self.job_file.exists() else {}
+        stat = checkpoint_stat(self.in_dir)
+        known = {"stat": previous.get("checkpoint_stat"), "sha256": (previous.get("params") or {}).get("checkpoint_sha256")}
         params = {
-            "checkpoint_sha256": checkpoint_sha256(self.in_dir),
+            "checkpoint_sha256": checkpoint_sha256(self.in_dir, known),
             "cal_dataset": str(Path(self.o.cal_dataset).resolve()) if self.o.cal_dataset else None,
             "rows": self.o.rows, "length": self.o.length, "measurement_rows": self.o.measurement_rows,
             "measurement_length": self.o.measurement_length, "head_bits": self.o.head_bits, "seed": self.o.seed,
             "measurement_sha256": None,
         }
-        if self.job_file.exists():
-            job = json.loads(self.job_file.read_text())
+        if previous:
+            job = previous
             if job.get("finished_stages") is None or job.get("params") is None:
                 raise ConvertError(f"{self.job_file}: not a job file of this tool; use -nr to start over")
             old = job["params"]
@@ -177,6 +193,7 @@ class Job:
         else:
             job = {"format": JOB_FORMAT, "tool_version": VERSION, "in_dir": str(self.in_dir.resolve()),
                    "params": params, "finished_stages": []}
+        job["checkpoint_stat"] = stat
         self.job = job
         self._save()
         return job

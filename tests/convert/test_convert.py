@@ -318,3 +318,15 @@ def test_measure_only_writes_measurement_file(qwen_tied, tmp_path):
     code, out = run_cli("-i", str(qwen_tied), "-o", str(tmp_path / "w2"), "-m", str(dest), "-b", "4.0",
                         "-r", "4", "-l", "64", "--no-validate")
     assert code == 0, out
+
+
+def test_checkpoint_hash_reused_only_while_files_unchanged(tmp_path):
+    from exl2.convert.api import checkpoint_sha256, checkpoint_stat
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"abc")
+    h = checkpoint_sha256(tmp_path)
+    known = {"stat": checkpoint_stat(tmp_path), "sha256": "stored"}
+    assert checkpoint_sha256(tmp_path, known) == "stored"          # same names, sizes and times: not re-read
+    (tmp_path / "model.safetensors").write_bytes(b"abd")
+    assert checkpoint_sha256(tmp_path, known) not in ("stored", h)  # content changed: hashed again
