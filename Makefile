@@ -2,12 +2,12 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 
-.PHONY: install test demo selfcheck
+.PHONY: install test demo selfcheck bench bench-peers
 
 # torch==2.13.0 is pinned first so pip takes the CPU build from local disk instead of a CUDA build.
 install:
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test,cluster]'
+	$(PIP) install -q -e '.[test,cluster,plot]'
 
 # The whole test suite (CPU; CUDA tests skip without a device).
 test: install
@@ -24,3 +24,20 @@ demo: install
 # The format self-check alone: golden layers from an independent writer, every option of the tables.
 selfcheck: install
 	$(PYTHON) -m exl2.quant_kernels.selfcheck --golden ../shared/golden/exl2_layers.safetensors
+
+# Peer quantizers for bench/quality.py, each in its own place under .peers/ (never a runtime dependency):
+# llm-compressor in a venv (it pins its own transformers), llama.cpp's tools built from the llama-cpp-python
+# sdist (about 15 minutes on 2 cores).  A peer that fails to set up is reported as "not run" by the bench.
+bench-peers: install
+	-bash bench/peers/setup_llmcompressor.sh
+	-bash bench/peers/setup_llamacpp.sh
+
+# Regenerate BENCHMARKS.md (and bench/plots/) on this machine: every section with the command that made it.
+# Hours on a 2-core CPU, mostly the quality sweep (two fixture variants x 8 bpw + baselines + peers).
+bench: install bench-peers
+	$(PIP) install -q -e '.[test,cluster,plot,bench]'
+	$(PYTHON) bench/bench_kernels.py --write
+	$(PYTHON) bench/bench_runtime.py --write
+	$(PYTHON) bench/bench_allocation.py --write
+	$(PYTHON) bench/bench_scaling.py --write
+	$(PYTHON) bench/quality.py --write

@@ -316,10 +316,21 @@ class Job:
                 val.write(vfile, v)
             result["validation"] = json.loads(vfile.read_text())
             self.status({"stage": "validate", "bpw_target": bpw, **result["validation"]})
+        plot = None
+        v = result.get("validation")
+        if v and "kld_quantiles" in v:
+            others = []
+            for s in self.work.glob("bpw-*/strategy.json"):    # earlier targets of this work directory
+                other = json.loads(s.read_text())
+                f = self._compile_dir(other["bpw_target"]) / "validation.json"
+                if other["bpw_target"] != bpw and f.parent != out and f.exists():
+                    others.append((other["bpw"], json.loads(f.read_text())["kld_mean"]))
+            if card.kld_plot(out / "kld.png", v, strat["bpw"], others):
+                plot = "kld.png"
         text = card.model_card(base_model=self.in_dir.resolve().name, strat=strat, head=report["head"],
-                               head_bits=o.head_bits, calibration=qconf_calibration(o),
-                               validation=result.get("validation"),
-                               checkpoint_sha256=self.job["params"]["checkpoint_sha256"], tool_version=VERSION)
+                               head_bits=o.head_bits, calibration=qconf_calibration(o), validation=v,
+                               checkpoint_sha256=self.job["params"]["checkpoint_sha256"], tool_version=VERSION,
+                               plot=plot)
         _write_text(out / "README.md", text)
         return result
 

@@ -29,8 +29,64 @@ def width_summary(strategy: dict) -> str:
     return ", ".join(f"{k} in {v} projections" for k, v in sorted(c.items(), key=lambda kv: -int(kv[0][0])))
 
 
+def kld_plot(path, validation: dict, bpw: float, others: list[tuple[float, float]]) -> bool:
+    """``kld.png``: the per-token KL distribution of this model, and mean KL against bpw for every target
+    converted so far from the same measurement (``others``: (bpw, mean KL)). False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    q = validation["kld_quantiles"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot(q, [i / (len(q) - 1) for i in range(len(q))], "-o", ms=3)
+    a.set_xscale("symlog", linthresh=1e-3)
+    a.set_xlabel("KL divergence from FP16 (nats/token)")
+    a.set_ylabel("share of tokens at or below")
+    a.set_title(f"{bpw:.3f} bpw: mean {validation['kld_mean']:.4f}, p99 {validation['kld_p99']:.3f}")
+    a.grid(True, alpha=0.3)
+    pts = sorted(set(others) | {(bpw, validation["kld_mean"])})
+    b.plot([x for x, _ in pts], [y for _, y in pts], "o-", label="targets from this measurement")
+    b.plot([bpw], [validation["kld_mean"]], "o", ms=10, mfc="none", label="this model")
+    b.set_yscale("log")
+    b.set_xlabel("bits per weight (decoder)")
+    b.set_ylabel("mean KL divergence")
+    b.grid(True, which="both", alpha=0.3)
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
+def cache_lines(validation: dict) -> list[str]:
+    cache = validation.get("cache")
+    if not cache:
+        return []
+    rec = validation["recommended_cache"]
+    first = cache["fp16"]
+    lines = ["## KV cache", "",
+             f"Decoding token by token with each cache mode ({first['rows']} held-out row(s) x {first['length']} tokens; "
+             "every past key and value read back from the cache), KL divergence against the FP16 source:", "",
+             "| cache | bytes/token | perplexity | KL divergence (mean) | top-1 agreement |", "|---|---|---|---|---|"]
+    for m, r in cache.items():
+        name = f"{m.upper()}{' (recommended)' if m == rec else ''}"
+        if "error" in r:
+            lines.append(f"| {name} | {r['bytes_per_token']} | not usable: {r['error']} | | |")
+        else:
+            lines.append(f"| {name} | {r['bytes_per_token']} | {r['ppl']:.4f} | {r['kld_mean']:.5f} | {r['top1']:.4f} |")
+    lines += ["", f"Recommended: **{rec.upper()}** cache, the smallest mode that adds at most 10% of the weights' own "
+              "KL divergence (or 0.005 nats/token) on this check. Q4 can break some models (Qwen2-7B among them): "
+              "check before lowering it further.", ""]
+    return lines
+
+
 def model_card(*, base_model: str, strat: dict, head: dict, head_bits: int, calibration: dict,
-               validation: dict | None, checkpoint_sha256: str, tool_version: str) -> str:
+               validation: dict | None, checkpoint_sha256: str, tool_version: str, plot: str | None = None) -> str:
     bpw = strat["bpw"]
     lines = [
         f"# {base_model} — EXL2 {strat['bpw_target']:g} bpw",
@@ -55,13 +111,18 @@ def model_card(*, base_model: str, strat: dict, head: dict, head_bits: int, cali
             f"Measured after writing, by reloading this directory from disk, on {validation['rows']} held-out rows "
             f"of {validation['length']} tokens ({validation['tokens']} predicted tokens) of the calibration mix:",
             "",
-            "| model | perplexity | KL divergence vs FP16 (mean) | top-1 agreement |",
-            "|---|---|---|---|",
-            f"| FP16 source | {validation['ppl_fp16']:.4f} | 0 | 1 |",
+            "| model | perplexity | KL divergence vs FP16 (mean) | KL divergence (99th percentile) | top-1 agreement |",
+            "|---|---|---|---|---|",
+            f"| FP16 source | {validation['ppl_fp16']:.4f} | 0 | 0 | 1 |",
             f"| this EXL2 model | {validation['ppl_exl2']:.4f} | {validation['kld_mean']:.5f} | "
+            f"{validation['kld_p99']:.4f} | {validation['top1_agreement']:.4f} |" if "kld_p99" in validation else
+            f"| this EXL2 model | {validation['ppl_exl2']:.4f} | {validation['kld_mean']:.5f} | | "
             f"{validation['top1_agreement']:.4f} |",
             "",
         ]
+        if plot:
+            lines += [f"![KL divergence]({plot})", ""]
+        lines += cache_lines(validation)
     lines += [
         "## Bit allocation",
         "",
@@ -74,7 +135,9 @@ def model_card(*, base_model: str, strat: dict, head: dict, head_bits: int, cali
         "## How to load",
         "",
         "- ExLlamaV2: `ExLlamaV2Config(model_dir)`, then `ExLlamaV2(config).load()`.",
-        "- TabbyAPI: put the directory in its models folder and select it by name.",
+        "- TabbyAPI: put the directory in its models folder and select it by name"
+        + (f" (cache_mode: {validation['recommended_cache'].upper()})." if validation and "recommended_cache" in validation
+           else "."),
         "- exl2: `exl2-generate MODEL_DIR -p \"...\"` or `exl2-eval MODEL_DIR --data FILE`.",
         "",
         "Publishing: upload each bits-per-weight variant as its own branch; `measurement.json` belongs on the main "

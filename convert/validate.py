@@ -1,7 +1,8 @@
 """Validation after compile: reload the written model from disk and compare it with the FP16 source.
 
 Perplexity of both models and the KL divergence of the EXL2 model's next-token distribution from the
-source's, on calibration-style rows the quantizer never saw (:func:`held_out_rows`).
+source's, on calibration-style rows the quantizer never saw (:func:`held_out_rows`); then a cache check:
+the EXL2 model decoding token by token with each KV cache mode, to recommend one (:func:`recommend_cache`).
 """
 from __future__ import annotations
 
@@ -14,7 +15,16 @@ import torch
 import torch.nn.functional as F
 
 from exl2.calibration import default_rows
+from exl2.runtime.cache import bytes_per_token
+from exl2.runtime.evaluate import EvalConfig, evaluate_rows
 from exl2.runtime.loader import load_model
+
+CACHE_MODES = ("fp16", "q8", "q6", "q4")
+# A cache mode is recommended when the KL divergence it adds on top of the FP16 cache is at most this share
+# of what the weight quantization already costs (or CACHE_KL_FLOOR nats/token, whichever is larger).
+CACHE_KL_SHARE = 0.1
+CACHE_KL_FLOOR = 0.005
+KLD_QUANTILES = 20   # the per-token KL distribution is kept as this many + 1 quantiles (for the card's plot)
 
 SKIP_CATEGORIES = ("random", "multilingual_shuffled")   # seeded rows: not guaranteed unseen
 
@@ -37,26 +47,47 @@ def held_out_rows(tokenizer_json: Path, used: torch.Tensor, n: int, length: int,
     return torch.stack(out[::step][:n])
 
 
-def compare(fp_dir: str | Path, q_dir: str | Path, rows: torch.Tensor, device="cpu") -> dict:
-    """Perplexity of both models and KL(fp || quantized), mean over all predicted tokens."""
+def compare(fp_dir: str | Path, q_dir: str | Path, rows: torch.Tensor, device="cpu", *,
+            cache_rows: int = 1, cache_length: int = 256) -> dict:
+    """Perplexity of both models, KL(fp || quantized) per predicted token (mean, median, p99, quantiles) and
+    top-1 agreement on ``rows``; then the cache check on the first ``cache_rows`` rows cut to
+    ``cache_length`` tokens (``cache_rows=0`` skips it)."""
     fp = load_model(fp_dir, device=device)
     q = load_model(q_dir, device=device)
-    nll_fp = nll_q = kl = 0.0
-    top1 = count = 0
+    nll_fp = 0.0
     with torch.no_grad():
         for ids in rows:
-            ids = ids.unsqueeze(0)
-            target = ids[0, 1:].to(device)
-            lp_fp = F.log_softmax(fp(ids)[0, :-1].float(), dim=-1)     # [L-1, V]
-            lp_q = F.log_softmax(q(ids)[0, :-1].float(), dim=-1)
-            nll_fp -= float(lp_fp.gather(1, target[:, None]).sum())
-            nll_q -= float(lp_q.gather(1, target[:, None]).sum())
-            kl += float((lp_fp.exp() * (lp_fp - lp_q)).sum())
-            top1 += int((lp_fp.argmax(-1) == lp_q.argmax(-1)).sum())
-            count += target.numel()
-    return {"rows": int(rows.shape[0]), "length": int(rows.shape[1]), "tokens": count,
-            "ppl_fp16": math.exp(nll_fp / count), "ppl_exl2": math.exp(nll_q / count),
-            "kld_mean": kl / count, "top1_agreement": top1 / count}
+            lp_fp = F.log_softmax(fp(ids[None])[0, :-1].float(), dim=-1)     # [L-1, V]
+            nll_fp -= float(lp_fp.gather(1, ids[1:, None].to(lp_fp.device)).double().sum())
+    full = evaluate_rows(q, rows, [EvalConfig("full")], ref_model=fp)[0]
+    kl = torch.tensor(full.kld, dtype=torch.float64)
+    out = {"rows": int(rows.shape[0]), "length": int(rows.shape[1]), "tokens": full.tokens,
+           "ppl_fp16": math.exp(nll_fp / full.tokens), "ppl_exl2": full.ppl, "kld_mean": full.kld_mean,
+           "kld_median": full.kld_median, "kld_p99": full.kld_p99, "top1_agreement": full.top1,
+           "kld_quantiles": torch.quantile(kl, torch.linspace(0, 1, KLD_QUANTILES + 1, dtype=torch.float64)).tolist()}
+    if cache_rows > 0:
+        crow = rows[:cache_rows, :cache_length]
+        out["cache"] = {}
+        for m in CACHE_MODES:
+            rec = {"bytes_per_token": bytes_per_token(q.cfg, m), "rows": int(crow.shape[0]),
+                   "length": int(crow.shape[1])}
+            try:
+                r = evaluate_rows(q, crow, [EvalConfig("cache", m, 1)], ref_model=fp)[0]
+                rec.update(ppl=r.ppl, kld_mean=r.kld_mean, kld_p99=r.kld_p99, top1=r.top1)
+            except ValueError as e:   # the mode cannot hold this model (head size, fp16 range): say so
+                rec["error"] = str(e)
+            out["cache"][m] = rec
+        out["recommended_cache"] = recommend_cache(out["cache"])
+    return out
+
+
+def recommend_cache(cache: dict) -> str:
+    """The smallest cache mode whose added KL divergence over the FP16 cache stays within
+    max(CACHE_KL_SHARE x the FP16-cache KL, CACHE_KL_FLOOR); "fp16" when none does."""
+    base = cache["fp16"]["kld_mean"]
+    allowed = max(CACHE_KL_SHARE * base, CACHE_KL_FLOOR)
+    ok = [m for m, r in cache.items() if "error" not in r and r["kld_mean"] - base <= allowed]
+    return min(ok, key=lambda m: cache[m]["bytes_per_token"])
 
 
 def write(path: Path, result: dict) -> None:

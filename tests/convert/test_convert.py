@@ -330,3 +330,43 @@ def test_checkpoint_hash_reused_only_while_files_unchanged(tmp_path):
     assert checkpoint_sha256(tmp_path, known) == "stored"          # same names, sizes and times: not re-read
     (tmp_path / "model.safetensors").write_bytes(b"abd")
     assert checkpoint_sha256(tmp_path, known) not in ("stored", h)  # content changed: hashed again
+
+
+def test_validation_checks_every_cache_mode_and_the_card_shows_it(qwen_job):
+    from exl2.convert.validate import CACHE_MODES, KLD_QUANTILES, recommend_cache
+
+    work, result, _ = qwen_job
+    for t in result["targets"]:
+        v = t["validation"]
+        assert list(v["cache"]) == list(CACHE_MODES)
+        sizes = [v["cache"][m]["bytes_per_token"] for m in CACHE_MODES]
+        assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 4
+        for m in CACHE_MODES:
+            assert "error" not in v["cache"][m] and v["cache"][m]["kld_mean"] >= 0
+        q = v["kld_quantiles"]
+        assert len(q) == KLD_QUANTILES + 1 and q == sorted(q) and q[0] >= 0
+        assert q[0] <= v["kld_median"] <= v["kld_p99"] <= q[-1]
+        assert v["recommended_cache"] == recommend_cache(v["cache"])
+        out = Path(t["output"])
+        card = (out / "README.md").read_text()
+        assert "## KV cache" in card and f"{v['recommended_cache'].upper()} (recommended)" in card
+        assert "![KL divergence](kld.png)" in card
+        assert (out / "kld.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_recommend_cache_takes_the_smallest_mode_within_the_allowance():
+    from exl2.convert.validate import recommend_cache
+
+    def table(fp16, q8, q6, q4):
+        return {m: {"kld_mean": kl, "bytes_per_token": b}
+                for m, kl, b in (("fp16", fp16, 400), ("q8", q8, 216), ("q6", q6, 168), ("q4", q4, 120))}
+
+    # weights cost 0.2 nats: up to 0.02 more is allowed, q6 adds 0.01, q4 adds 0.1
+    assert recommend_cache(table(0.2, 0.201, 0.21, 0.3)) == "q6"
+    # a nearly lossless model: the 0.005 floor decides
+    assert recommend_cache(table(0.001, 0.0012, 0.004, 0.05)) == "q6"
+    assert recommend_cache(table(0.001, 0.0012, 0.0065, 0.05)) == "q8"
+    assert recommend_cache(table(0.001, 0.5, 0.5, 0.5)) == "fp16"
+    broken = table(0.2, 0.201, 0.21, 0.21)
+    broken["q4"] = {"error": "too large for fp16", "bytes_per_token": 120}
+    assert recommend_cache(broken) == "q6"
