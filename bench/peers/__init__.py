@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+SKIP_FILES = ("exl2_fixture.json",)   # the fixture builder's marker: a peer's output is not the fixture
 
 
 def make_cal_dir(src: str | Path, out: str | Path, rows: int, length: int, seed: int = 0) -> Path:
@@ -55,7 +56,8 @@ def write_checkpoint(src: str | Path, state: dict[str, torch.Tensor], out: str |
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
         for f in src.iterdir():
-            if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.endswith(".index.json"):
+            if (f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.endswith(".index.json")
+                    and f.name not in SKIP_FILES):
                 shutil.copy2(f, tmp / f.name)
         save_file({k: v.to(torch.float16).contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
         (tmp / "peer.json").write_text(json.dumps(meta, indent=2))
