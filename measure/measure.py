@@ -15,6 +15,8 @@ resumes from the last finished layer and gives the same result as an uninterrupt
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +24,12 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from exl2.quant_kernels import gptq
 from exl2.quant_kernels.codec import padded_columns
-from exl2.quant_kernels.qparams import distinct_options
+from exl2.quant_kernels.qparams import QParams, distinct_options
 from exl2.runtime.loader import ModelParts
 
 from . import measurement as mj
@@ -88,43 +92,108 @@ def shapes_of(layers: dict) -> dict[str, tuple[int, int, bool]]:
             for p, m in layers.items()}
 
 
+VARIANT_BUDGET = 2 << 30   # bytes of quantized variants one module may keep in memory; past it they go to disk
+
+
+class Variants:
+    """The quantized weights of one module, one per (projection, distinct option).
+
+    Each is ``gptq.quantize(...).weight``: fp16 ``[N, K]``, exactly what the loader reconstructs, so keeping
+    it in fp16 loses nothing (the fp32 layer gets the same values back).  A module has 13-15 distinct
+    options per projection; on Qwen2-72B's MLP that is 40 x 484 MB = 19 GB, which is why, when the module's
+    total exceeds ``budget`` bytes, every variant is written to a temporary safetensors file under
+    ``spill_dir`` as soon as it is made and read back (memory-mapped) only while a combination uses it.
+    The file round trip is bit-exact, so the measurement is the same either way.
+    """
+
+    def __init__(self, total_bytes: int, budget: int | None = None, spill_dir: str | Path | None = None):
+        budget = VARIANT_BUDGET if budget is None else budget
+        self.spilled = total_bytes > budget
+        self._mem: dict[tuple[str, QParams], torch.Tensor] = {}
+        self._files: dict[tuple[str, QParams], Path] = {}
+        self._tmp = tempfile.TemporaryDirectory(prefix="exl2-variants-", dir=spill_dir) if self.spilled else None
+
+    def add(self, p: str, qp: QParams, w: torch.Tensor) -> None:
+        if self._tmp is None:
+            self._mem[(p, qp)] = w
+            return
+        path = Path(self._tmp.name) / f"{p}.{len(self._files):03d}.safetensors"
+        save_file({"w": w.contiguous()}, str(path))
+        self._files[(p, qp)] = path
+
+    def get(self, p: str, qp: QParams) -> torch.Tensor:
+        if self._tmp is None:
+            return self._mem[(p, qp)]
+        with safe_open(str(self._files[(p, qp)]), framework="pt", device="cpu") as f:
+            return f.get_tensor("w")
+
+    def close(self) -> None:
+        self._mem.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def variant_bytes(layers: dict, spec) -> int:
+    """Bytes of all fp16 variants of a module: distinct options x N x K x 2, summed over projections."""
+    return sum(len(opts) * layers[p].out_features * layers[p].in_features * 2
+               for p, opts in zip(spec.projections, distinct_options(spec.options)))
+
+
 def measure_module(block, spec, layer: int, states: list[torch.Tensor], cos, sin, device,
-                   status: Status | None = None) -> tuple[list[dict], list[torch.Tensor]]:
-    """Measure one module; returns (the measurement entries, the reference outputs)."""
+                   status: Status | None = None, *, variant_budget: int | None = None,
+                   spill_dir: str | Path | None = None) -> tuple[list[dict], list[torch.Tensor]]:
+    """Measure one module; returns (the measurement entries, the reference outputs).
+
+    Memory: the block's weights, the states and outputs, one Hessian factor per shared input, and the
+    quantized variants (in memory up to ``variant_budget`` bytes, else spilled to ``spill_dir``, see
+    :class:`Variants`).  Nothing is held across modules.
+    """
     H, ref = collect(block, spec, states, cos, sin, device)
     layers = linears(block, spec)
-    original = {p: m.weight.data.clone() for p, m in layers.items()}
+    # set_weight swaps .data for a new tensor and nothing writes weights in place, so the originals are
+    # kept by reference (a clone would double the layer's fp32 weights)
+    original = {p: m.weight.data for p, m in layers.items()}
     prepared = {}
     for p, owner in spec.hessian_of.items():
         if owner not in prepared:
-            prepared[owner] = gptq.prepare(H[p].cpu())
-    variants: dict[str, list] = {}
-    for j, (p, opts) in enumerate(zip(spec.projections, distinct_options(spec.options))):
-        w = original[p].float().cpu()
-        b = layers[p].bias
-        variants[p] = [(qp, gptq.quantize(w, qp, prepared[spec.hessian_of[p]],
-                                         None if b is None else b.data.float().cpu()).weight) for qp in opts]
-    shapes = shapes_of(layers)
-    entries = []
-    for ci, combo in enumerate(spec.options):
-        for p, qp in zip(spec.projections, combo):
-            w = next(v for q, v in variants[p] if q == qp)
+            prepared[owner] = gptq.prepare(H[owner].cpu())
+    del H
+    variants = Variants(variant_bytes(layers, spec), variant_budget, spill_dir)
+    try:
+        for p, opts in zip(spec.projections, distinct_options(spec.options)):
+            w = original[p].float().cpu()
+            b = layers[p].bias
+            for qp in opts:
+                variants.add(p, qp, gptq.quantize(w, qp, prepared[spec.hessian_of[p]],
+                                                  None if b is None else b.data.float().cpu()).weight)
+            del w
+        del prepared
+        shapes = shapes_of(layers)
+        entries = []
+        current: dict[str, QParams] = {}
+        for ci, combo in enumerate(spec.options):
+            for p, qp in zip(spec.projections, combo):
+                if current.get(p) != qp:          # consecutive combinations often share a projection's option
+                    set_weight(layers[p], variants.get(p, qp))
+                    current[p] = qp
+            errs, tok_errs = [], []
+            with torch.no_grad():
+                for x, r in zip(states, ref):
+                    y = run_module(block, spec, x.to(device), cos, sin)
+                    errs.append(rel_error(y, r.to(device)))
+                    tok_errs.append(token_error(y, r.to(device)))
+            acc = max(1e-6, 1.0 - sum(errs) / len(errs))
+            e = mj.entry(acc, dict(zip(spec.projections, combo)), shapes)
+            e["token_err"] = sum(tok_errs) / len(tok_errs)
+            entries.append(e)
+            if status:
+                status({"stage": "measure", "module": spec.key(layer), "option": ci, "of": len(spec.options),
+                        "accuracy": acc})
+    finally:
+        variants.close()
+        for p, w in original.items():
             set_weight(layers[p], w)
-        errs, tok_errs = [], []
-        with torch.no_grad():
-            for x, r in zip(states, ref):
-                y = run_module(block, spec, x.to(device), cos, sin)
-                errs.append(rel_error(y, r.to(device)))
-                tok_errs.append(token_error(y, r.to(device)))
-        acc = max(1e-6, 1.0 - sum(errs) / len(errs))
-        e = mj.entry(acc, dict(zip(spec.projections, combo)), shapes)
-        e["token_err"] = sum(tok_errs) / len(tok_errs)
-        entries.append(e)
-        if status:
-            status({"stage": "measure", "module": spec.key(layer), "option": ci, "of": len(spec.options),
-                    "accuracy": acc})
-    for p, w in original.items():
-        set_weight(layers[p], w)
     best = max(e["accuracy"] for e in entries)
     if best < MIN_ACCURACY:
         raise MeasureError(f"{spec.key(layer)}: best accuracy {best:.4f} is below {MIN_ACCURACY}; "
@@ -133,17 +202,22 @@ def measure_module(block, spec, layer: int, states: list[torch.Tensor], cos, sin
 
 
 def run_measurement(model_dir: str | Path, input_ids: torch.Tensor, work: str | Path, *, device="cpu",
-                    provenance: dict | None = None, status: Status | None = None, progress=None) -> dict:
+                    provenance: dict | None = None, status: Status | None = None, progress=None,
+                    variant_budget: int | None = None) -> dict:
     """Measure every decoder module of ``model_dir`` on calibration rows ``input_ids [R, L]``.
 
     ``work`` holds the checkpoint files (``states.safetensors``, ``measurement.partial.json``); when they
     exist the run resumes after the last finished layer.  Returns the measurement.json data (also written
     to ``work/measurement.json``).  ``progress`` is an optional callable ``(layer_done, layers)``.
+    ``variant_budget`` (bytes, default :data:`VARIANT_BUDGET`): a module whose quantized variants exceed it
+    spills them to a temporary folder under ``work``, so memory follows one layer, not the option count.
     """
     from exl2.runtime.model import Rotary
 
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
+    for stale in work.glob("exl2-variants-*"):     # spilled variants of a killed run
+        shutil.rmtree(stale, ignore_errors=True)
     parts = ModelParts(model_dir, device=device)
     n_layers = parts.cfg.num_layers
     saved = load_checkpoint(work, "measure")
@@ -158,7 +232,8 @@ def run_measurement(model_dir: str | Path, input_ids: torch.Tensor, work: str | 
         t0 = time.time()
         block = parts.block(layer)
         for spec in MODULES:
-            entries, states = measure_module(block, spec, layer, states, cos, sin, device, status)
+            entries, states = measure_module(block, spec, layer, states, cos, sin, device, status,
+                                             variant_budget=variant_budget, spill_dir=work)
             measurement[spec.key(layer)] = entries
         del block
         save_checkpoint(work, "measure", {"measurement": measurement, "next_layer": layer + 1}, states)
