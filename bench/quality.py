@@ -269,13 +269,24 @@ class Scorer:
 # ------------------------------------------------------------------------------------------- report
 
 
+def head_cell(m: dict) -> str:
+    """How the output head is stored, from each tool's own record."""
+    h = m.get("head")
+    if isinstance(h, dict):                       # llama.cpp: the GGUF type of the (tied) embedding
+        t = h.get("output.weight") or h.get("token_embd.weight")
+        return f"{t}{' (tied embedding)' if h.get('tied') else ''}"
+    if h is None and m.get("tool") == "llm-compressor":
+        return "FP16 (tied embedding)"
+    return str(h)
+
+
 def fmt_table(models: list[dict], scores: dict) -> list[str]:
     head = ("| model | bpw | head | prose ppl | prose KL | prose KL p99 | prose top-1 | code ppl | code KL | "
             "code KL p99 | code top-1 | quantize s |")
     lines = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m in models:
         s = scores[m["key"]]
-        cells = [m["scheme"], "16" if m["bpw"] is None else f"{m['bpw']:.3f}", m["head"]]
+        cells = [m["scheme"], "16" if m["bpw"] is None else f"{m['bpw']:.3f}", head_cell(m)]
         for t in TEXTS:
             r = s[t]
             cells += [f"{r['ppl']:.3f}", f"{r['kld_mean']:.4f}", f"{r['kld_p99']:.3f}", f"{r['top1']:.4f}"]
@@ -384,7 +395,7 @@ def run_variant(v: str, args) -> dict:
     full = seed is None and not args.quick          # the head-bits row and the cache sweep: fixture model only
     if 4.0 in bpws and full:
         add(exl2_targets, src, work / "exl2-hb8", [4.0], 8, args.mrows, args.mlen, args.rows, args.length,
-            measurement=work / "exl2" / "measurement.json")
+            measurement=reuse or work / "exl2" / "measurement.json")
     order = {"fp16": 0, "exl2": 1}
     models.sort(key=lambda m: (order.get(m["tool"], 2), m["tool"], m["bpw"] or 0))
     cache = {}
@@ -407,7 +418,7 @@ def run_variant(v: str, args) -> dict:
 def report(results: dict, args, elapsed: float) -> str:
     cmd = " ".join(["python bench/quality.py", *args.argv])
     lines = ["## Quality sweep, SmolLM2-135M (bench/quality.py)", "",
-             f"Command: `{cmd}` ({elapsed / 60:.0f} min)  ",
+             f"Command: `{cmd}`" + ("  " if args.report_only else f" ({elapsed / 60:.0f} min)  "),
              f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU only "
              "(shared with other jobs while it ran: wall times are indicative)  ",
              f"Date: {datetime.date.today()}", "",

@@ -105,6 +105,7 @@ def model_card(*, base_model: str, strat: dict, head: dict, head_bits: int, cali
         "",
     ]
     if validation:
+        p99 = f"{validation['kld_p99']:.4f}" if "kld_p99" in validation else ""   # older validation.json: none
         lines += [
             "## Validation",
             "",
@@ -114,9 +115,7 @@ def model_card(*, base_model: str, strat: dict, head: dict, head_bits: int, cali
             "| model | perplexity | KL divergence vs FP16 (mean) | KL divergence (99th percentile) | top-1 agreement |",
             "|---|---|---|---|---|",
             f"| FP16 source | {validation['ppl_fp16']:.4f} | 0 | 0 | 1 |",
-            f"| this EXL2 model | {validation['ppl_exl2']:.4f} | {validation['kld_mean']:.5f} | "
-            f"{validation['kld_p99']:.4f} | {validation['top1_agreement']:.4f} |" if "kld_p99" in validation else
-            f"| this EXL2 model | {validation['ppl_exl2']:.4f} | {validation['kld_mean']:.5f} | | "
+            f"| this EXL2 model | {validation['ppl_exl2']:.4f} | {validation['kld_mean']:.5f} | {p99} | "
             f"{validation['top1_agreement']:.4f} |",
             "",
         ]
