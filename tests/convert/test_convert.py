@@ -61,7 +61,7 @@ def test_outputs_load_and_get_better_with_bits(qwen_tied, qwen_job):
 def test_output_directory_layout(qwen_tied, qwen_job):
     out = Path(qwen_job[1]["targets"][0]["output"])
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["README.md", "config.json", "generation_config.json", "measurement.json",
+    assert names == ["README.md", "config.json", "generation_config.json", "kld.png", "measurement.json",
                      "output.safetensors", "tokenizer.json", "validation.json"]
     card = (out / "README.md").read_text()
     v = json.loads((out / "validation.json").read_text())
