@@ -54,7 +54,8 @@ def _store(out_dir: Path, prefix: str, result: gptq.QuantResult) -> None:
         raise QuantizeError(f"{path}: reloaded {prefix} differs from the quantized weight (max |diff| {diff:.3g})")
 
 
-def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, device, out_dir: Path):
+def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, device, out_dir: Path,
+                    percdamp: float = gptq.PERCDAMP, refine_span: int = gptq.REFINE_SPAN):
     """Quantize one module in place; returns (new states, relative output error vs full precision)."""
     key = spec.key(layer)
     options = entry_options(strategy[key])
@@ -64,10 +65,10 @@ def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, d
     for p in spec.projections:
         owner = spec.hessian_of[p]
         if owner not in prepared:
-            prepared[owner] = gptq.prepare(H[p].cpu())
+            prepared[owner] = gptq.prepare(H[p].cpu(), percdamp=percdamp)
         lin = layers[p]
         bias = None if lin.bias is None else lin.bias.data.float().cpu()
-        r = gptq.quantize(lin.weight.data.float().cpu(), options[p], prepared[owner], bias)
+        r = gptq.quantize(lin.weight.data.float().cpu(), options[p], prepared[owner], bias, refine_span=refine_span)
         _store(out_dir, f"{key}.{p}", r)
         set_weight(lin, r.weight)
     outs, errs = [], []
@@ -80,7 +81,7 @@ def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, d
 
 
 def quantize_head(parts: ModelParts, states, input_ids: torch.Tensor, head_bits: int, out_dir: Path, device,
-                  ppl_rows: int) -> dict:
+                  ppl_rows: int, percdamp: float = gptq.PERCDAMP, refine_span: int = gptq.REFINE_SPAN) -> dict:
     """Quantize lm_head (or the tied embedding) on the final-norm outputs; returns head facts and the
     calibration perplexity of the quantized model on the first ``ppl_rows`` rows."""
     qp = HEAD_OPTIONS[head_bits]
@@ -95,8 +96,8 @@ def quantize_head(parts: ModelParts, states, input_ids: torch.Tensor, head_bits:
     for h in normed:
         H.add(h)
     rtn = w.numel() > RTN_HEAD_ELEMENTS
-    prepared = gptq.prepare(H.result().cpu(), invert=not rtn)
-    r = gptq.quantize(w, qp, prepared)
+    prepared = gptq.prepare(H.result().cpu(), percdamp=percdamp, invert=not rtn)
+    r = gptq.quantize(w, qp, prepared, refine_span=refine_span)
     _store(out_dir, "lm_head", r)
     # Calibration perplexity of the whole quantized model (a sanity number, not a benchmark).
     wq = r.weight.to(device, torch.float32)
@@ -113,10 +114,13 @@ def quantize_head(parts: ModelParts, states, input_ids: torch.Tensor, head_bits:
 
 def run_quantization(model_dir: str | Path, input_ids: torch.Tensor, strategy: dict, head_bits: int,
                      work: str | Path, *, device="cpu", status: Status | None = None, progress=None,
-                     ppl_rows: int = 4) -> dict:
+                     ppl_rows: int = 4, percdamp: float = gptq.PERCDAMP,
+                     refine_span: int = gptq.REFINE_SPAN) -> dict:
     """Quantize the whole model into ``work/out_tensor``; resumes from ``work/quant.progress.json``.
 
-    Returns a report: per-module relative output errors and the head facts.
+    Returns a report: per-module relative output errors and the head facts.  ``percdamp`` and
+    ``refine_span`` are :func:`gptq.prepare`'s damping and :func:`gptq.refine_codes`' span (benchmarks vary
+    them; the converter uses the defaults).
     """
     work = Path(work)
     out_dir = work / "out_tensor"
@@ -130,7 +134,8 @@ def run_quantization(model_dir: str | Path, input_ids: torch.Tensor, strategy: d
         t0 = time.time()
         block = parts.block(layer)
         for spec in MODULES:
-            states, err = quantize_module(block, spec, layer, strategy, states, cos, sin, device, out_dir)
+            states, err = quantize_module(block, spec, layer, strategy, states, cos, sin, device, out_dir,
+                                          percdamp, refine_span)
             report["errors"][spec.key(layer)] = err
             if status:
                 status({"stage": "quant", "module": spec.key(layer), "rfn_error": err})
@@ -141,7 +146,8 @@ def run_quantization(model_dir: str | Path, input_ids: torch.Tensor, strategy: d
             status({"stage": "quant", "layer": layer, "layers": n_layers, "seconds": round(time.time() - t0, 2)})
         if progress:
             progress(layer + 1, n_layers)
-    report["head"] = quantize_head(parts, states, input_ids, head_bits, out_dir, device, ppl_rows)
+    report["head"] = quantize_head(parts, states, input_ids, head_bits, out_dir, device, ppl_rows, percdamp,
+                                   refine_span)
     if status:
         status({"stage": "quant", "module": "lm_head", **report["head"]})
     clear_checkpoint(work, "quant")
