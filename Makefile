@@ -41,3 +41,4 @@ bench: install bench-peers
 	$(PYTHON) bench/bench_allocation.py --write
 	$(PYTHON) bench/bench_scaling.py --write
 	$(PYTHON) bench/quality.py --write
+	$(PYTHON) bench/levers.py --write

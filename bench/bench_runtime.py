@@ -1,9 +1,12 @@
-"""Runtime throughput on SmolLM2-135M: our full-row forward vs transformers, float32, same text, same machine.
+"""Runtime throughput on SmolLM2-135M: ours vs transformers, float32, same text, same machine.
 
-    python bench/bench_runtime.py [--length 1024] [--repeats 3] [--write]
+    python bench/bench_runtime.py [--length 1024] [--prompt 256] [--new 128] [--repeats 3] [--write]
 
-Both models score the same rows of fixtures/data/persuasion.txt; the best of ``--repeats`` runs counts (the
-machine is shared, the minimum is the least disturbed).  ``--write`` replaces this benchmark's section of
+Prefill: both models run a full-row forward over the same rows of fixtures/data/persuasion.txt.
+Decode: batch 1, a ``--prompt``-token prompt from the same text, then ``--new`` greedy tokens one at a time
+with a KV cache (ours: FP16-mode cache holding fp32 on CPU, and the Q4 cache; transformers: its dynamic
+cache); the time counts the decode steps only, and the greedy tokens are compared with transformers'.
+The best of ``--repeats`` runs counts (the minimum is the least disturbed).  ``--write`` replaces this benchmark's section of
 BENCHMARKS.md.  A benchmark, not a test.
 """
 from __future__ import annotations
@@ -24,6 +27,7 @@ from bench.report import write_section  # noqa: E402
 from exl2.runtime.evaluate import load_data_rows  # noqa: E402
 from exl2.runtime.loader import load_model  # noqa: E402
 
+
 def best_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -33,10 +37,57 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
+def decode_ours(model, prompt: torch.Tensor, new: int, mode: str):
+    """A run: prefill ``prompt`` [1, P] into a fresh ``mode`` cache, then ``new`` greedy tokens one at a
+    time; returns (tokens, seconds of the decode steps)."""
+    from exl2.runtime.cache import KVCache
+    from exl2.runtime.generate import prefill
+
+    def run():
+        with torch.inference_mode():
+            cache = KVCache(model.cfg, prompt.shape[1] + new, mode=mode, dtype=model.dtype)
+            logits = prefill(model, prompt, cache)[0]
+            t0 = time.perf_counter()
+            out = []
+            for _ in range(new):
+                tok = int(logits.argmax())
+                out.append(tok)
+                logits = model(torch.tensor([[tok]]), cache)[0, -1]
+        return out, time.perf_counter() - t0
+    return run
+
+
+def decode_hf(hf, prompt: torch.Tensor, new: int):
+    def run():
+        with torch.inference_mode():
+            o = hf(prompt, use_cache=True)
+            past, logits = o.past_key_values, o.logits[0, -1]
+            t0 = time.perf_counter()
+            out = []
+            for _ in range(new):
+                tok = int(logits.argmax())
+                out.append(tok)
+                o = hf(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
+                past, logits = o.past_key_values, o.logits[0, -1]
+        return out, time.perf_counter() - t0
+    return run
+
+
+def best_decode(run, repeats: int) -> tuple[float, list[int]]:
+    """The least decode time of ``repeats`` runs (each run prefills untimed, then decodes) and the tokens."""
+    best, toks = float("inf"), None
+    for _ in range(repeats):
+        toks, secs = run()
+        best = min(best, secs)
+    return best, toks
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--length", type=int, default=1024)
     ap.add_argument("--rows", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=256, help="decode: prompt tokens")
+    ap.add_argument("--new", type=int, default=128, help="decode: generated tokens")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args(argv)
@@ -64,7 +115,15 @@ def main(argv=None) -> int:
     t_ours = best_time(run_ours, args.repeats)
     t_hf = best_time(run_hf, args.repeats)
     tokens = rows.numel()
-    lines = ["## Runtime prefill throughput, SmolLM2-135M (bench/bench_runtime.py)", "",
+    prompt = rows[0, :args.prompt][None]                   # [1, P]
+    decode = {"ours (fp16 cache)": decode_ours(ours, prompt, args.new, "fp16"),
+              "ours (q4 cache)": decode_ours(ours, prompt, args.new, "q4"),
+              "transformers": decode_hf(hf, prompt, args.new)}
+    best = {k: best_decode(run, args.repeats) for k, run in decode.items()}
+    times = {k: t for k, (t, _) in best.items()}
+    toks = {k: tk for k, (_, tk) in best.items()}
+    ref_toks = toks["transformers"]
+    lines = ["## Runtime throughput (prefill, decode), SmolLM2-135M (bench/bench_runtime.py)", "",
              "Command: `python bench/bench_runtime.py --write`  ",
              f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU only  ",
              f"Date: {datetime.date.today()}", "",
@@ -72,7 +131,15 @@ def main(argv=None) -> int:
              f"{args.repeats}.", "",
              "| runtime | seconds | tokens/s | ratio |", "|---|---:|---:|---:|",
              f"| exl2 runtime | {t_ours:.2f} | {tokens / t_ours:.0f} | {t_hf / t_ours:.2f}x |",
-             f"| transformers | {t_hf:.2f} | {tokens / t_hf:.0f} | 1.00x |"]
+             f"| transformers | {t_hf:.2f} | {tokens / t_hf:.0f} | 1.00x |", "",
+             f"Decode, batch 1: {args.prompt}-token prompt, {args.new} greedy tokens with a KV cache, decode steps "
+             f"only (prefill excluded), best of {args.repeats}. Same tokens: greedy tokens equal to transformers' "
+             "up to the first difference.", "",
+             "| runtime | decode seconds | tokens/s | ratio | same tokens |", "|---|---:|---:|---:|---:|"]
+    for k, t in times.items():
+        same = next((i for i, (a, b) in enumerate(zip(toks[k], ref_toks)) if a != b), len(ref_toks))
+        lines.append(f"| {k} | {t:.2f} | {args.new / t:.1f} | {times['transformers'] / t:.2f}x | "
+                     f"{same}/{len(ref_toks)} |")
     text = "\n".join(lines)
     print(text)
     if args.write:

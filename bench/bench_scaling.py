@@ -514,8 +514,14 @@ def report(out: Path) -> str:
               f"peak RSS {gib(r['maxrss_kib']):.2f} GiB.", ""]
         if r.get("stages_wall_s"):
             L += ["| stage (from --status-json events) | wall s |", "|---|---:|"]
-            L += [f"| {k} | {v:.0f} |" for k, v in r["stages_wall_s"].items()]
-            L.append("")
+            L += [f"| {k} | {v:.0f} |" for k, v in r["stages_wall_s"].items() if v >= 0.5]
+            L += ["", "Each event's wall time since the previous event is counted to its stage; stages under 0.5 s "
+                  "are left out.", ""]
+        if name == "smol" and r["rc"] == 0:
+            ok = r["wall_s"] < 600 and gib(r["maxrss_kib"]) * 2**30 < 4e9
+            L += [f"Issue #6 target for this preset (measurement + quantization + validation under 10 minutes, "
+                  f"peak RSS under 4 GB on this 2-core CPU): {'met' if ok else 'not met'} "
+                  f"({r['wall_s'] / 60:.1f} min, {gib(r['maxrss_kib']) * 2**30 / 1e9:.2f} GB).", ""]
         if r.get("note"):
             L += [r["note"], ""]
     notes = out / "notes.md"

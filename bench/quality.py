@@ -10,7 +10,7 @@ For the fixture model and its jittered copy (``--variants``; see fixtures/smollm
 4. every model scored by the same code on the same held-out tokens: prose (*Persuasion*) and code (CPython
    stdlib), perplexity, KL divergence from the FP16 model (mean, 99th percentile), top-1 agreement;
 5. a cache sweep (FP16/Q8/Q6/Q4 cache, token by token, at FP16 weights and at 4.0 bpw; fixture model only,
-   as is the 4.0 bpw row with 8-bit head; the jittered copy gets ``--jitter-bpw`` targets);
+   as are the 4.0 and 8.0 bpw rows with 8-bit head; the jittered copy gets ``--jitter-bpw`` targets);
 6. a plot of KL divergence against bits per weight (``bench/plots/quality_kld.png``).
 
     python bench/quality.py [--work DIR] [--variants orig,jitter0] [--no-peers] [--write]
@@ -393,8 +393,9 @@ def run_variant(v: str, args) -> dict:
             add(exl2_targets, src, work / "exl2", [b], 6, args.mrows, args.mlen, args.rows, args.length,
                 measurement=reuse)
     full = seed is None and not args.quick          # the head-bits row and the cache sweep: fixture model only
-    if 4.0 in bpws and full:
-        add(exl2_targets, src, work / "exl2-hb8", [4.0], 8, args.mrows, args.mlen, args.rows, args.length,
+    hb8 = [b for b in (4.0, 8.0) if b in bpws]     # 8-bit head: at 4.0 its cost, at 8.0 how "h8" models ship
+    if hb8 and full:
+        add(exl2_targets, src, work / "exl2-hb8", hb8, 8, args.mrows, args.mlen, args.rows, args.length,
             measurement=reuse or work / "exl2" / "measurement.json")
     order = {"fp16": 0, "exl2": 1}
     models.sort(key=lambda m: (order.get(m["tool"], 2), m["tool"], m["bpw"] or 0))
