@@ -10,19 +10,16 @@ compare with the FP16 model on held-out rows of the calibration mix (perplexity,
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.report import write_section  # noqa: E402
+from bench.report import header, write_section  # noqa: E402
 from exl2.calibration import CalibrationRows  # noqa: E402
 from exl2.convert import quantize as qpass  # noqa: E402
 from exl2.convert import validate as val  # noqa: E402
@@ -95,10 +92,8 @@ def main(argv=None) -> int:
         print(f"{name:<42} {bpw:6.3f} bpw  ppl {r['ppl_exl2']:.3f}  KL {r['kld_mean']:.4f}  top-1 {r['top1_agreement']:.4f}",
               flush=True)
 
-    lines = [f"## Bit allocation quality, SmolLM2-135M at {args.bpw} bpw (bench/bench_allocation.py)", "",
-             "Command: `python bench/bench_allocation.py --write`  ",
-             f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU only  ",
-             f"Date: {datetime.date.today()}", "",
+    lines = header(f"Bit allocation quality, SmolLM2-135M at {args.bpw} bpw (bench/bench_allocation.py)",
+                   "python bench/bench_allocation.py --write") + [
              f"Calibration: embedded default mix, measurement 8 x 512 tokens "
              f"({'reused from an earlier run' if reused else f'{t_measure:.0f} s'}), quantization "
              f"16 x 512; head 6 bits. Scored on {vrows.shape[0]} held-out rows x 512 of the same mix "

@@ -12,8 +12,6 @@ BENCHMARKS.md.  A benchmark, not a test.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.report import write_section  # noqa: E402
+from bench.report import header, write_section  # noqa: E402
 from exl2.runtime.evaluate import load_data_rows  # noqa: E402
 from exl2.runtime.loader import load_model  # noqa: E402
 
@@ -123,10 +121,8 @@ def main(argv=None) -> int:
     times = {k: t for k, (t, _) in best.items()}
     toks = {k: tk for k, (_, tk) in best.items()}
     ref_toks = toks["transformers"]
-    lines = ["## Runtime throughput (prefill, decode), SmolLM2-135M (bench/bench_runtime.py)", "",
-             "Command: `python bench/bench_runtime.py --write`  ",
-             f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU only  ",
-             f"Date: {datetime.date.today()}", "",
+    lines = header("Runtime throughput (prefill, decode), SmolLM2-135M (bench/bench_runtime.py)",
+                   "python bench/bench_runtime.py --write") + [
              f"Full-row forward in float32 over {args.rows} rows x {args.length} tokens of persuasion.txt, best of "
              f"{args.repeats}.", "",
              "| runtime | seconds | tokens/s | ratio |", "|---|---:|---:|---:|",

@@ -18,21 +18,18 @@ not a test.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.peers import load_cal_ids, make_cal_dir  # noqa: E402
 from bench.quality import TEXTS, Scorer, uniform_strategy  # noqa: E402
-from bench.report import write_section  # noqa: E402
+from bench.report import header, write_section  # noqa: E402
 
 DEFAULTS = {"refine_span": 2, "percdamp": 0.12, "rows": 16}
 # (label, strategy: "exl2" = the 4.0 bpw allocation or "g128" = uniform 4-bit g128, changes from DEFAULTS)
@@ -101,10 +98,7 @@ def run_variant(v: str, args) -> list[dict]:
 
 def report(results: dict[str, list[dict]], args) -> str:
     cmd = " ".join(["python bench/levers.py", *args.argv])
-    lines = ["## Quantizer levers at 4.0 bpw, SmolLM2-135M (bench/levers.py)", "",
-             f"Command: `{cmd}`  ",
-             f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU only  ",
-             f"Date: {datetime.date.today()}", "",
+    lines = header("Quantizer levers at 4.0 bpw, SmolLM2-135M (bench/levers.py)", cmd) + [
              "One change at a time from the converter's defaults (refine span 2, damping 0.12, 16 x 512 "
              "quantization rows), same strategy (bench/quality.py's 4.0 bpw allocation; the GPTQ rows use "
              "uniform 4-bit g128), head 6 bits, scored on bench/quality.py's held-out rows (4 x 512 tokens "

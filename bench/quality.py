@@ -21,11 +21,9 @@ one model only scores that model; ``--rescore`` ignores the cache. A benchmark, 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -36,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.peers import load_cal_ids, make_cal_dir, write_checkpoint  # noqa: E402
-from bench.report import write_section  # noqa: E402
+from bench.report import header, write_section  # noqa: E402
 
 DEFAULT_BPW = (4.0, 3.0, 2.5, 5.0, 6.0, 8.0, 3.5, 4.5)   # run in this order: the headline points first
 TEXTS = {"prose": "fixtures/data/persuasion.txt", "code": "fixtures/data/stdlib_code.py.txt"}
@@ -418,11 +416,9 @@ def run_variant(v: str, args) -> dict:
 
 def report(results: dict, args, elapsed: float) -> str:
     cmd = " ".join(["python bench/quality.py", *args.argv])
-    lines = ["## Quality sweep, SmolLM2-135M (bench/quality.py)", "",
-             f"Command: `{cmd}`" + ("  " if args.report_only else f" ({elapsed / 60:.0f} min)  "),
-             f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU only "
-             "(shared with other jobs while it ran: wall times are indicative)  ",
-             f"Date: {datetime.date.today()}", "",
+    lines = header("Quality sweep, SmolLM2-135M (bench/quality.py)", cmd,
+                   " (shared with other jobs while it ran: wall times are indicative)",
+                   "" if args.report_only else f" ({elapsed / 60:.0f} min)") + [
              f"Calibration (every tool): the embedded default mix, {args.rows} rows x {args.length} tokens "
              f"(`bench/peers.make_cal_dir`); EXL2 measurement {args.mrows} x {args.mlen}. Scored on held-out "
              f"text never used for calibration: {args.eval_rows} rows x {args.eval_length} tokens each of "

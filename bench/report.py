@@ -1,6 +1,8 @@
 """BENCHMARKS.md sections: each benchmark owns the text between its start and end markers."""
 from __future__ import annotations
 
+import datetime
+import platform
 from pathlib import Path
 
 PATH = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
@@ -21,3 +23,12 @@ def write_section(name: str, body: str) -> Path:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     PATH.write_text(text)
     return PATH
+
+
+def header(title: str, command: str, machine_note: str = "", command_note: str = "") -> list[str]:
+    """A section's first lines: title, the command that produced it, the machine and the date."""
+    import torch
+
+    return [f"## {title}", "", f"Command: `{command}`{command_note}  ",
+            f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU only"
+            f"{machine_note}  ", f"Date: {datetime.date.today()}", ""]
