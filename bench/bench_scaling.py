@@ -468,7 +468,8 @@ def report(out: Path) -> str:
         pr = project(t, shape)
         n = SHAPES[shape]["layers"]
         how = (f"One layer; module forward and Hessian collection timed on 1 row x {t['tokens']} tokens and scaled "
-               f"per token. `gptq.prepare` (act-order, damping, Cholesky inverse) once per Hessian.")
+               f"per token. `gptq.prepare` (act-order, damping, Cholesky inverse) once per Hessian."
+               + (f" Run conditions: {t['conditions']}." if t.get("conditions") else ""))
         if t.get("scaled_from"):
             how = ("**Not measured: the 7B layer's timings rescaled by operation counts** "
                    "(`scale_timing`: forward by weight count, Hessian accumulation by sum K^2, prepare by K^3, a GPTQ "
@@ -503,7 +504,7 @@ def report(out: Path) -> str:
               "|---|---:|---:|---:|---:|---:|",
               f"| CPU | {c['measure_layer_s']:.0f} s | {c['gptq_measure_layer_s']:.0f} s | {c['quant_layer_s']:.0f} s | "
               f"{c['measure_model_h']:.1f} h | {c['quant_model_h']:.1f} h |",
-              f"| wall (as measured, contended) | {w['measure_layer_s']:.0f} s | {w['gptq_measure_layer_s']:.0f} s | "
+              f"| wall (as measured{', contended' if 'contended' in t.get('conditions', 'contended') else ''}) | {w['measure_layer_s']:.0f} s | {w['gptq_measure_layer_s']:.0f} s | "
               f"{w['quant_layer_s']:.0f} s | {w['measure_model_h']:.1f} h | {w['quant_model_h']:.1f} h |", ""]
     for name, title in (("smol", "SmolLM2-135M, demo preset: `exl2-convert -b 4.0 -mr 8 -ml 512 -r 16 -l 512`"),
                         ("smoldefault", "SmolLM2-135M, measurement only at the defaults (`-om`, 16 x 2048)")):
