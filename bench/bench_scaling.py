@@ -17,6 +17,8 @@ may run separately, e.g. the slow ones in the background):
   ``--status-json`` and peak RSS of the whole conversion.
 * ``smoldefault``: SmolLM2-135M measurement only (``-om``) with the default 16 x 2048 measurement rows.
 
+The section ends with the hand-written reading in ``bench/scaling_notes.md`` (edit it there).
+
 Every timing reports wall and process CPU seconds: the machine is shared, CPU seconds are the steadier.
 A benchmark, not a test.
 """
@@ -38,6 +40,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+NOTES = REPO / "bench" / "scaling_notes.md"
 sys.path.insert(0, str(REPO))
 
 from bench.report import write_section  # noqa: E402
@@ -525,7 +528,7 @@ def report(out: Path) -> str:
                   f"({r['wall_s'] / 60:.1f} min, {gib(r['maxrss_kib']) * 2**30 / 1e9:.2f} GB).", ""]
         if r.get("note"):
             L += [r["note"], ""]
-    notes = out / "notes.md"
+    notes = NOTES                      # hand-written reading of these runs, kept in the repository
     if notes.exists():
         L += [notes.read_text().strip(), ""]
     return "\n".join(L)
