@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -223,21 +222,13 @@ class Scorer:
         ck = f"{key}|{text}|{tuple(self.texts[text].shape)}"
         _require(ck in self.cache or Path(model_dir) == Path(self.ref_dir), ck)   # the reference is cheap
         if ck not in self.cache:
+            from exl2.runtime.evaluate import EvalConfig, evaluate_rows
             from exl2.runtime.loader import load_model
 
-            model = load_model(model_dir)
-            nll, kls, top1, n = 0.0, [], 0, 0
-            with torch.inference_mode():
-                for row, ref in zip(self.texts[text], self.ref_lp(text)):
-                    lp = torch.log_softmax(model(row[None])[0, :-1].float(), -1)
-                    tgt = row[1:]
-                    nll -= float(lp.gather(1, tgt[:, None]).double().sum())
-                    kls.append((ref.exp() * (ref - lp)).sum(-1).clamp_min(0).double())
-                    top1 += int((lp.argmax(-1) == ref.argmax(-1)).sum())
-                    n += tgt.numel()
-            kl = torch.cat(kls)
-            self.cache[ck] = {"ppl": math.exp(nll / n), "kld_mean": float(kl.mean()),
-                              "kld_p99": float(torch.quantile(kl, 0.99)), "top1": top1 / n, "tokens": n}
+            r = evaluate_rows(load_model(model_dir), self.texts[text], [EvalConfig("full")],
+                              ref_lps=self.ref_lp(text))[0]
+            self.cache[ck] = {"ppl": r.ppl, "kld_mean": r.kld_mean, "kld_p99": r.kld_p99, "top1": r.top1,
+                              "tokens": r.tokens}
             self._save()
         return self.cache[ck]
 
@@ -251,7 +242,7 @@ class Scorer:
         if todo:
             model = load_model(model_dir)
             res = evaluate_rows(model, self.texts[text][:rows], [EvalConfig("cache", m, 1) for m in todo],
-                                ref_model=self._ref)
+                                ref_lps=self.ref_lp(text)[:rows])
             for m, r in zip(todo, res):
                 self.cache[f"{key}|{text}|cache-{m}|{rows}"] = {
                     "ppl": r.ppl, "kld_mean": r.kld_mean, "kld_p99": r.kld_p99, "top1": r.top1, "tokens": r.tokens}

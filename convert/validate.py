@@ -7,12 +7,10 @@ the EXL2 model decoding token by token with each KV cache mode, to recommend one
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from exl2.calibration import default_rows
 from exl2.runtime.cache import bytes_per_token
@@ -54,15 +52,10 @@ def compare(fp_dir: str | Path, q_dir: str | Path, rows: torch.Tensor, device="c
     ``cache_length`` tokens (``cache_rows=0`` skips it)."""
     fp = load_model(fp_dir, device=device)
     q = load_model(q_dir, device=device)
-    nll_fp = 0.0
-    with torch.no_grad():
-        for ids in rows:
-            lp_fp = F.log_softmax(fp(ids[None])[0, :-1].float(), dim=-1)     # [L-1, V]
-            nll_fp -= float(lp_fp.gather(1, ids[1:, None].to(lp_fp.device)).double().sum())
-    full = evaluate_rows(q, rows, [EvalConfig("full")], ref_model=fp)[0]
+    full = evaluate_rows(q, rows, [EvalConfig("full")], ref_model=fp)[0]     # the FP16 model runs once per row
     kl = torch.tensor(full.kld, dtype=torch.float64)
     out = {"rows": int(rows.shape[0]), "length": int(rows.shape[1]), "tokens": full.tokens,
-           "ppl_fp16": math.exp(nll_fp / full.tokens), "ppl_exl2": full.ppl, "kld_mean": full.kld_mean,
+           "ppl_fp16": full.ref_ppl, "ppl_exl2": full.ppl, "kld_mean": full.kld_mean,
            "kld_median": full.kld_median, "kld_p99": full.kld_p99, "top1_agreement": full.top1,
            "kld_quantiles": torch.quantile(kl, torch.linspace(0, 1, KLD_QUANTILES + 1, dtype=torch.float64)).tolist()}
     if cache_rows > 0:

@@ -48,6 +48,7 @@ class EvalResult:
     chunk: int | None = None  # cache mode: tokens fed per forward pass
     kld: list[float] | None = field(default=None, repr=False)  # per-token KL(ref || model), with a reference
     top1_hits: int = 0  # tokens where argmax(model) == argmax(ref), with a reference
+    ref_nll_sum: float = 0.0  # the reference's own sum of -log p(token) on the same tokens, with a reference
 
     @property
     def mean_nll(self) -> float:
@@ -56,6 +57,12 @@ class EvalResult:
     @property
     def ppl(self) -> float:
         return math.exp(self.mean_nll) if self.tokens else float("nan")
+
+    @property
+    def ref_ppl(self) -> float | None:
+        """The reference model's perplexity on the same tokens (None without a reference)."""
+        return None if self.kld is None else (math.exp(self.ref_nll_sum / self.tokens) if self.tokens
+                                              else float("nan"))
 
     def _kld_tensor(self) -> torch.Tensor | None:
         return None if not self.kld else torch.tensor(self.kld, dtype=torch.float64)
@@ -140,16 +147,28 @@ def _make_cache(model: Model, cfg: EvalConfig, length: int) -> KVCache:
 
 @torch.inference_mode()
 def evaluate_rows(model: Model, rows: torch.Tensor, configs: Sequence[EvalConfig] = (EvalConfig(),), *,
-                  ref_model: Model | None = None, progress: Progress | None = None) -> list[EvalResult]:
+                  ref_model: Model | None = None, ref_lps: list[torch.Tensor] | None = None,
+                  progress: Progress | None = None) -> list[EvalResult]:
     """Score rows [R, L] under each configuration; with ref_model also KL(ref || model) and top-1 agreement.
 
     Rows are the outer loop: the reference's log-probs of a row are computed once (full mode) and shared by
-    all configurations. Returns one EvalResult per configuration, in order."""
+    all configurations. ``ref_lps``: the reference's log-probs per row ([L-1, V] each, fp32) from an earlier
+    call; an empty list is filled with them (so a caller can score several models, or the reference's own
+    perplexity, without running the reference again); a full one replaces ``ref_model``.
+    Returns one EvalResult per configuration, in order."""
     rows = _check_rows(rows, model)
     configs = list(configs)
     for c in configs:
         c.check()
-    if ref_model is not None:
+    given = bool(ref_lps)
+    if given:
+        if len(ref_lps) != rows.shape[0] or any(t.shape[0] != rows.shape[1] - 1 for t in ref_lps):
+            raise ValueError(f"ref_lps: {len(ref_lps)} rows of {[tuple(t.shape) for t in ref_lps[:1]]} do not "
+                             f"match rows {tuple(rows.shape)}")
+        if ref_lps[0].shape[-1] != model.cfg.vocab_size:
+            raise ValueError(f"reference vocabulary {ref_lps[0].shape[-1]} != model vocabulary {model.cfg.vocab_size}")
+        ref_model = None
+    elif ref_model is not None:
         _check_rows(rows, ref_model)
         if ref_model.cfg.vocab_size != model.cfg.vocab_size:
             raise ValueError(f"reference vocabulary {ref_model.cfg.vocab_size} != model vocabulary "
@@ -157,14 +176,20 @@ def evaluate_rows(model: Model, rows: torch.Tensor, configs: Sequence[EvalConfig
     R, L = rows.shape
     results = [EvalResult(c.mode, c.cache_mode if c.mode == "cache" else None, R, L,
                           chunk=c.chunk if c.mode == "cache" else None,
-                          kld=[] if ref_model is not None else None) for c in configs]
+                          kld=[] if ref_model is not None or given else None) for c in configs]
     caches: dict[EvalConfig, KVCache] = {}
     for r in range(R):
         row = rows[r:r + 1].to(model.device)  # [1, L]
         targets = rows[r, 1:]  # [L-1]
-        ref_lp = None
+        ref_lp = ref_lps[r] if given else None
         if ref_model is not None:
             ref_lp = torch.log_softmax(ref_model(row.to(ref_model.device))[0, :-1].float(), dim=-1)  # [L-1, V]
+            if ref_lps is not None:
+                ref_lps.append(ref_lp)
+        if ref_lp is not None:
+            ref_nll = -float(ref_lp.gather(-1, targets[:, None].to(ref_lp.device)).double().sum())
+            for res in results:
+                res.ref_nll_sum += ref_nll
         for c, res in zip(configs, results):
             if c.mode == "full":
                 logits = model(row)[0, :-1]  # [L-1, V]

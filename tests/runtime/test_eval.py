@@ -114,6 +114,23 @@ def test_several_configs_in_one_sweep_equal_separate_runs(models, rows):
         assert t.ppl == pytest.approx(alone.ppl, rel=1e-12) and t.kld_mean == pytest.approx(alone.kld_mean)
 
 
+def test_reference_perplexity_and_reused_reference_logprobs(models, rows):
+    """With a reference, each result carries the reference's own perplexity on the same tokens; log-probs
+    collected in one call and passed to another give the same scores without the reference model."""
+    m, ref = models
+    lps = []
+    first = evaluate_rows(m, rows, [EvalConfig("full"), EvalConfig("cache", "q8", 5)], ref_model=ref, ref_lps=lps)
+    assert len(lps) == rows.shape[0] and lps[0].shape == (rows.shape[1] - 1, ref.cfg.vocab_size)
+    for r in first:
+        assert r.ref_ppl == pytest.approx(perplexity(ref, rows).ppl, rel=1e-6)
+    again = evaluate_rows(m, rows, [EvalConfig("full"), EvalConfig("cache", "q8", 5)], ref_lps=lps)
+    for a, b in zip(first, again):
+        assert a.ppl == b.ppl and a.kld == b.kld and a.top1_hits == b.top1_hits and a.ref_ppl == b.ref_ppl
+    assert perplexity(m, rows).ref_ppl is None
+    with pytest.raises(ValueError, match="ref_lps"):
+        evaluate_rows(m, rows[:2], [EvalConfig("full")], ref_lps=lps)
+
+
 def test_progress_and_json_record(models, rows):
     m, ref = models
     seen = []
