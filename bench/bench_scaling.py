@@ -10,6 +10,10 @@ may run separately, e.g. the slow ones in the background):
   to ``RESTRICTED`` (written in the section); peak RSS (VmHWM), peak anonymous and file-backed RSS (sampled
   every 20 ms from /proc/self/status) per depth.
 * ``full``: the same on one layer with the full option tables (19 + 17 combinations): the true per-layer peak.
+* ``layer7`` / ``layer72``: one Qwen2-7B- / 72B-shaped layer measured in a fresh subprocess (``--threads``
+  torch threads) on ``--mem-rows`` x ``--mem-length`` tokens, with the full option tables or, with
+  ``--layer-restricted``, the ``RESTRICTED`` ones: peak RSS (anonymous and file-backed), wall and CPU time,
+  and the same per module.  These go to their own section (``bench_scaling_layer``).
 * ``time7`` / ``time72``: one Qwen2-7B- / 72B-shaped layer: GPTQ seconds per projection shape for a few
   options, ``gptq.prepare`` per Hessian size, and the module forward / Hessian collection per token; then
   whole-model measurement and quantization time projected from the option counts of the tables.
@@ -43,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 NOTES = REPO / "bench" / "scaling_notes.md"
 sys.path.insert(0, str(REPO))
 
-from bench.report import write_section  # noqa: E402
+from bench.report import header, write_section  # noqa: E402
 
 SHAPES = {   # Qwen2 config facts (config.json of Qwen/Qwen2-7B and Qwen/Qwen2-72B)
     "7b": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4, layers=28),
@@ -53,6 +57,7 @@ VOCAB = 1024
 RESTRICTED = {"self_attn": (6,), "mlp": (7,)}   # combination indices kept in the memory-vs-depth runs
 MEAS_ROWS, MEAS_LEN = 16, 2048      # exl2-convert defaults: measurement rows x length
 QUANT_ROWS, QUANT_LEN = 100, 2048   # exl2-convert defaults: quantization rows x length
+MAIN_PARTS = ("mem", "full", "time7", "time72", "smol", "smoldefault")   # the bench_scaling section's parts
 
 
 # ------------------------------------------------------------------------------------------------
@@ -89,13 +94,21 @@ class RssSampler(threading.Thread):
     def __init__(self, period: float = 0.02):
         super().__init__(daemon=True)
         self.period, self.peak_anon, self.peak_file, self._halt = period, 0, 0, threading.Event()
+        self.phase_anon = 0
 
     def run(self):
         while not self._halt.is_set():
             s = proc_status()
             self.peak_anon = max(self.peak_anon, s["RssAnon"])
+            self.phase_anon = max(self.phase_anon, s["RssAnon"])
             self.peak_file = max(self.peak_file, s["RssFile"])
             self._halt.wait(self.period)
+
+    def take_phase_peak(self) -> int:
+        """The anonymous peak since the last call (KiB), then start a new phase."""
+        peak = max(self.phase_anon, proc_status()["RssAnon"])
+        self.phase_anon = 0
+        return peak
 
     def stop(self):
         self._halt.set()
@@ -160,6 +173,8 @@ def child_measure(args) -> int:
 
     if args.restricted:
         restrict_options(RESTRICTED)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ids = torch.randint(0, VOCAB, (args.rows, args.length))
     sampler = RssSampler()
@@ -173,20 +188,33 @@ def child_measure(args) -> int:
                             "rss_kib": proc_status()["VmRSS"]})
         last[:] = now
 
+    modules = []            # per module: wall, CPU and the anonymous peak while it ran (from the status events)
+    mark = [time.perf_counter(), cpu_self()]
+
+    def status(ev):
+        if ev.get("option") is not None and ev["option"] + 1 == ev["of"]:      # a module's last combination
+            now = [time.perf_counter(), cpu_self()]
+            modules.append({"module": ev["module"], "wall_s": now[0] - mark[0], "cpu_s": now[1] - mark[1],
+                            "peak_anon_kib": sampler.take_phase_peak()})
+            mark[:] = now
+
     with Timer() as t:
-        run_measurement(args.model, ids, args.work, progress=progress)
+        run_measurement(args.model, ids, args.work, progress=progress, status=status)
     sampler.stop()
     st = proc_status()
     res = {"wall_s": t.wall, "cpu_s": t.cpu, "vmhwm_kib": st["VmHWM"], "peak_anon_kib": sampler.peak_anon,
            "peak_file_kib": sampler.peak_file, "ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-           "layers": layer_times, "rows": args.rows, "length": args.length, "restricted": args.restricted}
+           "layers": layer_times, "modules": modules, "rows": args.rows, "length": args.length,
+           "restricted": args.restricted, "threads": torch.get_num_threads()}
     Path(args.json).write_text(json.dumps(res, indent=1))
     return 0
 
 
-def run_child(model: Path, work: Path, rows: int, length: int, restricted: bool, out_json: Path) -> dict:
+def run_child(model: Path, work: Path, rows: int, length: int, restricted: bool, out_json: Path,
+              threads: int = 0) -> dict:
     cmd = [sys.executable, __file__, "_child", "--model", str(model), "--work", str(work), "--rows", str(rows),
-           "--length", str(length), "--json", str(out_json)] + (["--restricted"] if restricted else [])
+           "--length", str(length), "--json", str(out_json), "--threads", str(threads)] + (
+        ["--restricted"] if restricted else [])
     subprocess.run(cmd, check=True)
     return json.loads(out_json.read_text())
 
@@ -206,6 +234,61 @@ def part_mem(args, out: Path, full: bool = False) -> dict:
               f"file {gib(r['peak_file_kib']):.2f} GiB, {r['wall_s']:.0f} s wall, {r['cpu_s']:.0f} s CPU", flush=True)
         shutil.rmtree(work, ignore_errors=True)
     return res
+
+
+def part_layer(args, out: Path, shape: str) -> dict:
+    """One ``shape`` layer measured (full or restricted option tables): the per-layer peak and time."""
+    import shutil
+
+    model = build_synthetic_qwen2(out / "ckpt" / f"{shape}-1", shape, 1)
+    work = out / "work" / f"layer-{shape}"
+    shutil.rmtree(work, ignore_errors=True)
+    r = run_child(model, work, args.mem_rows, args.mem_length, args.layer_restricted,
+                  out / f"child-layer-{shape}.json", args.threads)
+    shutil.rmtree(work, ignore_errors=True)
+    r.update(shape=shape, conditions=args.conditions)
+    print(f"{shape} layer: VmHWM {gib(r['vmhwm_kib']):.2f} GiB, anon {gib(r['peak_anon_kib']):.2f} GiB, "
+          f"{r['wall_s']:.0f} s wall, {r['cpu_s']:.0f} s CPU", flush=True)
+    return r
+
+
+def report_layer(out: Path) -> str | None:
+    """The ``bench_scaling_layer`` section from layer7.json / layer72.json (None when neither exists)."""
+    from exl2.quant_kernels.qparams import ATTN_OPTIONS, MLP_OPTIONS
+
+    runs = [json.loads((out / f"{n}.json").read_text()) for n in ("layer7", "layer72") if (out / f"{n}.json").exists()]
+    if not runs:
+        return None
+    cmds = []
+    for n in ("layer7", "layer72"):
+        m = out / f"meta-{n}.json"
+        if m.exists():
+            cmds.append(json.loads(m.read_text())["command"])
+    tables = {False: f"full tables: {len(ATTN_OPTIONS)} attention + {len(MLP_OPTIONS)} MLP combinations, 97 GPTQ calls",
+              True: f"restricted: attention {RESTRICTED['self_attn']} + MLP {RESTRICTED['mlp']}, 7 GPTQ calls"}
+    L = header("One decoder layer measured: peak memory and time (bench/bench_scaling.py)", "; ".join(cmds),
+               f", {os.cpu_count()} cores, "
+               f"{gib(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1024):.0f} GiB RAM") + [
+         f"`run_measurement` on a synthetic Qwen2 checkpoint of one decoder layer (random N(0, 0.02) fp16 weights, "
+         f"vocabulary {VOCAB}), in a fresh subprocess on random token rows, with the option tables named per run. "
+         "VmHWM is the kernel's peak RSS; anon/file are the peaks of RssAnon/RssFile sampled every 20 ms (file: "
+         "pages of the memory-mapped checkpoint and of the spilled variants, reclaimable). The per-module peak is "
+         "the anonymous peak while that module was measured (its Hessians, `gptq.prepare`, its GPTQ calls and "
+         "combinations).", "",
+         "| shape | options | rows x tokens | threads | VmHWM GiB | peak anon GiB | peak file GiB | wall s | CPU s "
+         "| run conditions |",
+         "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in runs:
+        L.append(f"| Qwen2-{r['shape'].upper()} | {tables[bool(r['restricted'])]} | {r['rows']} x {r['length']} | "
+                 f"{r['threads']} | {gib(r['vmhwm_kib']):.2f} | {gib(r['peak_anon_kib']):.2f} | "
+                 f"{gib(r['peak_file_kib']):.2f} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r.get('conditions') or ''} |")
+    L += ["", "| shape | module | wall s | CPU s | peak anon GiB |", "|---|---|---:|---:|---:|"]
+    for r in runs:
+        for m in r.get("modules", []):
+            L.append(f"| Qwen2-{r['shape'].upper()} | {m['module'].split('.')[-1]} | {m['wall_s']:.0f} | "
+                     f"{m['cpu_s']:.0f} | {gib(m['peak_anon_kib']):.2f} |")
+    L.append("")
+    return "\n".join(L)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -545,6 +628,10 @@ def main(argv=None) -> int:
     ap.add_argument("--time-length", type=int, default=512)
     ap.add_argument("--gptq-shapes", default="", help="projections to time GPTQ on (default: every shape)")
     ap.add_argument("--gptq-options", default="", help="';'-separated option names to time (default: all)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads of the layer7/layer72 child (0: default)")
+    ap.add_argument("--layer-restricted", action="store_true",
+                    help="layer7/layer72: the RESTRICTED combination tables instead of the full ones")
+    ap.add_argument("--conditions", default="", help="run conditions to print beside the layer7/layer72 numbers")
     ap.add_argument("--write", action="store_true")
     # child arguments
     ap.add_argument("--model"), ap.add_argument("--work"), ap.add_argument("--json")
@@ -565,16 +652,23 @@ def main(argv=None) -> int:
             r = part_mem(args, out, full=True)
         elif part in ("time7", "time72"):
             r = part_time(args, out, "7b" if part == "time7" else "72b")
+        elif part in ("layer7", "layer72"):
+            r = part_layer(args, out, part.removeprefix("layer") + "b")
         elif part in ("smol", "smoldefault"):
             r = part_smol(args, out, default=part == "smoldefault")
         else:
             raise SystemExit(f"unknown part {part}")
         (out / f"{part}.json").write_text(json.dumps(r, indent=1))
         (out / f"meta-{part}.json").write_text(json.dumps(meta))
-    text = report(out)
-    print(text)
-    if args.write:
-        print(f"wrote {write_section('bench_scaling', text)}")
+    # --write replaces a section only when OUT holds a JSON of one of its parts (a fresh OUT keeps the rest)
+    text = report(out) if any((out / f"{p}.json").exists() for p in MAIN_PARTS) else None
+    layer = report_layer(out)
+    for name, t in (("bench_scaling", text), ("bench_scaling_layer", layer)):
+        if t is None:
+            continue
+        print(t)
+        if args.write:
+            print(f"wrote {write_section(name, t)}")
     return 0
 
 
