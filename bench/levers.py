@@ -31,7 +31,8 @@ from bench.peers import load_cal_ids, make_cal_dir  # noqa: E402
 from bench.quality import TEXTS, Scorer, uniform_strategy  # noqa: E402
 from bench.report import header, write_section  # noqa: E402
 
-DEFAULTS = {"refine_span": 2, "percdamp": 0.12, "rows": 16}
+DEFAULTS = {"refine_span": 2, "percdamp": 0.12, "rows": 16, "sequential": False, "weighted": False, "polish": 0,
+            "tweak": None, "refine_weighted": False}
 # (label, strategy: "exl2" = the 4.0 bpw allocation or "g128" = uniform 4-bit g128, changes from DEFAULTS)
 RUNS = [("EXL2 4.0, defaults", "exl2", {}),
         ("EXL2 4.0, refine span 0 (ExLlamaV2's codes)", "exl2", {"refine_span": 0}),
@@ -39,6 +40,14 @@ RUNS = [("EXL2 4.0, defaults", "exl2", {}),
         ("EXL2 4.0, refine span 3", "exl2", {"refine_span": 3}),
         ("EXL2 4.0, damping 0.01", "exl2", {"percdamp": 0.01}),
         ("EXL2 4.0, 64 quantization rows", "exl2", {"rows": 64}),
+        ("EXL2 4.0, sequential Hessians", "exl2", {"sequential": True}),
+        ("EXL2 4.0, output-weighted Hessians", "exl2", {"weighted": True}),
+        ("EXL2 4.0, polish 1 sweep", "exl2", {"polish": 1}),
+        ("EXL2 4.0, refine weighted by GPTQ row weights", "exl2", {"refine_weighted": True}),
+        ("EXL2 4.0, norm tweak to quantized-path outputs", "exl2", {"tweak": {"target": "q"}}),
+        ("EXL2 4.0, norm tweak to FP16 outputs", "exl2", {"tweak": {"target": "fp"}}),
+        ("EXL2 4.0, sequential + polish 1 + norm tweak to quantized-path outputs", "exl2",
+         {"sequential": True, "polish": 1, "tweak": {"target": "q"}}),
         ("GPTQ 4-bit g128, defaults", "g128", {}),
         ("GPTQ 4-bit g128, refine span 0", "g128", {"refine_span": 0})]
 JITTER_RUNS = {"EXL2 4.0, defaults", "EXL2 4.0, refine span 0 (ExLlamaV2's codes)", "GPTQ 4-bit g128, defaults",
@@ -75,6 +84,8 @@ def run_variant(v: str, args) -> list[dict]:
     for label, which, change in RUNS:
         if seed is not None and label not in JITTER_RUNS:
             continue
+        if args.runs and not any(x in label for x in args.runs.split(";")):
+            continue
         cfg = {**DEFAULTS, **change}
         run_dir = work / slug(label)
         model = run_dir / "model"
@@ -85,7 +96,7 @@ def run_variant(v: str, args) -> list[dict]:
                 make_cal_dir(src, cal, cfg["rows"], 512)
             t0 = time.time()
             qpass.run_quantization(src, load_cal_ids(cal), strategies[which]["strategy"], 6, run_dir,
-                                   percdamp=cfg["percdamp"], refine_span=cfg["refine_span"])
+                                   **{k: cfg[k] for k in DEFAULTS if k != "rows"})
             writer.compile_model(src, run_dir / "out_tensor", model, quantization_config={"quant_method": "exl2"})
             meta.write_text(json.dumps({"quant_wall_s": time.time() - t0, **cfg}))
         s = {t: scorer.score(label, model, t) for t in TEXTS}
@@ -131,6 +142,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-rows", type=int, default=4)
     ap.add_argument("--eval-length", type=int, default=512)
     ap.add_argument("--rescore", action="store_true")
+    ap.add_argument("--runs", default="", help="';'-separated label parts: only the runs whose label has one")
     ap.add_argument("--write", action="store_true", help="replace this section of BENCHMARKS.md")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)

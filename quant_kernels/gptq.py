@@ -69,9 +69,11 @@ class Prepared:
 
     perm: torch.Tensor         # [K] act-order: permuted row i is input feature perm[i]
     hinv: torch.Tensor | None  # [K, K] upper Cholesky factor of the damped inverse (None: round-to-nearest)
+    h: torch.Tensor | None = None   # [K, K] the damped, permuted Hessian (kept only with keep_h=True)
 
 
-def prepare(H: torch.Tensor | None, k: int | None = None, percdamp: float = PERCDAMP, invert: bool = True) -> Prepared:
+def prepare(H: torch.Tensor | None, k: int | None = None, percdamp: float = PERCDAMP, invert: bool = True,
+            keep_h: bool = False) -> Prepared:
     """Act-order permutation and ``Hinv`` from a Hessian (identity if ``H`` is None, then ``k`` is needed).
 
     ``invert=False`` skips the inverse (round-to-nearest with act-order, used for very large heads).
@@ -103,6 +105,7 @@ def prepare(H: torch.Tensor | None, k: int | None = None, percdamp: float = PERC
             dg += damp
         del dg
         L, info = torch.linalg.cholesky_ex(Hp)
+        kept = Hp if keep_h else None
         del Hp
         if int(info) != 0:
             continue
@@ -114,7 +117,7 @@ def prepare(H: torch.Tensor | None, k: int | None = None, percdamp: float = PERC
         del Hi
         if int(info) != 0 or not bool(torch.isfinite(U).all()):
             continue
-        return Prepared(perm, U.contiguous())     # a no-op when U is already contiguous
+        return Prepared(perm, U.contiguous(), kept)     # U.contiguous(): a no-op when U is already contiguous
     raise HessianError(f"prepare: Hessian not positive definite after {DAMP_TRIES} damping steps")
 
 
@@ -156,7 +159,8 @@ def find_scales(w: torch.Tensor, bits: int) -> GroupScales:
     return GroupScales(codes, scale_max, scale)
 
 
-def refine_codes(w: torch.Tensor, gs: GroupScales, bits: int, span: int = REFINE_SPAN) -> GroupScales:
+def refine_codes(w: torch.Tensor, gs: GroupScales, bits: int, span: int = REFINE_SPAN,
+                 row_weight: torch.Tensor | None = None) -> GroupScales:
     """Per column, the scale code within ``span`` steps of :func:`find_scales`' choice (same ``scale_max``)
     whose rounded column has the least squared error ``sum_rows (Q - w)^2``, Q the loader's fp16 value.
 
@@ -176,7 +180,8 @@ def refine_codes(w: torch.Tensor, gs: GroupScales, bits: int, span: int = REFINE
     for d in range(-span, span + 1):                                   # smallest scale first
         cand = (gs.codes + d).clamp(0, 15)
         s = codec.group_scales(cand.unsqueeze(0), gs.scale_max.reshape(1))[0].to(torch.float32)
-        err = (quantize_rows(w, s, bits)[1] - w).pow(2).sum(0)          # [N]
+        e2 = (quantize_rows(w, s, bits)[1] - w).pow(2)
+        err = (e2 if row_weight is None else e2 * row_weight[:, None]).sum(0)          # [N]
         if best is None:
             codes, scale, best = cand, s, err
             continue
@@ -202,6 +207,34 @@ def quantize_rows(w: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torc
     return q.to(torch.int64), deq
 
 
+def polish(W0: torch.Tensor, Q: torch.Tensor, codes: torch.Tensor, H: torch.Tensor, row_scale: torch.Tensor,
+           row_bits: torch.Tensor, sweeps: int = 1, block: int = 128) -> None:
+    """Coordinate descent on ``tr((W0 - Q)^T H (W0 - Q))`` over the codes, scales fixed (in place).
+
+    ``W0, Q, codes, row_scale [K, N]`` in permuted row order, ``row_bits [K]``.  Row by row, the
+    continuous optimum of row k given the others is ``Q_k + (H E)_k / H_kk`` (E = W0 - Q); it is rounded on
+    the row's grid.  Each step never increases the objective for any column.
+    """
+    K = W0.shape[0]
+    E = W0 - Q
+    for _ in range(sweeps):
+        for a in range(0, K, block):
+            b = min(a + block, K)
+            G = H[a:b] @ E                                            # [B, N]
+            for i in range(b - a):
+                k = a + i
+                t = Q[k] + G[i] / H[k, k]
+                c, v = quantize_rows(t, row_scale[k], int(row_bits[k]))
+                d = Q[k] - v                                          # change of E[k]
+                if not bool(d.any()):
+                    continue
+                E[k] += d
+                Q[k] = v
+                codes[k] = c
+                if i + 1 < b - a:
+                    G[i + 1:] += H[a + i + 1:b, k:k + 1] * d.unsqueeze(0)
+
+
 @dataclass
 class QuantResult:
     tensors: dict[str, torch.Tensor]   # the layer's EXL2 tensors (no prefix)
@@ -216,6 +249,8 @@ def quantize(
     bias: torch.Tensor | None = None,
     reference: bool = False,
     refine_span: int = REFINE_SPAN,
+    polish_sweeps: int = 0,
+    refine_weighted: bool = False,
 ) -> QuantResult:
     """Quantize ``weight [N, K]`` (``nn.Linear`` orientation) to an EXL2 layer.
 
@@ -233,19 +268,22 @@ def quantize(
     perm = prepared.perm
     Hinv = prepared.hinv
     W = weight.t().to(torch.float32)[perm].clone()     # [K, N] permuted rows
+    W0 = W.clone() if polish_sweeps and prepared.h is not None else None
     Q = torch.empty_like(W)                            # dequantized values (fp16-exact)
     codes = torch.empty(k, n, dtype=torch.int64)
     err = torch.empty_like(W) if Hinv is not None else None
     groups = qparams.row_groups(k)
-    scale_codes, scale_max = [], []
+    scale_codes, scale_max, scales_rows = [], [], []
     native = not reference and ops.backend(W) != "reference"
     a = 0
     for bits, rows in groups:
         b = a + rows
+        rw = Hinv.diagonal()[a:b].pow(-2) if refine_weighted and Hinv is not None else None
         gs = refine_codes(W[a:b], ops.find_scales(W[a:b], bits) if native else find_scales(W[a:b], bits), bits,
-                          refine_span)
+                          refine_span, rw)
         scale_codes.append(gs.codes)
         scale_max.append(gs.scale_max)
+        scales_rows.append(gs.scale)
         if native:
             ops.gptq_group(W[a:b], Hinv, a, gs.scale, bits, codes[a:b], Q[a:b], None if err is None else err[a:b])
             if Hinv is not None and b < k:
@@ -260,6 +298,10 @@ def quantize(
             if b < k:
                 W[b:] -= Hinv[a:b, b:].t() @ err[a:b]                                 # [K-b, N]
         a = b
+    if W0 is not None:
+        row_scale = torch.cat([sc.unsqueeze(0).expand(r, -1) for sc, (_, r) in zip(scales_rows, groups)])
+        row_bits = torch.cat([torch.full((r,), bt) for bt, r in groups])
+        polish(W0, Q, codes, prepared.h, row_scale, row_bits, polish_sweeps)
     tensors = codec.pack_layer(codes, groups, torch.stack(scale_codes), torch.stack(scale_max), perm, bias,
                                reference=reference)
     w_out = torch.empty_like(Q)
