@@ -8,9 +8,12 @@ converter's defaults:
   (the default is 2);
 * ``damping``: :func:`gptq.prepare`'s damping fraction (default 0.12, the spec's; GPTQ's usual is 0.01);
 * ``rows``: quantization calibration rows of 512 tokens (default 16; 64 draws more rows of the same mix);
+* ``sequential``: o_proj's and down_proj's Hessians collected after q/k/v and gate/up are quantized;
+* ``polish``: sweeps of coordinate descent on GPTQ's objective after GPTQ (:func:`gptq.polish`);
+* ``refine weighted``: :func:`gptq.refine_codes` weighs each row's squared error by GPTQ's row weight;
 * the uniform GPTQ 4-bit g128 baseline with and without refined codes (is the gain ours or the quantizer's?).
 
-    python bench/levers.py [--variants orig,jitter0] [--write]
+    python bench/levers.py [--variants orig,jitter0] [--runs 'label part;...'] [--write]
 
 Models go to ``WORK/<variant>/<run>/`` and scores to ``WORK/<variant>/scores.json`` (cached). A benchmark,
 not a test.
@@ -31,8 +34,8 @@ from bench.peers import load_cal_ids, make_cal_dir  # noqa: E402
 from bench.quality import TEXTS, Scorer, uniform_strategy  # noqa: E402
 from bench.report import header, write_section  # noqa: E402
 
-DEFAULTS = {"refine_span": 2, "percdamp": 0.12, "rows": 16, "sequential": False, "weighted": False, "polish": 0,
-            "tweak": None, "refine_weighted": False}
+DEFAULTS = {"refine_span": 2, "percdamp": 0.12, "rows": 16, "sequential": False, "polish": 0,
+            "refine_weighted": False}
 # (label, strategy: "exl2" = the 4.0 bpw allocation or "g128" = uniform 4-bit g128, changes from DEFAULTS)
 RUNS = [("EXL2 4.0, defaults", "exl2", {}),
         ("EXL2 4.0, refine span 0 (ExLlamaV2's codes)", "exl2", {"refine_span": 0}),
@@ -41,13 +44,9 @@ RUNS = [("EXL2 4.0, defaults", "exl2", {}),
         ("EXL2 4.0, damping 0.01", "exl2", {"percdamp": 0.01}),
         ("EXL2 4.0, 64 quantization rows", "exl2", {"rows": 64}),
         ("EXL2 4.0, sequential Hessians", "exl2", {"sequential": True}),
-        ("EXL2 4.0, output-weighted Hessians", "exl2", {"weighted": True}),
         ("EXL2 4.0, polish 1 sweep", "exl2", {"polish": 1}),
         ("EXL2 4.0, refine weighted by GPTQ row weights", "exl2", {"refine_weighted": True}),
-        ("EXL2 4.0, norm tweak to quantized-path outputs", "exl2", {"tweak": {"target": "q"}}),
-        ("EXL2 4.0, norm tweak to FP16 outputs", "exl2", {"tweak": {"target": "fp"}}),
-        ("EXL2 4.0, sequential + polish 1 + norm tweak to quantized-path outputs", "exl2",
-         {"sequential": True, "polish": 1, "tweak": {"target": "q"}}),
+        ("EXL2 4.0, sequential Hessians + polish 1 sweep", "exl2", {"sequential": True, "polish": 1}),
         ("GPTQ 4-bit g128, defaults", "g128", {}),
         ("GPTQ 4-bit g128, refine span 0", "g128", {"refine_span": 0})]
 JITTER_RUNS = {"EXL2 4.0, defaults", "EXL2 4.0, refine span 0 (ExLlamaV2's codes)", "GPTQ 4-bit g128, defaults",

@@ -63,56 +63,23 @@ def owner_order(spec) -> list[str]:
     return out
 
 
-def module_norm(block, spec):
-    return block.input_layernorm if spec.kind == "self_attn" else block.post_attention_layernorm
-
-
-def tweak_norm(block, spec, states, targets, cos, sin, device, epochs: int, lr: float) -> None:
-    """Fit the module's RMSNorm weight (in place, rounded to fp16) so that the quantized module's outputs
-    on ``states`` come closer to ``targets`` (per-token relative squared error, Adam on a relative step)."""
-    norm = module_norm(block, spec)
-    g0 = norm.weight.data.detach().clone().float()
-    delta = torch.zeros_like(g0, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=lr)
-    del norm.weight
-    try:
-        for _ in range(epochs):
-            for x, t in zip(states, targets):
-                norm.weight = g0 * (1 + delta)
-                y = run_module(block, spec, x.to(device), cos, sin)
-                t = t.to(device).float()
-                d = (y.float() - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-20)
-                loss = d.mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-    finally:
-        with torch.no_grad():
-            g = (g0 * (1 + delta)).to(torch.float16).to(g0.dtype)
-        norm.weight = torch.nn.Parameter(g, requires_grad=False)
-
-
 def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, device, out_dir: Path,
                     percdamp: float = gptq.PERCDAMP, refine_span: int = gptq.REFINE_SPAN,
-                    sequential: bool = False, tweak: dict | None = None, fp_states=None, weighted: bool = False,
-                    polish: int = 0, refine_weighted: bool = False):
+                    sequential: bool = False, polish: int = 0, refine_weighted: bool = False):
     """Quantize one module in place; returns (new states, relative output error vs full precision).
 
-    ``sequential``: each shared input's Hessian is collected after the projections before it are
-    quantized (o_proj sees quantized q/k/v, down_proj quantized gate/up).
+    Benchmark levers (bench/levers.py; the converter uses the defaults): ``sequential`` collects each
+    shared input's Hessian after the projections before it are quantized (o_proj sees quantized q/k/v,
+    down_proj quantized gate/up); ``polish`` and ``refine_weighted`` are :func:`gptq.quantize`'s
+    ``polish_sweeps`` and ``refine_weighted``.
     """
     key = spec.key(layer)
     options = entry_options(strategy[key])
-    residual = owner_order(spec)[-1:] if weighted else ()
-    H, ref = collect(block, spec, states, cos, sin, device, weighted=residual)
-    fp_ref = None
-    if fp_states is not None:
-        with torch.no_grad():
-            fp_ref = [run_module(block, spec, x.to(device), cos, sin).float().cpu() for x in fp_states]
+    H, ref = collect(block, spec, states, cos, sin, device)
     layers = linears(block, spec)
     for i, owner in enumerate(owner_order(spec)):
         if sequential and i > 0:
-            H.update(collect(block, spec, states, cos, sin, device, owners=(owner,), weighted=residual)[0])
+            H.update(collect(block, spec, states, cos, sin, device, owners=(owner,))[0])
         prepared = gptq.prepare(H[owner].cpu(), percdamp=percdamp, keep_h=bool(polish))
         for p in spec.projections:
             if spec.hessian_of[p] != owner:
@@ -124,20 +91,13 @@ def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, d
             _store(out_dir, f"{key}.{p}", r)
             set_weight(lin, r.weight)
         del prepared
-    if tweak:
-        tweak_norm(block, spec, states, fp_ref if tweak.get("target") == "fp" else ref, cos, sin, device,
-                   tweak.get("epochs", 2), tweak.get("lr", 1e-3))
     outs, errs = [], []
     with torch.no_grad():
         for x, y_ref in zip(states, ref):
             y = run_module(block, spec, x.to(device), cos, sin)
             errs.append(rel_error(y, y_ref.to(device)))
             outs.append(y.float().cpu())
-    return outs, sum(errs) / len(errs), fp_ref
-
-
-def key_norm(spec, layer):
-    return f"model.layers.{layer}.{'input_layernorm' if spec.kind == 'self_attn' else 'post_attention_layernorm'}.weight"
+    return outs, sum(errs) / len(errs)
 
 
 def quantize_head(parts: ModelParts, states, input_ids: torch.Tensor, head_bits: int, out_dir: Path, device,
@@ -175,14 +135,14 @@ def quantize_head(parts: ModelParts, states, input_ids: torch.Tensor, head_bits:
 def run_quantization(model_dir: str | Path, input_ids: torch.Tensor, strategy: dict, head_bits: int,
                      work: str | Path, *, device="cpu", status: Status | None = None, progress=None,
                      ppl_rows: int = 4, percdamp: float = gptq.PERCDAMP,
-                     refine_span: int = gptq.REFINE_SPAN, sequential: bool = False,
-                     tweak: dict | None = None, weighted: bool = False, polish: int = 0,
+                     refine_span: int = gptq.REFINE_SPAN, sequential: bool = False, polish: int = 0,
                      refine_weighted: bool = False) -> dict:
     """Quantize the whole model into ``work/out_tensor``; resumes from ``work/quant.progress.json``.
 
     Returns a report: per-module relative output errors and the head facts.  ``percdamp`` and
-    ``refine_span`` are :func:`gptq.prepare`'s damping and :func:`gptq.refine_codes`' span (benchmarks vary
-    them; the converter uses the defaults).
+    ``refine_span`` are :func:`gptq.prepare`'s damping and :func:`gptq.refine_codes`' span; ``sequential``,
+    ``polish`` and ``refine_weighted`` are :func:`quantize_module`'s (benchmarks vary them; the converter uses
+    the defaults).
     """
     work = Path(work)
     out_dir = work / "out_tensor"
@@ -192,18 +152,12 @@ def run_quantization(model_dir: str | Path, input_ids: torch.Tensor, strategy: d
     saved = load_checkpoint(work, "quant")
     report, states = saved if saved else ({"next_layer": 0, "errors": {}}, embed_rows(parts, input_ids))
     cos, sin = Rotary(parts.cfg).to(device).cos_sin(0, input_ids.shape[1])
-    fp_states = embed_rows(parts, input_ids) if tweak and tweak.get("target") == "fp" else None
     for layer in range(report["next_layer"], n_layers):
         t0 = time.time()
         block = parts.block(layer)
         for spec in MODULES:
-            states, err, fp_states = quantize_module(block, spec, layer, strategy, states, cos, sin, device,
-                                                     out_dir, percdamp, refine_span, sequential, tweak, fp_states,
-                                                     weighted, polish, refine_weighted)
-            if tweak:
-                norm = module_norm(block, spec)
-                save_tensors(out_dir / f"{key_norm(spec, layer)}.safetensors",
-                             {key_norm(spec, layer): norm.weight.data.to(torch.float16)})
+            states, err = quantize_module(block, spec, layer, strategy, states, cos, sin, device, out_dir,
+                                          percdamp, refine_span, sequential, polish, refine_weighted)
             report["errors"][spec.key(layer)] = err
             if status:
                 status({"stage": "quant", "module": spec.key(layer), "rfn_error": err})

@@ -59,9 +59,6 @@ def compile_model(model_dir: str | Path, out_tensor: str | Path, target: str | P
             if not path.exists():
                 raise FileNotFoundError(f"{path}: quantized tensors of {name} missing (quantization incomplete)")
             return load_file(str(path))
-        override = out_tensor / f"{name}.safetensors"     # a norm weight the quantization pass refitted
-        if override.exists():
-            return load_file(str(override))
         return {name: parts.src.get(name).to(torch.float16)}
 
     def module_bytes(name: str, kind: str) -> int:

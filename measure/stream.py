@@ -63,43 +63,31 @@ def run_module(block: Block, spec: ModuleSpec, x: torch.Tensor, cos, sin) -> tor
 class _Recorder(nn.Module):
     """Wraps a linear layer and adds every input it sees to a Hessian (one add per calibration row)."""
 
-    def __init__(self, inner: nn.Module, hessian: gptq.Hessian, stash: bool = False):
+    def __init__(self, inner: nn.Module, hessian: gptq.Hessian):
         super().__init__()
         self.inner, self.hessian = inner, hessian
-        self.stash = [] if stash else None
 
     def forward(self, x):
-        if self.stash is not None:
-            self.stash.append(x)
-        else:
-            self.hessian.add(x)
+        self.hessian.add(x)
         return self.inner(x)
 
 
-def token_weights(y: torch.Tensor) -> torch.Tensor:
-    """Per-token weights ``1 / ||y_t||^2`` of a module output ``y [1, L, C]``, scaled to mean 1: [1, L, 1]."""
-    n2 = y.float().pow(2).sum(-1, keepdim=True).clamp_min(1e-20)
-    w = 1.0 / n2
-    return w / w.mean()
-
-
 def collect(block: Block, spec: ModuleSpec, states: list[torch.Tensor], cos, sin, device,
-            max_abs: list | None = None, owners: tuple[str, ...] | None = None, weighted: tuple[str, ...] = ()
+            max_abs: list | None = None, owners: tuple[str, ...] | None = None
             ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """Run the module over all rows with its current weights: Hessians per projection and the outputs.
 
     Returns ``(H, outputs)`` with ``H[proj]`` averaged over rows (shared inputs share one matrix) and
-    outputs on the CPU.  ``owners`` limits the Hessians to those inputs (default: every input of the
-    module; ``H`` then holds only the projections reading them).  NaN in an output raises; ``max_abs``
+    outputs on the CPU.  ``owners`` limits the Hessians to those shared inputs (default: every input of
+    the module), and ``H`` to the projections that read them.  NaN in an output raises; ``max_abs``
     (if given) receives the largest |output|.
     """
     parent = block.self_attn if spec.kind == "self_attn" else block.mlp
     owners = sorted(set(spec.hessian_of.values()) if owners is None else owners)
     layers = linears(block, spec)
     hess = {o: gptq.Hessian(layers[o].in_features, device=device) for o in owners}
-    rec = {o: _Recorder(layers[o], hess[o], stash=o in weighted) for o in owners}
     for o in owners:
-        setattr(parent, o, rec[o])
+        setattr(parent, o, _Recorder(layers[o], hess[o]))
     outputs = []
     try:
         with torch.no_grad():
@@ -107,12 +95,6 @@ def collect(block: Block, spec: ModuleSpec, states: list[torch.Tensor], cos, sin
                 y = run_module(block, spec, x.to(device), cos, sin)
                 if bool(torch.isnan(y).any()):
                     raise MeasureError(f"{spec.kind}: NaN in the full-precision output")
-                for o in owners:
-                    if rec[o].stash is not None:
-                        w = token_weights(y).sqrt()
-                        for xi in rec[o].stash:
-                            hess[o].add(xi.float() * w.to(xi.device))
-                        rec[o].stash.clear()
                 if max_abs is not None:
                     max_abs.append(float(y.abs().max()))
                 outputs.append(y.cpu())

@@ -77,6 +77,7 @@ def prepare(H: torch.Tensor | None, k: int | None = None, percdamp: float = PERC
     """Act-order permutation and ``Hinv`` from a Hessian (identity if ``H`` is None, then ``k`` is needed).
 
     ``invert=False`` skips the inverse (round-to-nearest with act-order, used for very large heads).
+    ``keep_h=True`` also keeps the damped, permuted Hessian (one more K x K matrix) for :func:`polish`.
     """
     if H is None:
         if k is None:
@@ -162,16 +163,18 @@ def find_scales(w: torch.Tensor, bits: int) -> GroupScales:
 def refine_codes(w: torch.Tensor, gs: GroupScales, bits: int, span: int = REFINE_SPAN,
                  row_weight: torch.Tensor | None = None) -> GroupScales:
     """Per column, the scale code within ``span`` steps of :func:`find_scales`' choice (same ``scale_max``)
-    whose rounded column has the least squared error ``sum_rows (Q - w)^2``, Q the loader's fp16 value.
+    whose rounded column has the least squared error ``sum_rows (Q - w)^2``, Q the loader's fp16 value
+    (``row_weight [rows]``: ``sum_rows row_weight * (Q - w)^2``).
 
     ``find_scales`` rounds every column's scale from its own maximum on a coarse quadratic grid (neighbouring
     codes differ by about 14 % at the top and far more below), so the chosen scale need not be the one with
     the least error, least of all at 2 and 3 bits.  ExLlamaV2 stops at ``find_scales``; this step is ours, changes only which valid codes
     are written, and so stays within the format.  Ties go to the smaller scale: a column that rounds the
     same way under several scales keeps the finest, which the group's later, error-compensated rows
-    still use.  On SmolLM2-135M at 4.0 bpw it lowers KL divergence on held-out text by 14-17 % (5-8 % on
-    the jittered copy); on uniform 4-bit g128 it helps the jittered copy and costs 1-5 % on the fixture,
-    whose weights sit on a 4-bit grid (BENCHMARKS.md, "Quantizer levers").
+    still use.  On SmolLM2-135M at 4.0 bpw it lowers KL divergence on held-out text by 13-17 % (5-13 % on
+    the jittered copy) in two runs; on uniform 4-bit g128 it helps the jittered copy, and on the fixture,
+    whose weights sit on a 4-bit grid, it cost 1-5 % in one run and saved 2-5 % in the other
+    (BENCHMARKS.md, "Quantizer levers").
     """
     if span <= 0 or float(gs.scale_max) == 0.0:
         return gs
@@ -209,28 +212,32 @@ def quantize_rows(w: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torc
 
 def polish(W0: torch.Tensor, Q: torch.Tensor, codes: torch.Tensor, H: torch.Tensor, row_scale: torch.Tensor,
            row_bits: torch.Tensor, sweeps: int = 1, block: int = 128) -> None:
-    """Coordinate descent on ``tr((W0 - Q)^T H (W0 - Q))`` over the codes, scales fixed (in place).
+    """Coordinate descent on GPTQ's objective ``tr((W0 - Q)^T H (W0 - Q))`` over the codes, scales fixed.
 
-    ``W0, Q, codes, row_scale [K, N]`` in permuted row order, ``row_bits [K]``.  Row by row, the
-    continuous optimum of row k given the others is ``Q_k + (H E)_k / H_kk`` (E = W0 - Q); it is rounded on
-    the row's grid.  Each step never increases the objective for any column.
+    ``W0, Q, codes, row_scale [K, N]`` in permuted row order (``Q`` and ``codes`` are updated in place),
+    ``H [K, K]`` the damped, permuted Hessian, ``row_bits [K]``.  Row by row, the continuous optimum of row
+    k given the others is ``Q_k + (H E)_k / H_kk`` (E = W0 - Q); it is rounded on the row's grid and taken
+    in the columns where it lowers the objective, so no step raises any column's error.
     """
     K = W0.shape[0]
     E = W0 - Q
     for _ in range(sweeps):
         for a in range(0, K, block):
             b = min(a + block, K)
-            G = H[a:b] @ E                                            # [B, N]
+            G = H[a:b] @ E                                            # [B, N]: (H E) of this block's rows
             for i in range(b - a):
                 k = a + i
-                t = Q[k] + G[i] / H[k, k]
-                c, v = quantize_rows(t, row_scale[k], int(row_bits[k]))
-                d = Q[k] - v                                          # change of E[k]
+                hkk = H[k, k]
+                c, v = quantize_rows(Q[k] + G[i] / hkk, row_scale[k], int(row_bits[k]))
+                d = Q[k] - v                                          # change of E[k] per column
+                gain = 2 * d * G[i] + hkk * d * d                     # change of the objective per column
+                d = torch.where(gain < 0, d, torch.zeros_like(d))
                 if not bool(d.any()):
                     continue
+                take = d != 0
                 E[k] += d
-                Q[k] = v
-                codes[k] = c
+                Q[k] = torch.where(take, v, Q[k])
+                codes[k] = torch.where(take, c, codes[k])
                 if i + 1 < b - a:
                     G[i + 1:] += H[a + i + 1:b, k:k + 1] * d.unsqueeze(0)
 
@@ -258,7 +265,9 @@ def quantize(
     The scale search and the per-group row loop run in the native kernels when they are available
     (``ops.find_scales``, ``ops.gptq_group``; same codes and values bit for bit); ``reference=True``
     runs the pure-torch loop below, the specification.  ``refine_span`` 0 keeps :func:`find_scales`' codes
-    as they are (ExLlamaV2's choice); see :func:`refine_codes`.
+    as they are (ExLlamaV2's choice); see :func:`refine_codes`.  Benchmark levers, off in the converter:
+    ``refine_weighted`` weighs each row's squared error in :func:`refine_codes` by GPTQ's row weight
+    ``1 / Hinv[r, r]^2``; ``polish_sweeps`` runs :func:`polish` afterwards (needs ``prepare(keep_h=True)``).
     """
     n, k = weight.shape
     if prepared.perm.shape != (k,):
@@ -268,7 +277,9 @@ def quantize(
     perm = prepared.perm
     Hinv = prepared.hinv
     W = weight.t().to(torch.float32)[perm].clone()     # [K, N] permuted rows
-    W0 = W.clone() if polish_sweeps and prepared.h is not None else None
+    if polish_sweeps and (prepared.h is None or Hinv is None):
+        raise ValueError("quantize: polish_sweeps needs prepare(..., keep_h=True) on a Hessian")
+    W0 = W.clone() if polish_sweeps else None
     Q = torch.empty_like(W)                            # dequantized values (fp16-exact)
     codes = torch.empty(k, n, dtype=torch.int64)
     err = torch.empty_like(W) if Hinv is not None else None

@@ -179,3 +179,47 @@ def test_refine_span_lowers_gptq_output_error(problem):
         assert out_err(x, w, refined.weight) < out_err(x, w, plain.weight), qp.desc()
         dq = codec.dequantize_layer(refined.tensors)[: w.shape[0]]
         assert torch.equal(dq.view(torch.int16), refined.weight.view(torch.int16))
+
+
+def test_refine_codes_row_weight_is_the_weighted_least_error_nearby():
+    """With row weights each column's code minimises sum_rows weight * (Q - w)^2 among the nearby codes;
+    unit weights give the unweighted choice."""
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(64, 40, generator=g) * torch.linspace(0.05, 1.0, 40)
+    rw = torch.rand(64, generator=g) * 10 + 0.1
+    gs = gptq.find_scales(w, 3)
+    assert torch.equal(gptq.refine_codes(w, gs, 3, row_weight=torch.ones(64)).codes, gptq.refine_codes(w, gs, 3).codes)
+    r = gptq.refine_codes(w, gs, 3, span=2, row_weight=rw)
+    for c in range(w.shape[1]):
+        cands = sorted({min(15, max(0, int(gs.codes[c]) + d)) for d in range(-2, 3)})
+        errs = []
+        for k in cands:
+            s = codec.group_scales(torch.full((1, w.shape[1]), k), gs.scale_max.reshape(1))[0].float()
+            errs.append(float((rw * (gptq.quantize_rows(w, s, 3)[1] - w).pow(2)[:, c]).sum()))
+        assert int(r.codes[c]) == cands[errs.index(min(errs))], f"column {c}"
+
+
+def gptq_objective(w, wq, p):
+    """Per column of the permuted [K, N] error E = W - Wq: diag(E^T H E) with prepare's damped H."""
+    E = (w.t().float() - wq.t().float())[p.perm]
+    return ((p.h @ E) * E).sum(0)
+
+
+@pytest.mark.parametrize("qp", [QParams.make(64, [3, 2], [0.1, 0.9]), QParams.make(128, [4], [1])],
+                         ids=lambda q: q.desc())
+def test_polish_never_raises_the_gptq_objective_and_reloads(problem, qp):
+    """Polish lowers GPTQ's objective (no column gets worse), writes codes the loader reconstructs to the
+    returned weight bit for bit, and refuses to run without the kept Hessian."""
+    x, w, H = problem
+    p = gptq.prepare(H, keep_h=True)
+    assert p.h is not None and p.h.shape == H.shape
+    plain = gptq.quantize(w, qp, p)
+    pol = gptq.quantize(w, qp, p, polish_sweeps=2)
+    before, after = gptq_objective(w, plain.weight, p), gptq_objective(w, pol.weight, p)
+    assert bool((after <= before * (1 + 1e-5)).all())
+    assert float(after.sum()) < float(before.sum())
+    dq = codec.dequantize_layer(pol.tensors)[: w.shape[0]]
+    assert torch.equal(dq.view(torch.int16), pol.weight.view(torch.int16))
+    assert gptq.prepare(H).h is None
+    with pytest.raises(ValueError, match="keep_h"):
+        gptq.quantize(w, qp, gptq.prepare(H), polish_sweeps=1)

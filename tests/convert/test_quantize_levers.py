@@ -1,0 +1,89 @@
+"""Benchmark levers of the quantization pass (off in the converter): sequential Hessians, polish, weighted
+refinement; each still writes layers that reload bit for bit (checked inside the pass)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from exl2.calibration import default_rows
+from exl2.convert.quantize import run_quantization
+from exl2.measure import measurement as mj
+from exl2.measure.stream import MODULES, collect, linears
+from exl2.quant_kernels.codec import padded_columns
+from exl2.quant_kernels.qparams import QParams
+from exl2.runtime.loader import ModelParts, load_config
+from exl2.runtime.model import Rotary
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_builder, tiny_tokenizer):
+    d = Path(tiny_builder("qwen2", tmp_path_factory.mktemp("m") / "model", num_hidden_layers=2))
+    shutil.copy(tiny_tokenizer, d / "tokenizer.json")
+    rows = default_rows(d / "tokenizer.json", rows=4, length=64, vocab_size=512)
+    return d, rows.input_ids
+
+
+def uniform_strategy(model_dir, qp: QParams) -> dict:
+    cfg = load_config(model_dir)
+    h, q, kv, i = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.kv_dim, cfg.intermediate_size
+    shapes = {"q_proj": (h, q, True), "k_proj": (h, kv, True), "v_proj": (h, kv, True), "o_proj": (q, h, False),
+              "gate_proj": (h, i, False), "up_proj": (h, i, False), "down_proj": (i, h, False)}
+    out = {}
+    for layer in range(cfg.num_layers):
+        for spec in MODULES:
+            sh = {p: (k, padded_columns(n), b) for p, (k, n, b) in shapes.items() if p in spec.projections}
+            out[spec.key(layer)] = mj.entry(1.0, {p: qp for p in spec.projections}, sh)
+    return out
+
+
+def layer_tensors(work: Path, name: str) -> dict:
+    return load_file(str(work / "out_tensor" / f"{name}.safetensors"))
+
+
+def test_collect_limited_to_one_input_matches_the_full_collection(tiny):
+    d, ids = tiny
+    parts = ModelParts(d)
+    from exl2.measure.measure import embed_rows
+
+    states = embed_rows(parts, ids)
+    cos, sin = Rotary(parts.cfg).cos_sin(0, ids.shape[1])
+    block = parts.block(0)
+    attn = MODULES[0]
+    before = linears(block, attn)
+    H_all, out_all = collect(block, attn, states, cos, sin, "cpu")
+    H_o, out_o = collect(block, attn, states, cos, sin, "cpu", owners=("o_proj",))
+    assert set(H_o) == {"o_proj"}
+    assert torch.equal(H_o["o_proj"], H_all["o_proj"])
+    assert all(torch.equal(a, b) for a, b in zip(out_all, out_o))
+    assert all(m is before[p] for p, m in linears(block, attn).items())     # the recorders are removed again
+
+
+def test_sequential_changes_only_the_projections_after_the_first_input(tiny, tmp_path):
+    """Layer 0's q/k/v see the same Hessian either way and come out byte-identical; o_proj's Hessian is
+    collected after q/k/v are quantized, so it differs."""
+    d, ids = tiny
+    strat = uniform_strategy(d, QParams.make(32, [3], [1.0]))
+    run_quantization(d, ids, strat, 6, tmp_path / "plain")
+    run_quantization(d, ids, strat, 6, tmp_path / "seq", sequential=True)
+    for p in ("q_proj", "k_proj", "v_proj"):
+        a = layer_tensors(tmp_path / "plain", f"model.layers.0.self_attn.{p}")
+        b = layer_tensors(tmp_path / "seq", f"model.layers.0.self_attn.{p}")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), p
+    a = layer_tensors(tmp_path / "plain", "model.layers.0.self_attn.o_proj")
+    b = layer_tensors(tmp_path / "seq", "model.layers.0.self_attn.o_proj")
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_polish_and_weighted_refinement_run_through_the_pass(tiny, tmp_path):
+    d, ids = tiny
+    strat = uniform_strategy(d, QParams.make(32, [3], [1.0]))
+    plain = run_quantization(d, ids, strat, 6, tmp_path / "plain")
+    lev = run_quantization(d, ids, strat, 6, tmp_path / "lev", polish=1, refine_weighted=True)
+    assert plain["errors"].keys() == lev["errors"].keys()
+    a = layer_tensors(tmp_path / "plain", "model.layers.0.mlp.down_proj")
+    b = layer_tensors(tmp_path / "lev", "model.layers.0.mlp.down_proj")
+    assert not all(torch.equal(a[k], b[k]) for k in a)
