@@ -13,7 +13,8 @@ may run separately, e.g. the slow ones in the background):
 * ``layer7`` / ``layer72``: one Qwen2-7B- / 72B-shaped layer measured in a fresh subprocess (``--threads``
   torch threads) on ``--mem-rows`` x ``--mem-length`` tokens, with the full option tables or, with
   ``--layer-restricted``, the ``RESTRICTED`` ones: peak RSS (anonymous and file-backed), wall and CPU time,
-  and the same per module.  These go to their own section (``bench_scaling_layer``).
+  and the same per module.  These go to their own section (``bench_scaling_layer``), which ends with the
+  hand-written reading in ``bench/scaling_layer_notes.md``.
 * ``time7`` / ``time72``: one Qwen2-7B- / 72B-shaped layer: GPTQ seconds per projection shape for a few
   options, ``gptq.prepare`` per Hessian size, and the module forward / Hessian collection per token; then
   whole-model measurement and quantization time projected from the option counts of the tables.
@@ -34,6 +35,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import threading
@@ -45,6 +47,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 NOTES = REPO / "bench" / "scaling_notes.md"
+LAYER_NOTES = REPO / "bench" / "scaling_layer_notes.md"   # the hand-written reading of bench_scaling_layer
 sys.path.insert(0, str(REPO))
 
 from bench.report import header, write_section  # noqa: E402
@@ -288,6 +291,8 @@ def report_layer(out: Path) -> str | None:
             L.append(f"| Qwen2-{r['shape'].upper()} | {m['module'].split('.')[-1]} | {m['wall_s']:.0f} | "
                      f"{m['cpu_s']:.0f} | {gib(m['peak_anon_kib']):.2f} |")
     L.append("")
+    if LAYER_NOTES.exists():
+        L += [LAYER_NOTES.read_text().strip(), ""]
     return "\n".join(L)
 
 
@@ -642,7 +647,7 @@ def main(argv=None) -> int:
         return child_measure(args)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "python bench/bench_scaling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    meta = {"command": shlex.join(["python", "bench/bench_scaling.py", *(argv if argv is not None else sys.argv[1:])]),
             "date": str(datetime.date.today())}
     for part in [p for p in args.parts.split(",") if p]:
         print(f"== {part}", flush=True)
