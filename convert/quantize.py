@@ -68,6 +68,8 @@ def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, d
                     sequential: bool = False, polish: int = 0, refine_weighted: bool = False):
     """Quantize one module in place; returns (new states, relative output error vs full precision).
 
+    ``states`` is consumed: its rows are replaced by the module's outputs (the list returned).
+
     Benchmark levers (bench/levers.py; the converter uses the defaults): ``sequential`` collects each
     shared input's Hessian after the projections before it are quantized (o_proj sees quantized q/k/v,
     down_proj quantized gate/up); ``polish`` and ``refine_weighted`` are :func:`gptq.quantize`'s
@@ -91,13 +93,16 @@ def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, d
             _store(out_dir, f"{key}.{p}", r)
             set_weight(lin, r.weight)
         del prepared
-    outs, errs = [], []
+    # Each row's output replaces its input and its reference is dropped as soon as it is used, so two
+    # copies of the states are alive here, not three (rows x length x hidden x 4 B each).
+    errs = []
     with torch.no_grad():
-        for x, y_ref in zip(states, ref):
-            y = run_module(block, spec, x.to(device), cos, sin)
-            errs.append(rel_error(y, y_ref.to(device)))
-            outs.append(y.float().cpu())
-    return outs, sum(errs) / len(errs)
+        for i in range(len(states)):
+            y = run_module(block, spec, states[i].to(device), cos, sin)
+            errs.append(rel_error(y, ref[i].to(device)))
+            ref[i] = None
+            states[i] = y.float().cpu()
+    return states, sum(errs) / len(errs)
 
 
 def quantize_head(parts: ModelParts, states, input_ids: torch.Tensor, head_bits: int, out_dir: Path, device,

@@ -1,5 +1,6 @@
-"""Benchmark levers of the quantization pass (off in the converter): sequential Hessians, polish, weighted
-refinement; each still writes layers that reload bit for bit (checked inside the pass)."""
+"""The quantization pass module by module: states consumed in place, and the benchmark levers (off in the
+converter: sequential Hessians, polish, weighted refinement), each still writing layers that reload bit for
+bit (checked inside the pass)."""
 from __future__ import annotations
 
 import shutil
@@ -10,9 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from exl2.calibration import default_rows
-from exl2.convert.quantize import run_quantization
+from exl2.convert.quantize import quantize_module, run_quantization
+from exl2.measure.measure import embed_rows
 from exl2.measure import measurement as mj
-from exl2.measure.stream import MODULES, collect, linears
+from exl2.measure.stream import MODULES, collect, linears, run_module
 from exl2.quant_kernels.codec import padded_columns
 from exl2.quant_kernels.qparams import QParams
 from exl2.runtime.loader import ModelParts, load_config
@@ -47,8 +49,6 @@ def layer_tensors(work: Path, name: str) -> dict:
 def test_collect_limited_to_one_input_matches_the_full_collection(tiny):
     d, ids = tiny
     parts = ModelParts(d)
-    from exl2.measure.measure import embed_rows
-
     states = embed_rows(parts, ids)
     cos, sin = Rotary(parts.cfg).cos_sin(0, ids.shape[1])
     block = parts.block(0)
@@ -87,3 +87,21 @@ def test_polish_and_weighted_refinement_run_through_the_pass(tiny, tmp_path):
     a = layer_tensors(tmp_path / "plain", "model.layers.0.mlp.down_proj")
     b = layer_tensors(tmp_path / "lev", "model.layers.0.mlp.down_proj")
     assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_quantize_module_replaces_its_input_rows_with_the_outputs(tiny, tmp_path):
+    """The states list passed in comes back holding the module's outputs (two copies of the states alive at
+    the end of a module, not three); they are the quantized module's outputs on the original inputs."""
+    d, ids = tiny
+    parts = ModelParts(d)
+    states = embed_rows(parts, ids)
+    inputs = [s.clone() for s in states]
+    cos, sin = Rotary(parts.cfg).cos_sin(0, ids.shape[1])
+    block = parts.block(0)
+    strat = uniform_strategy(d, QParams.make(32, [4], [1.0]))
+    (tmp_path / "out").mkdir()
+    out, err = quantize_module(block, MODULES[0], 0, strat, states, cos, sin, "cpu", tmp_path / "out")
+    assert out is states and len(out) == len(inputs) and 0 < err < 1
+    with torch.no_grad():
+        for x, y in zip(inputs, out):
+            assert torch.equal(run_module(block, MODULES[0], x, cos, sin).float(), y)
