@@ -145,6 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument("--write", action="store_true", help="replace this section of BENCHMARKS.md")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.write and args.runs:
+        ap.error("--write replaces the whole section: run it without --runs")
     results = {v: run_variant(v, args) for v in args.variants.split(",") if v}
     text = report(results, args)
     print(text)
