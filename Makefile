@@ -40,5 +40,7 @@ bench: install bench-peers
 	$(PYTHON) bench/bench_runtime.py --write
 	$(PYTHON) bench/bench_allocation.py --write
 	$(PYTHON) bench/bench_scaling.py --write
+	$(PYTHON) bench/bench_scaling.py --parts layer7 --mem-rows 2 --mem-length 256 --write
+	$(PYTHON) bench/bench_scaling.py --parts layer72 --layer-restricted --mem-rows 16 --mem-length 2048 --write
 	$(PYTHON) bench/quality.py --write
 	$(PYTHON) bench/levers.py --write
