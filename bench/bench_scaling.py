@@ -257,7 +257,7 @@ def part_layer(args, out: Path, shape: str) -> dict:
 
 def report_layer(out: Path) -> str | None:
     """The ``bench_scaling_layer`` section from layer7.json / layer72.json (None when neither exists)."""
-    from exl2.quant_kernels.qparams import ATTN_OPTIONS, MLP_OPTIONS
+    from exl2.quant_kernels.qparams import ATTN_OPTIONS, MLP_OPTIONS, distinct_options
 
     runs = [json.loads((out / f"{n}.json").read_text()) for n in ("layer7", "layer72") if (out / f"{n}.json").exists()]
     if not runs:
@@ -267,8 +267,14 @@ def report_layer(out: Path) -> str | None:
         m = out / f"meta-{n}.json"
         if m.exists():
             cmds.append(json.loads(m.read_text())["command"])
-    tables = {False: f"full tables: {len(ATTN_OPTIONS)} attention + {len(MLP_OPTIONS)} MLP combinations, 97 GPTQ calls",
-              True: f"restricted: attention {RESTRICTED['self_attn']} + MLP {RESTRICTED['mlp']}, 7 GPTQ calls"}
+    def gptq_calls(tables) -> int:      # one per distinct option of each projection
+        return sum(len(o) for t in tables for o in distinct_options(t))
+
+    cut = [[ATTN_OPTIONS[i] for i in RESTRICTED["self_attn"]], [MLP_OPTIONS[i] for i in RESTRICTED["mlp"]]]
+    tables = {False: f"full tables: {len(ATTN_OPTIONS)} attention + {len(MLP_OPTIONS)} MLP combinations, "
+                     f"{gptq_calls([ATTN_OPTIONS, MLP_OPTIONS])} GPTQ calls",
+              True: f"restricted: attention {RESTRICTED['self_attn']} + MLP {RESTRICTED['mlp']}, "
+                    f"{gptq_calls(cut)} GPTQ calls"}
     L = header("One decoder layer measured: peak memory and time (bench/bench_scaling.py)", "; ".join(cmds),
                f", {os.cpu_count()} cores, "
                f"{gib(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1024):.0f} GiB RAM") + [

@@ -31,8 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.peers import load_cal_ids, make_cal_dir  # noqa: E402
-from bench.quality import TEXTS, Scorer, uniform_strategy  # noqa: E402
+from bench.quality import TEXTS, Scorer  # noqa: E402
 from bench.report import header, write_section  # noqa: E402
+from exl2.convert.api import uniform_strategy  # noqa: E402
 
 DEFAULTS = {"refine_span": 2, "percdamp": 0.12, "rows": 16, "sequential": False, "polish": 0,
             "refine_weighted": False}

@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.peers import load_cal_ids, make_cal_dir, write_checkpoint  # noqa: E402
 from bench.report import header, write_section  # noqa: E402
+from exl2.convert.api import projection_shapes, uniform_strategy  # noqa: E402
 
 DEFAULT_BPW = (4.0, 3.0, 2.5, 5.0, 6.0, 8.0, 3.5, 4.5)   # run in this order: the headline points first
 TEXTS = {"prose": "fixtures/data/persuasion.txt", "code": "fixtures/data/stdlib_code.py.txt"}
@@ -60,32 +61,6 @@ def _require(done: bool, what: str) -> None:
 # ------------------------------------------------------------------------------------------- models
 
 
-def uniform_strategy(cfg, qp) -> tuple[dict, float]:
-    """Every decoder projection with option ``qp``: (strategy for run_quantization, bpw as we count it)."""
-    from exl2.convert.api import decoder_numel
-    from exl2.measure import measurement as mj
-    from exl2.measure.stream import MODULES
-    from exl2.quant_kernels.codec import padded_columns
-
-    shapes = shape_table(cfg)
-    strat, bits = {}, 0
-    for layer in range(cfg.num_layers):
-        for spec in MODULES:
-            sh = {p: (k, padded_columns(n), b) for p, (k, n, b) in shapes.items() if p in spec.projections}
-            e = mj.entry(1.0, {p: qp for p in spec.projections}, sh)
-            strat[spec.key(layer)] = e
-            bits += e["total_bits"]
-    return strat, bits / decoder_numel(cfg)
-
-
-def shape_table(cfg) -> dict[str, tuple[int, int, bool]]:
-    """(in features, out features, bias) of each decoder projection."""
-    h, q, kv, i = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.kv_dim, cfg.intermediate_size
-    return {"q_proj": (h, q, cfg.qkv_bias), "k_proj": (h, kv, cfg.qkv_bias), "v_proj": (h, kv, cfg.qkv_bias),
-            "o_proj": (q, h, cfg.o_bias), "gate_proj": (h, i, cfg.mlp_bias), "up_proj": (h, i, cfg.mlp_bias),
-            "down_proj": (i, h, cfg.mlp_bias)}
-
-
 def rtn_checkpoint(src: Path, out: Path, bits: int, group: int) -> dict:
     """Round-to-nearest on EXL2's grid (no act-order, no error feedback), decoder projections only."""
     from safetensors.torch import load_file
@@ -101,7 +76,7 @@ def rtn_checkpoint(src: Path, out: Path, bits: int, group: int) -> dict:
     state = {}
     for f in sorted(src.glob("*.safetensors")):
         state.update(load_file(str(f)))
-    projections = tuple(shape_table(cfg))
+    projections = tuple(projection_shapes(cfg))
     for name in list(state):
         if name.endswith(".weight") and name.split(".")[-2] in projections:
             w = state[name].float()

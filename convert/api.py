@@ -27,6 +27,7 @@ from exl2.calibration.rows import sha256_file
 from exl2.measure import measurement as mj
 from exl2.measure.measure import preflight, run_measurement
 from exl2.measure.optimize import optimize
+from exl2.measure.stream import MODULES
 from exl2.quant_kernels.codec import padded_columns
 from exl2.runtime.arch import ModelConfig
 from exl2.runtime.loader import ModelParts
@@ -118,6 +119,29 @@ def decoder_numel(cfg: ModelConfig) -> int:
     per_layer = (C * padded_columns(H * D) + 2 * C * padded_columns(Hkv * D) + H * D * padded_columns(C)
                  + 2 * C * padded_columns(I) + I * padded_columns(C))
     return cfg.num_layers * per_layer
+
+
+def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int, bool]]:
+    """(in features, out features, has bias) of each decoder projection."""
+    h, q, kv, i = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.kv_dim, cfg.intermediate_size
+    return {"q_proj": (h, q, cfg.qkv_bias), "k_proj": (h, kv, cfg.qkv_bias), "v_proj": (h, kv, cfg.qkv_bias),
+            "o_proj": (q, h, cfg.o_bias), "gate_proj": (h, i, cfg.mlp_bias), "up_proj": (h, i, cfg.mlp_bias),
+            "down_proj": (i, h, cfg.mlp_bias)}
+
+
+def uniform_strategy(cfg: ModelConfig, qp) -> tuple[dict, float]:
+    """Every decoder projection with option ``qp``: (strategy for ``run_quantization``, bpw as we count it).
+
+    Baselines and tests use it; the converter's strategies come from :func:`optimize`."""
+    shapes = projection_shapes(cfg)
+    strat, bits = {}, 0
+    for layer in range(cfg.num_layers):
+        for spec in MODULES:
+            sh = {p: (k, padded_columns(n), b) for p, (k, n, b) in shapes.items() if p in spec.projections}
+            e = mj.entry(1.0, {p: qp for p in spec.projections}, sh)
+            strat[spec.key(layer)] = e
+            bits += e["total_bits"]
+    return strat, bits / decoder_numel(cfg)
 
 
 def target_dir_name(bpw: float) -> str:

@@ -101,6 +101,27 @@ def tiny_builder():
     return build_tiny
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen_rows(tmp_path_factory, tiny_tokenizer):
+    """Factory: tiny_qwen_rows(layers) -> (checkpoint dir with the tiny tokenizer, 4 x 64 default-mix token
+    rows) of a tiny random Qwen2; one checkpoint per depth for the session (tests must not modify it)."""
+    import shutil
+
+    from exl2.calibration import default_rows
+
+    made = {}
+
+    def make(layers: int):
+        if layers not in made:
+            d = pathlib.Path(build_tiny("qwen2", tmp_path_factory.mktemp("tiny_qwen") / "model",
+                                        num_hidden_layers=layers))
+            shutil.copy(tiny_tokenizer, d / "tokenizer.json")
+            made[layers] = d, default_rows(d / "tokenizer.json", rows=4, length=64, vocab_size=512).input_ids
+        return made[layers]
+
+    return make
+
+
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     """Factory: tiny_checkpoint("qwen2", tie=True, ...) -> path of a fresh checkpoint dir."""

@@ -3,43 +3,28 @@ converter: sequential Hessians, polish, weighted refinement), each still writing
 bit (checked inside the pass)."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from exl2.calibration import default_rows
+from exl2.convert import api
 from exl2.convert.quantize import quantize_module, run_quantization
 from exl2.measure.measure import embed_rows
-from exl2.measure import measurement as mj
 from exl2.measure.stream import MODULES, collect, linears, run_module
-from exl2.quant_kernels.codec import padded_columns
 from exl2.quant_kernels.qparams import QParams
 from exl2.runtime.loader import ModelParts, load_config
 from exl2.runtime.model import Rotary
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tiny_builder, tiny_tokenizer):
-    d = Path(tiny_builder("qwen2", tmp_path_factory.mktemp("m") / "model", num_hidden_layers=2))
-    shutil.copy(tiny_tokenizer, d / "tokenizer.json")
-    rows = default_rows(d / "tokenizer.json", rows=4, length=64, vocab_size=512)
-    return d, rows.input_ids
+def tiny(tiny_qwen_rows):
+    return tiny_qwen_rows(2)
 
 
 def uniform_strategy(model_dir, qp: QParams) -> dict:
-    cfg = load_config(model_dir)
-    h, q, kv, i = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.kv_dim, cfg.intermediate_size
-    shapes = {"q_proj": (h, q, True), "k_proj": (h, kv, True), "v_proj": (h, kv, True), "o_proj": (q, h, False),
-              "gate_proj": (h, i, False), "up_proj": (h, i, False), "down_proj": (i, h, False)}
-    out = {}
-    for layer in range(cfg.num_layers):
-        for spec in MODULES:
-            sh = {p: (k, padded_columns(n), b) for p, (k, n, b) in shapes.items() if p in spec.projections}
-            out[spec.key(layer)] = mj.entry(1.0, {p: qp for p in spec.projections}, sh)
-    return out
+    return api.uniform_strategy(load_config(model_dir), qp)[0]
 
 
 def layer_tensors(work: Path, name: str) -> dict:

@@ -1,23 +1,17 @@
 """The measurement pass on a tiny random Qwen2: schema, monotone errors, resume equals uninterrupted."""
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 
 import pytest
 
-from exl2.calibration import default_rows
 from exl2.measure import measurement as mj
 from exl2.measure.measure import run_measurement
 from exl2.quant_kernels.qparams import ATTN_OPTIONS, MLP_OPTIONS
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tiny_builder, tiny_tokenizer):
-    d = Path(tiny_builder("qwen2", tmp_path_factory.mktemp("m") / "model", num_hidden_layers=3))
-    shutil.copy(tiny_tokenizer, d / "tokenizer.json")
-    rows = default_rows(d / "tokenizer.json", rows=4, length=64, vocab_size=512)
-    return d, rows.input_ids
+def tiny(tiny_qwen_rows):
+    return tiny_qwen_rows(3)
 
 
 @pytest.fixture(scope="module")
