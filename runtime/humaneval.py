@@ -9,7 +9,8 @@ What the sandbox does (``run_program``; ``sandbox_report()`` says which layers h
 - a separate process ``python -I -B`` (isolated mode: no user site, no ``PYTHON*`` variables), its own
   process group, cwd/HOME/TMPDIR a fresh temporary directory, a minimal environment with the proxy
   variables pointing at an unreachable address;
-- a wall-clock limit: on expiry the whole process group is killed (SIGKILL) and the sample fails;
+- a wall-clock limit: on expiry the whole process group is killed (SIGKILL) and the sample fails with
+  status "timeout"; a CPU-seconds limit one second above it backs it up (SIGXCPU, also "timeout");
 - resource limits set before the code runs: address space (``RLIMIT_AS``), CPU seconds, file size, no core
   dumps; and ``RLIMIT_NPROC = 0`` from the script's first line, which stops ``os.system``/``subprocess``
   for every uid but root (the kernel exempts uid 0 from it);
@@ -257,7 +258,7 @@ del _r
 @dataclass
 class RunResult:
     passed: bool
-    status: str  # "passed", "failed" (non-zero exit or killed by a limit), "timeout"
+    status: str  # "passed", "failed" (non-zero exit, memory or file limit), "timeout" (wall clock or CPU limit)
     returncode: int | None = None
     stdout: str = ""  # last 4 kB
     stderr: str = ""  # last 4 kB
@@ -289,7 +290,7 @@ def run_program(program: str, *, timeout: float = 10.0, memory_mb: int = 2048) -
         script = os.path.join(top, "sample.py")
         with open(script, "w", encoding="utf-8") as f:
             f.write(_PRELUDE + program)
-        cfg = {"memory_bytes": memory_mb << 20, "cpu_seconds": max(1, math.ceil(timeout)),
+        cfg = {"memory_bytes": memory_mb << 20, "cpu_seconds": math.ceil(timeout) + 1,
                "file_bytes": 16 << 20, "workdir": work, "script": script}
         out_path, err_path = os.path.join(top, "stdout.txt"), os.path.join(top, "stderr.txt")
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
@@ -298,7 +299,9 @@ def run_program(program: str, *, timeout: float = 10.0, memory_mb: int = 2048) -
                                     start_new_session=True)
             try:
                 rc = proc.wait(timeout=timeout)
-                status = "passed" if rc == 0 else "failed"
+                # the CPU limit sits above the wall limit, but a busy sample on an idle core can still reach it
+                # first (startup counts): that is a timeout as well, not a failure of its own
+                status = "passed" if rc == 0 else "timeout" if rc == -signal.SIGXCPU else "failed"
             except subprocess.TimeoutExpired:
                 rc, status = None, "timeout"
             finally:

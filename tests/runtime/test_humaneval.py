@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import time
 
 import pytest
@@ -82,6 +83,14 @@ def test_infinite_loop_is_killed_within_the_limit(problem):
     elapsed = time.monotonic() - t
     assert r.status == "timeout" and not r.passed
     assert elapsed < 2.0 + 3.0  # the limit plus process start/kill slack
+
+
+def test_cpu_limit_signal_counts_as_timeout():
+    # what the kernel sends when the CPU-seconds limit runs out before the wall clock (it did on a busy CI box)
+    r = he.run_program("import os, signal\nos.kill(os.getpid(), signal.SIGXCPU)\n", timeout=5.0)
+    assert r.status == "timeout" and not r.passed and r.returncode == -signal.SIGXCPU
+    r = he.run_program("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\n", timeout=5.0)
+    assert r.status == "failed" and r.returncode == -signal.SIGTERM
 
 
 def test_memory_limit(problem):
