@@ -31,8 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.peers import load_cal_ids, make_cal_dir  # noqa: E402
-from bench.quality import TEXTS, Scorer  # noqa: E402
-from bench.report import header, write_section  # noqa: E402
+from bench.quality import TEXTS, Scorer, add_follow_up_args, run_follow_up  # noqa: E402
+from bench.report import header  # noqa: E402
 from exl2.convert.api import uniform_strategy  # noqa: E402
 
 DEFAULTS = {"refine_span": 2, "percdamp": 0.12, "rows": 16, "sequential": False, "polish": 0,
@@ -136,24 +136,13 @@ def report(results: dict[str, list[dict]], args) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", default="orig,jitter0")
-    ap.add_argument("--work", default=str(REPO / "work" / "levers"))
-    ap.add_argument("--quality-work", default=str(REPO / "work" / "quality"), help="bench/quality.py's --work")
-    ap.add_argument("--eval-rows", type=int, default=4)
-    ap.add_argument("--eval-length", type=int, default=512)
-    ap.add_argument("--rescore", action="store_true")
+    add_follow_up_args(ap, "levers")
     ap.add_argument("--runs", default="", help="';'-separated label parts: only the runs whose label has one")
-    ap.add_argument("--write", action="store_true", help="replace this section of BENCHMARKS.md")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.write and args.runs:
         ap.error("--write replaces the whole section: run it without --runs")
-    results = {v: run_variant(v, args) for v in args.variants.split(",") if v}
-    text = report(results, args)
-    print(text)
-    if args.write:
-        print(f"wrote {write_section('quality_levers', text)}")
-    return 0
+    return run_follow_up(args, run_variant, report, "quality_levers")
 
 
 if __name__ == "__main__":

@@ -175,6 +175,29 @@ def peer_models(src: Path, work: Path, cal_dir: Path, enabled: bool, table: dict
 # ------------------------------------------------------------------------------------------- scoring
 
 
+def add_follow_up_args(ap: argparse.ArgumentParser, work: str) -> None:
+    """The options of a benchmark that builds on this one's models and scores like it (levers, tables)."""
+    ap.add_argument("--variants", default="orig,jitter0")
+    ap.add_argument("--work", default=str(REPO / "work" / work))
+    ap.add_argument("--quality-work", default=str(REPO / "work" / "quality"), help="bench/quality.py's --work")
+    ap.add_argument("--eval-rows", type=int, default=4)
+    ap.add_argument("--eval-length", type=int, default=512)
+    ap.add_argument("--rescore", action="store_true")
+    ap.add_argument("--write", action="store_true", help="replace this section of BENCHMARKS.md")
+
+
+def run_follow_up(args, run_variant, report, section: str) -> int:
+    """Run every variant of ``args.variants``, print the report, write it as ``section`` with --write."""
+    from bench.report import write_section
+
+    results = {v: run_variant(v, args) for v in args.variants.split(",") if v}
+    text = report(results, args)
+    print(text)
+    if args.write:
+        print(f"wrote {write_section(section, text)}")
+    return 0
+
+
 class Scorer:
     """Scores models on fixed token rows against one FP16 reference, caching the reference log-probs."""
 

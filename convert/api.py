@@ -26,9 +26,10 @@ from exl2.calibration import CalibrationRows, default_rows, user_rows
 from exl2.calibration.rows import sha256_file
 from exl2.measure import measurement as mj
 from exl2.measure.measure import preflight, run_measurement
-from exl2.measure.optimize import optimize
-from exl2.measure.stream import MODULES
+from exl2.measure.optimize import DEFAULT_NORMS, optimize
+from exl2.measure.stream import MODULES, module_specs
 from exl2.quant_kernels.codec import padded_columns
+from exl2.quant_kernels.qparams import TABLES
 from exl2.runtime.arch import ModelConfig
 from exl2.runtime.loader import ModelParts
 
@@ -68,11 +69,14 @@ class ConvertOptions:
     seed: int = 0
     validate: bool = True
     validation_rows: int = 4
+    tables: str = "exl2"                  # option tables measured: "exl2" (ExLlamaV2's) or "extended"
+    norm: float | None = None             # allocation: one fixed norm p, or None for ExLlamaV2's min-max sweep
 
 
 # Parameters whose change invalidates finished work, by what they invalidate.
-MEASURE_PARAMS = ("checkpoint_sha256", "cal_dataset", "measurement_rows", "measurement_length", "seed")
+MEASURE_PARAMS = ("checkpoint_sha256", "cal_dataset", "measurement_rows", "measurement_length", "seed", "tables")
 QUANT_PARAMS = ("checkpoint_sha256", "cal_dataset", "rows", "length", "head_bits", "seed", "measurement_sha256")
+PARAM_DEFAULTS = {"tables": "exl2"}      # what job files written before a parameter existed used
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -173,6 +177,10 @@ class Job:
                 raise ConvertError(f"--{name.replace('_', '-')} {getattr(o, name)}: must be positive")
         if o.shard_mib < 0:
             raise ConvertError(f"--shard-size {o.shard_mib}: must be >= 0")
+        if o.tables not in TABLES:
+            raise ConvertError(f"--tables {o.tables}: must be one of {', '.join(TABLES)}")
+        if o.norm is not None and not 1.0 <= o.norm <= 4.0:
+            raise ConvertError(f"--norm {o.norm}: must be between 1 and 4")
         if not o.measure_only and not o.bits:
             raise ConvertError("--bits: give at least one target")
         for b in o.bits:
@@ -193,7 +201,7 @@ class Job:
             "cal_dataset": str(Path(self.o.cal_dataset).resolve()) if self.o.cal_dataset else None,
             "rows": self.o.rows, "length": self.o.length, "measurement_rows": self.o.measurement_rows,
             "measurement_length": self.o.measurement_length, "head_bits": self.o.head_bits, "seed": self.o.seed,
-            "measurement_sha256": None,
+            "tables": self.o.tables, "measurement_sha256": None,
         }
         if previous:
             job = previous
@@ -201,17 +209,19 @@ class Job:
                 raise ConvertError(f"{self.job_file}: not a job file of this tool; use -nr to start over")
             old = job["params"]
             done = job["finished_stages"]
-            measured = "measure" in done
+            # a measurement killed part-way has finished layers too: they are work that the change would mix in
+            measured = "measure" in done or (self.work / "measure" / "measure.progress.json").exists()
             quantized = any(s.startswith("quant:") for s in done)
             for k in MEASURE_PARAMS + QUANT_PARAMS:
                 if k == "measurement_sha256":
                     continue
-                if old.get(k) != params[k] and ((k in MEASURE_PARAMS and measured) or (k in QUANT_PARAMS and quantized)):
+                if (old.get(k, PARAM_DEFAULTS.get(k)) != params[k]
+                        and ((k in MEASURE_PARAMS and measured) or (k in QUANT_PARAMS and quantized))):
                     flag = {"checkpoint_sha256": "-i (the checkpoint's content changed)", "cal_dataset": "-c",
                             "rows": "-r", "length": "-l", "measurement_rows": "-mr", "measurement_length": "-ml",
-                            "head_bits": "-hb", "seed": "--seed"}[k]
-                    raise ConvertError(f"{self.work}: finished work used {flag} = {old.get(k)}, this run asks for "
-                                       f"{params[k]}; use -nr to start over or another -o")
+                            "head_bits": "-hb", "seed": "--seed", "tables": "--tables"}[k]
+                    raise ConvertError(f"{self.work}: finished work used {flag} = {old.get(k, PARAM_DEFAULTS.get(k))}, "
+                                       f"this run asks for {params[k]}; use -nr to start over or another -o")
             params["measurement_sha256"] = old.get("measurement_sha256")
             job["params"] = params
         else:
@@ -275,9 +285,11 @@ class Job:
             prov = {"tool_version": VERSION, "checkpoint_sha256": self.job["params"]["checkpoint_sha256"],
                     "calibration_sha256": rows.sha256, "rows": int(rows.input_ids.shape[0]),
                     "length": int(rows.input_ids.shape[1]),
-                    "calibration": "(default)" if not o.cal_dataset else Path(o.cal_dataset).name}
+                    "calibration": "(default)" if not o.cal_dataset else Path(o.cal_dataset).name,
+                    "tables": o.tables}
             data = run_measurement(self.in_dir, rows.input_ids, self.work / "measure", device=o.device,
-                                   provenance=prov, status=self.status, progress=self._progress("measure"))
+                                   provenance=prov, status=self.status, progress=self._progress("measure"),
+                                   modules=module_specs(o.tables))
             shutil.copyfile(self.work / "measure" / "measurement.json", self.work / "measurement.json")
             self._finish("measure")
         text = json.dumps(data, indent=4)
@@ -298,15 +310,21 @@ class Job:
         tag = f"{bpw:.2f}"
         numel = decoder_numel(self.cfg)
         strategy_file = tdir / "strategy.json"
+        strat = None
         if self._done(f"optimize:{tag}") and strategy_file.exists():
             strat = json.loads(strategy_file.read_text())
-        else:
+        if strat is not None and strat.get("norm_fixed") != o.norm:
+            if self._done(f"quant:{tag}"):
+                raise ConvertError(f"{tdir}: finished work used --norm {strat.get('norm_fixed') or '(sweep)'}, this "
+                                   f"run asks for {o.norm or '(sweep)'}; use -nr to start over or another -o")
+            strat = None                      # optimized but not quantized yet: solve again with this norm
+        if strat is None:
             try:
-                sol = optimize(data["measurement"], numel, bpw)
+                sol = optimize(data["measurement"], numel, bpw, norms=DEFAULT_NORMS if o.norm is None else (o.norm,))
             except ValueError as e:
                 raise ConvertError(f"--bits {bpw}: {e}") from None
             strat = {"bpw_target": bpw, "bpw": sol.bits / numel, "bits": sol.bits, "budget": sol.budget,
-                     "numel": numel, "norm": sol.norm, "max_err": sol.max_err,
+                     "numel": numel, "norm": sol.norm, "norm_fixed": o.norm, "max_err": sol.max_err,
                      "strategy": {k: {"option": i, **data["measurement"][k][i]} for k, i in sol.choice.items()}}
             _write_json(strategy_file, strat)
             self._finish(f"optimize:{tag}")
@@ -324,7 +342,8 @@ class Job:
         if not self._done(f"compile:{tag}") or not (out / "config.json").exists():
             qconf = {"quant_method": "exl2", "version": VERSION, "bits": bpw, "head_bits": o.head_bits,
                      "calibration": qconf_calibration(o),
-                     "exl2": {"bpw": strat["bpw"], "checkpoint_sha256": self.job["params"]["checkpoint_sha256"]}}
+                     "exl2": {"bpw": strat["bpw"], "checkpoint_sha256": self.job["params"]["checkpoint_sha256"],
+                              "tables": (data.get("exl2") or {}).get("tables", "exl2"), "norm": o.norm}}
             writer.compile_model(self.in_dir, tdir / "out_tensor", out, shard_mib=o.shard_mib,
                                  quantization_config=qconf,
                                  extra_files={"measurement.json": json.dumps(data, indent=4)})

@@ -7,7 +7,9 @@ The spec (TOML)::
     bpw = [3.0, 4.0]
     head_bits = 6
     rows = 100                            # also: length, measurement_rows, measurement_length,
-    cal_dataset = "/data/cal.parquet"     #       validation_rows, seed (the ConvertOptions defaults)
+    cal_dataset = "/data/cal.parquet"     #       validation_rows, seed (the ConvertOptions defaults),
+    tables = "exl2"                       #       tables ("exl2" or "extended") and norm (1 to 4),
+                                          #       as exl2-convert's --tables and --norm
     [resources]                           # per task
     num_cpus = 1
     num_gpus = 0                          # > 0: the task gets that share of a GPU and runs with device cuda
@@ -52,9 +54,12 @@ from typing import Callable
 
 import click
 
+from exl2.quant_kernels.qparams import TABLES
+
 # The calibration and target keys of [defaults] / [[model]], with the converter's defaults.
 DEFAULTS = {"bpw": [4.125], "head_bits": 6, "rows": 100, "length": 2048, "measurement_rows": 16,
-            "measurement_length": 2048, "cal_dataset": None, "validation_rows": 4, "seed": 0}
+            "measurement_length": 2048, "cal_dataset": None, "validation_rows": 4, "seed": 0, "tables": "exl2",
+            "norm": None}
 RESOURCE_DEFAULTS = {"num_cpus": 1, "num_gpus": 0, "max_retries": 3, "memory_gb": None}
 TOP_KEYS = {"output", "defaults", "resources", "model"}
 INT_KEYS = ("head_bits", "rows", "length", "measurement_rows", "measurement_length", "validation_rows", "seed")
@@ -93,6 +98,8 @@ class Model:
     cal_dataset: str | None
     validation_rows: int
     seed: int
+    tables: str
+    norm: float | None
     resources: "Resources"
 
 
@@ -142,6 +149,14 @@ def _check_settings(where: str, table: dict, base: Path) -> dict:
             if key != "seed" and key != "head_bits" and value <= 0:
                 raise SpecError(f"{where}: {key} = {value}: must be positive")
             out[key] = value
+        elif key == "tables":
+            if value not in TABLES:
+                raise SpecError(f"{where}: tables = {value!r}: must be one of {', '.join(map(repr, TABLES))}")
+            out[key] = value
+        elif key == "norm":
+            if not _is_number(value) or not 1.0 <= value <= 4.0:
+                raise SpecError(f"{where}: norm = {value!r}: must be a number between 1 and 4")
+            out[key] = float(value)
         else:
             raise SpecError(f"{where}: unknown key {key!r} (known: {', '.join(DEFAULTS)})")
     return out
@@ -255,7 +270,7 @@ def plan(spec: Spec) -> list[Task]:
         root = Path(spec.output) / m.name
         common = dict(in_dir=m.path, head_bits=m.head_bits, cal_dataset=m.cal_dataset, rows=m.rows,
                       length=m.length, measurement_rows=m.measurement_rows,
-                      measurement_length=m.measurement_length, seed=m.seed, device=device,
+                      measurement_length=m.measurement_length, seed=m.seed, device=device, tables=m.tables, norm=m.norm,
                       validation_rows=m.validation_rows, validate=True)
         measure = Task(id=f"{m.name}/measure", kind="measure", model=m.name, bpw=None,
                        output=str(root / "measurement.json"), resources=res,
@@ -294,9 +309,12 @@ def mismatch(task: Task) -> str | None:
     want = {"bits": task.bpw, "head_bits": o["head_bits"],
             "calibration": {"rows": o["rows"], "length": o["length"],
                             "dataset": Path(o["cal_dataset"]).name if o["cal_dataset"] else "(default)"}}
+    ours = q.get("exl2") or {}
+    have = {**{k: q.get(k) for k in want}, "tables": ours.get("tables", "exl2"), "norm": ours.get("norm")}
+    want.update(tables=o["tables"], norm=o["norm"])     # outputs written before these existed: the defaults
     for key, value in want.items():
-        if q.get(key) != value:
-            return (f"{out} exists with {key} = {q.get(key)!r} but the spec asks for {value!r}; delete it and "
+        if have[key] != value:
+            return (f"{out} exists with {key} = {have[key]!r} but the spec asks for {value!r}; delete it and "
                     f"{Path(o['work_dir'])} to convert it again")
     return None
 

@@ -33,7 +33,7 @@ from exl2.quant_kernels.qparams import QParams, distinct_options
 from exl2.runtime.loader import ModelParts
 
 from . import measurement as mj
-from .stream import (FP16_MAX, MODULES, MeasureError, clear_checkpoint, collect, linears, load_checkpoint, rel_error, token_error,
+from .stream import (FP16_MAX, MODULES, MeasureError, ModuleSpec, clear_checkpoint, collect, linears, load_checkpoint, rel_error, token_error,
                      run_module, save_checkpoint, set_weight)
 
 MIN_ACCURACY = 0.1      # a module whose best option is worse than this aborts the run (ExLlamaV2's rule)
@@ -203,7 +203,7 @@ def measure_module(block, spec, layer: int, states: list[torch.Tensor], cos, sin
 
 def run_measurement(model_dir: str | Path, input_ids: torch.Tensor, work: str | Path, *, device="cpu",
                     provenance: dict | None = None, status: Status | None = None, progress=None,
-                    variant_budget: int | None = None) -> dict:
+                    variant_budget: int | None = None, modules: tuple[ModuleSpec, ...] = MODULES) -> dict:
     """Measure every decoder module of ``model_dir`` on calibration rows ``input_ids [R, L]``.
 
     ``work`` holds the checkpoint files (``states.safetensors``, ``measurement.partial.json``); when they
@@ -211,6 +211,10 @@ def run_measurement(model_dir: str | Path, input_ids: torch.Tensor, work: str | 
     to ``work/measurement.json``).  ``progress`` is an optional callable ``(layer_done, layers)``.
     ``variant_budget`` (bytes, default :data:`VARIANT_BUDGET`): a module whose quantized variants exceed it
     spills them to a temporary folder under ``work``, so memory follows one layer, not the option count.
+    ``modules``: the attention and MLP specs with their option tables (default: ExLlamaV2's;
+    ``stream.module_specs("extended")`` appends our candidates; ``bench/tables.py`` measures the candidates
+    alone).  Every module is measured on the FP16 path's states, so entries measured with different tables
+    can be concatenated.
     """
     from exl2.runtime.model import Rotary
 
@@ -231,7 +235,7 @@ def run_measurement(model_dir: str | Path, input_ids: torch.Tensor, work: str | 
     for layer in range(start, n_layers):
         t0 = time.time()
         block = parts.block(layer)
-        for spec in MODULES:
+        for spec in modules:
             entries, states = measure_module(block, spec, layer, states, cos, sin, device, status,
                                              variant_budget=variant_budget, spill_dir=work)
             measurement[spec.key(layer)] = entries

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from exl2.quant_kernels import gptq
-from exl2.quant_kernels.qparams import ATTN_OPTIONS, ATTN_PROJ, MLP_OPTIONS, MLP_PROJ
+from exl2.quant_kernels.qparams import ATTN_OPTIONS, ATTN_PROJ, MLP_OPTIONS, MLP_PROJ, TABLES
 from exl2.runtime.model import Block
 
 FP16_MAX = 65504.0
@@ -46,6 +46,12 @@ ATTN = ModuleSpec("self_attn", ATTN_PROJ, {"q_proj": "q_proj", "k_proj": "q_proj
 MLP = ModuleSpec("mlp", MLP_PROJ, {"gate_proj": "gate_proj", "up_proj": "gate_proj", "down_proj": "down_proj"},
                  MLP_OPTIONS)
 MODULES = (ATTN, MLP)
+
+
+def module_specs(tables: str = "exl2") -> tuple[ModuleSpec, ...]:
+    """The attention and MLP specs measured with the option tables ``qparams.TABLES[tables]``."""
+    attn, mlp = TABLES[tables]
+    return replace(ATTN, options=attn), replace(MLP, options=mlp)
 
 
 def linears(block: Block, spec: ModuleSpec) -> dict[str, nn.Module]:

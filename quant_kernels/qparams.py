@@ -8,7 +8,7 @@ also the order the loader requires along K (EXL2-SPEC.md 1.3).
 The option tables below are data: the 19 attention combinations (q, k, v, o), the 17 MLP combinations
 (gate, up, down) and the head options keyed by head bits.  They are the candidates the measurement pass
 evaluates; their order is part of the `measurement.json` format (entry i of a module's list is combination
-i), so it must not change.
+i), so it must not change.  ``TABLES["extended"]`` appends our candidates after them (``--tables extended``).
 """
 from __future__ import annotations
 
@@ -196,7 +196,36 @@ HEAD_OPTIONS: dict[int, QParams] = {
     6: _q(128, [8, 6], [0.15, 0.85]),
     8: _q(128, [8], [1.0]),
 }
+
+# Candidates beyond ExLlamaV2's tables (``--tables extended``, measured in BENCHMARKS.md, bench/tables.py).
+# ExLlamaV2's attention combinations give q/k/v/o's first rows in act-order at most one bit more than the
+# rest; these give the first 32 rows (the inputs with the largest Hessian diagonal) 8 bits, as its MLP
+# table already does for down_proj.  Appended after ExLlamaV2's entries, so indices 0-18 / 0-16 keep
+# their meaning.
+CANDIDATE_ATTN_OPTIONS: list[tuple[QParams, ...]] = [(qp,) * 4 for qp in (
+    _q([32, 128], [8, 3], [0.05, 0.95]),
+    _q([32, 128, 128], [8, 4, 3], [0.05, 0.1, 0.85]),
+    _q([32, 128, 128], [8, 4, 3], [0.05, 0.45, 0.5]),
+    _q([32, 128], [8, 4], [0.05, 0.95]),
+    _q(128, [6, 4], [0.1, 0.9]),
+    _q([32, 64], [8, 3], [0.05, 0.95]),
+    _q([32, 64, 64], [8, 4, 3], [0.05, 0.1, 0.85]),
+    _q([32, 64], [8, 4], [0.05, 0.95]),
+)]
+CANDIDATE_MLP_OPTIONS: list[tuple[QParams, ...]] = [
+    (_q([32, 128, 128], [8, 4, 3], [0.05, 0.1, 0.85]), _q([32, 128, 128], [8, 4, 3], [0.05, 0.25, 0.7]),
+     _q([32, 128, 128], [8, 4, 3], [0.05, 0.1, 0.85])),
+    (_q([32, 128], [8, 4], [0.05, 0.95]),) * 3,
+    (_q([32, 128, 128], [8, 4, 3], [0.05, 0.45, 0.5]), _q([32, 128, 128], [8, 4, 3], [0.05, 0.45, 0.5]),
+     _q([32, 128], [8, 4], [0.05, 0.95])),
+]
 # fmt: on
+
+# The measurement's option tables by name: (attention combinations, MLP combinations).
+TABLES: dict[str, tuple[list, list]] = {
+    "exl2": (ATTN_OPTIONS, MLP_OPTIONS),
+    "extended": (ATTN_OPTIONS + CANDIDATE_ATTN_OPTIONS, MLP_OPTIONS + CANDIDATE_MLP_OPTIONS),
+}
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -217,9 +246,10 @@ def distinct_options(table: list[tuple[QParams, ...]]) -> list[list[QParams]]:
 
 
 def unique_options() -> list[QParams]:
-    """Every distinct option of the attention, MLP and head tables, in first-seen order."""
+    """Every distinct option of the attention, MLP (ExLlamaV2's and our candidates) and head tables, in
+    first-seen order."""
     out: list[QParams] = []
-    for table in (ATTN_OPTIONS, MLP_OPTIONS, [tuple(HEAD_OPTIONS.values())]):
+    for table in (*TABLES["extended"], [tuple(HEAD_OPTIONS.values())]):
         for row in table:
             for qp in row:
                 if qp not in out:

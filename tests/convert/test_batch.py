@@ -59,6 +59,14 @@ def test_spec_defaults_overrides_and_paths(tmp_path):
     assert q.resources == spec.resources
 
 
+def test_tables_and_norm_reach_every_task():
+    spec = parse_spec({"output": "/o", "defaults": {"tables": "extended"},
+                       "model": [{"path": "/m/a", "norm": 2}, {"path": "/m/b", "tables": "exl2"}]})
+    got = {(t.model, t.kind, t.options["tables"], t.options["norm"]) for t in plan(spec)}
+    assert got == {("a", "measure", "extended", 2.0), ("a", "quantize", "extended", 2.0),
+                   ("b", "measure", "exl2", None), ("b", "quantize", "exl2", None)}
+
+
 def test_per_model_resources():
     spec = parse_spec({"output": "/o", "resources": {"num_cpus": 2, "memory_gb": 16},
                        "model": [{"path": "/m/small"},
@@ -107,6 +115,8 @@ def test_plan_is_a_graph_of_measure_then_targets(tmp_path):
     ({"output": "o", "defaults": {"bpw": [True]}, "model": [{"path": "a"}]}, "[defaults]: bpw = [True]"),
     ({"output": "o", "defaults": {"rows": 0}, "model": [{"path": "a"}]}, "[defaults]: rows = 0: must be positive"),
     ({"output": "o", "defaults": {"head_bits": 7}, "model": [{"path": "a"}]}, "head_bits = 7: must be one of"),
+    ({"output": "o", "defaults": {"tables": "big"}, "model": [{"path": "a"}]}, "tables = 'big': must be one of 'exl2'"),
+    ({"output": "o", "model": [{"path": "a", "norm": 9}]}, "[[model]] 'a': norm = 9: must be a number between 1 and 4"),
     ({"output": "o", "model": [{"path": "x/a"}, {"path": "y/a"}]}, "[[model]] 'a': name used twice"),
     ({"output": "o", "model": [{"path": "a", "name": "../up"}]}, "name = '../up': must be a plain folder name"),
     ({"output": "o", "resources": {"gpus": 1}, "model": [{"path": "a"}]}, "[resources]: unknown key 'gpus'"),
@@ -172,6 +182,12 @@ def test_complete_output_made_with_other_parameters_fails(tmp_path):
     err = by_task(s)["a/4bpw"]["error"]
     assert err == (f"{tmp_path / 'a' / '4bpw'} exists with head_bits = 6 but the spec asks for 8; delete it and "
                    f"{tmp_path / 'a' / '.work' / 'bpw-4.00'} to convert it again")
+    # an output without our allocation keys (written before --tables/--norm) counts as the defaults
+    spec.models[0].head_bits = 6
+    assert by_task(run_batch(spec))["a/4bpw"]["state"] == "skipped"
+    spec.models[0].norm = 2.0
+    err = by_task(run_batch(spec))["a/4bpw"]["error"]
+    assert err.startswith(f"{tmp_path / 'a' / '4bpw'} exists with norm = None but the spec asks for 2.0;")
 
 
 def test_unreachable_address_fails_fast(tmp_path):

@@ -137,6 +137,93 @@ def test_changed_parameter_is_refused(qwen_tied, qwen_job):
                                **{**SMALL, "measurement_length": 128}))
 
 
+def test_change_after_a_killed_measurement_is_refused(qwen_tied, tmp_path):
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_layer(event):
+        if event.get("stage") == "measure" and event.get("layer") == 0:
+            raise Stop
+
+    common = dict(in_dir=str(qwen_tied), work_dir=str(tmp_path / "w"), measure_only=True, **SMALL)
+    with pytest.raises(Stop):
+        convert(ConvertOptions(**common), status=stop_after_first_layer)
+    with pytest.raises(Exception, match=r"finished work used --tables = exl2, this run asks for extended"):
+        convert(ConvertOptions(**common, tables="extended"))
+    convert(ConvertOptions(**common))                  # the same parameters resume
+
+
+def test_changed_tables_are_refused_and_old_job_files_mean_exl2(qwen_tied, qwen_job, tmp_path):
+    work, _, _ = qwen_job
+    with pytest.raises(Exception, match=r"finished work used --tables = exl2, this run asks for extended"):
+        convert(ConvertOptions(in_dir=str(qwen_tied), work_dir=str(work), bits=[3.0], tables="extended", **SMALL))
+    # a job file written before --tables existed resumes as ExLlamaV2's tables
+    old = tmp_path / "old"
+    shutil.copytree(work, old)
+    job = json.loads((old / "job.json").read_text())
+    del job["params"]["tables"]
+    (old / "job.json").write_text(json.dumps(job))
+    events = []
+    convert(ConvertOptions(in_dir=str(qwen_tied), work_dir=str(old), bits=[3.0], **SMALL), status=events.append)
+    assert not [e for e in events if e.get("stage") == "measure"]
+
+
+def test_extended_tables_and_a_fixed_norm(qwen_tied, qwen_job, tmp_path):
+    """--tables extended measures ExLlamaV2's entries (same values) then the candidates; --norm fixes p."""
+    from exl2.measure import measurement as mj
+    from exl2.measure.optimize import optimize
+    from exl2.quant_kernels.qparams import TABLES
+
+    work, _, _ = qwen_job
+    base = mj.load(work / "measurement.json")["measurement"]
+    code, out = run_cli("-i", str(qwen_tied), "-o", str(tmp_path / "w"), "-b", "4.0", "-r", "4", "-l", "64",
+                        "-mr", "4", "-ml", "64", "--tables", "extended", "--norm", "2", "--no-validate")
+    assert code == 0, out
+    data = mj.load(tmp_path / "w" / "measurement.json")
+    assert data["exl2"]["tables"] == "extended"
+    m = data["measurement"]
+    for key, table in (("model.layers.0.self_attn", TABLES["extended"][0]), ("model.layers.1.mlp", TABLES["extended"][1])):
+        assert [tuple(entry_options(e).values()) for e in m[key]] == [tuple(r) for r in table]
+        n = len(base[key])
+        assert [e["accuracy"] for e in m[key][:n]] == pytest.approx([e["accuracy"] for e in base[key]], rel=1e-6)
+    strat = json.loads((tmp_path / "w" / "bpw-4.00" / "strategy.json").read_text())
+    assert strat["norm"] == strat["norm_fixed"] == 2.0
+    sol = optimize(m, strat["numel"], 4.0, norms=(2.0,))
+    assert {k: v["option"] for k, v in strat["strategy"].items()} == sol.choice
+    # quantized with norm 2: asking for the sweep now is refused for that target
+    with pytest.raises(Exception, match=r"finished work used --norm 2.0, this run asks for \(sweep\)"):
+        convert(ConvertOptions(in_dir=str(qwen_tied), work_dir=str(tmp_path / "w"), bits=[4.0], tables="extended",
+                               validate=False, **SMALL))
+
+
+def test_norm_change_before_quantization_solves_again(qwen_tied, qwen_job, tmp_path):
+    work, _, _ = qwen_job
+    w = tmp_path / "w"
+    common = dict(in_dir=str(qwen_tied), work_dir=str(w), bits=[4.0], measurement=str(work / "measurement.json"),
+                  validate=False, **SMALL)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_optimize(event):
+        if event.get("stage") == "optimize":
+            raise Stop
+
+    with pytest.raises(Stop):                       # killed between the allocation and the quantization
+        convert(ConvertOptions(**common, norm=1.0), status=stop_after_optimize)
+    assert json.loads((w / "bpw-4.00" / "strategy.json").read_text())["norm_fixed"] == 1.0
+    r = convert(ConvertOptions(**common, norm=3.0))
+    strat = json.loads((w / "bpw-4.00" / "strategy.json").read_text())
+    assert strat["norm_fixed"] == strat["norm"] == 3.0 and r["targets"][0]["bpw"] <= 4.0
+
+
+@pytest.mark.parametrize("opts, message", [({"tables": "big"}, "--tables big: must be one of exl2, extended"),
+                                           ({"norm": 0.5}, "--norm 0.5: must be between 1 and 4")])
+def test_bad_tables_or_norm(qwen_tied, tmp_path, opts, message):
+    with pytest.raises(Exception, match=message):
+        convert(ConvertOptions(in_dir=str(qwen_tied), work_dir=str(tmp_path / "w"), **opts, **SMALL))
+
+
 def test_llama_untied_and_shards(tiny_builder, tiny_tokenizer, tmp_path):
     d = with_tokenizer(Path(tiny_builder("llama3", tmp_path / "llama")), tiny_tokenizer)
     r = convert(ConvertOptions(in_dir=str(d), work_dir=str(tmp_path / "w"), bits=[4.0], shard_mib=0,

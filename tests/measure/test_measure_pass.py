@@ -90,3 +90,26 @@ def test_one_layer_resident_at_a_time(tiny, tmp_path, monkeypatch):
 
     run_measurement(d, ids, tmp_path, status=check)
     assert len(alive) == 3 and most[0] == 1
+
+
+def test_other_tables_measure_the_same_entries_for_shared_options(tiny, uninterrupted, tmp_path):
+    # Every module is measured on the FP16 path's states, so a table holding some of the default options
+    # (here a reordered subset) gives those options the same entries: runs with different tables concatenate.
+    from dataclasses import replace
+
+    from exl2.measure.stream import ATTN, MLP
+
+    d, ids = tiny
+    pick_a, pick_m = [18, 4], [16, 0]
+    specs = (replace(ATTN, options=[ATTN_OPTIONS[i] for i in pick_a]),
+             replace(MLP, options=[MLP_OPTIONS[i] for i in pick_m]))
+    other = run_measurement(d, ids, tmp_path, modules=specs)["measurement"]
+    m = uninterrupted["measurement"]
+    for i in range(3):
+        for kind, pick in (("self_attn", pick_a), ("mlp", pick_m)):
+            key = f"model.layers.{i}.{kind}"
+            assert len(other[key]) == len(pick)
+            for e, j in zip(other[key], pick):
+                assert e["total_bits"] == m[key][j]["total_bits"]
+                assert e["accuracy"] == pytest.approx(m[key][j]["accuracy"], rel=1e-6)
+                assert e["token_err"] == pytest.approx(m[key][j]["token_err"], rel=1e-6)
