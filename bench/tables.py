@@ -59,7 +59,7 @@ def measurements(src: Path, qwork: Path, work: Path) -> dict[str, dict]:
 
     base_file = qwork / "exl2" / "measurement.json"
     if not base_file.exists():
-        raise SystemExit(f"tables: {base_file} not found: run `python bench/quality.py --bpw 4 --quick` first")
+        raise SystemExit(f"tables: {base_file} not found: run `python bench/quality.py --bpw 4 --jitter-bpw 4 --quick --no-peers` first")
     base = mj.load(base_file, force=True)["measurement"]
     cand_file = work / "candidates" / "measurement.json"
     if cand_file.exists():
