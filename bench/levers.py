@@ -11,6 +11,8 @@ converter's defaults:
 * ``sequential``: o_proj's and down_proj's Hessians collected after q/k/v and gate/up are quantized;
 * ``polish``: sweeps of coordinate descent on GPTQ's objective after GPTQ (:func:`gptq.polish`);
 * ``refine weighted``: :func:`gptq.refine_codes` weighs each row's squared error by GPTQ's row weight;
+* ``asymmetric``: asymmetric calibration (:func:`gptq.asymmetric_targets`, alpha 1 and 0.25): each projection
+  is quantized toward the full-precision model's output, not its own perturbed inputs' (sequential Hessians);
 * the uniform GPTQ 4-bit g128 baseline with and without refined codes (is the gain ours or the quantizer's?).
 
     python bench/levers.py [--variants orig,jitter0] [--runs 'label part;...'] [--write]
@@ -36,7 +38,7 @@ from bench.report import header  # noqa: E402
 from exl2.convert.api import uniform_strategy  # noqa: E402
 
 DEFAULTS = {"refine_span": 2, "percdamp": 0.12, "rows": 16, "sequential": False, "polish": 0,
-            "refine_weighted": False}
+            "refine_weighted": False, "asym": 0.0}
 # (label, strategy: "exl2" = the 4.0 bpw allocation or "g128" = uniform 4-bit g128, changes from DEFAULTS)
 RUNS = [("EXL2 4.0, defaults", "exl2", {}),
         ("EXL2 4.0, refine span 0 (ExLlamaV2's codes)", "exl2", {"refine_span": 0}),
@@ -48,10 +50,14 @@ RUNS = [("EXL2 4.0, defaults", "exl2", {}),
         ("EXL2 4.0, polish 1 sweep", "exl2", {"polish": 1}),
         ("EXL2 4.0, refine weighted by GPTQ row weights", "exl2", {"refine_weighted": True}),
         ("EXL2 4.0, sequential Hessians + polish 1 sweep", "exl2", {"sequential": True, "polish": 1}),
+        ("EXL2 4.0, asymmetric calibration", "exl2", {"asym": 1.0}),
+        ("EXL2 4.0, asymmetric calibration, alpha 0.25", "exl2", {"asym": 0.25}),
         ("GPTQ 4-bit g128, defaults", "g128", {}),
-        ("GPTQ 4-bit g128, refine span 0", "g128", {"refine_span": 0})]
+        ("GPTQ 4-bit g128, refine span 0", "g128", {"refine_span": 0}),
+        ("GPTQ 4-bit g128, asymmetric calibration", "g128", {"asym": 1.0})]
 JITTER_RUNS = {"EXL2 4.0, defaults", "EXL2 4.0, refine span 0 (ExLlamaV2's codes)", "GPTQ 4-bit g128, defaults",
-               "GPTQ 4-bit g128, refine span 0"}
+               "GPTQ 4-bit g128, refine span 0", "EXL2 4.0, asymmetric calibration",
+               "GPTQ 4-bit g128, asymmetric calibration"}
 
 
 def slug(label: str) -> str:

@@ -26,8 +26,8 @@ from safetensors.torch import load_file
 
 from exl2.measure.measure import embed_rows
 from exl2.measure.measurement import entry_options
-from exl2.measure.stream import (MODULES, clear_checkpoint, collect, linears, load_checkpoint, rel_error, run_module,
-                                 save_checkpoint, save_tensors, set_weight)
+from exl2.measure.stream import (MODULES, clear_checkpoint, collect, linears, load_checkpoint, module_inputs, rel_error,
+                                 run_module, save_checkpoint, save_tensors, set_weight)
 from exl2.quant_kernels import codec, gptq
 from exl2.quant_kernels.qparams import HEAD_OPTIONS
 from exl2.runtime.loader import ModelParts
@@ -65,10 +65,16 @@ def owner_order(spec) -> list[str]:
 
 def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, device, out_dir: Path,
                     percdamp: float = gptq.PERCDAMP, refine_span: int = gptq.REFINE_SPAN,
-                    sequential: bool = False, polish: int = 0, refine_weighted: bool = False):
+                    sequential: bool = False, polish: int = 0, refine_weighted: bool = False,
+                    fstates: list | None = None, asym: float = 0.0):
     """Quantize one module in place; returns (new states, relative output error vs full precision).
 
     ``states`` is consumed: its rows are replaced by the module's outputs (the list returned).
+
+    Asymmetric calibration: with ``fstates`` (the full-precision model's states at this module; replaced
+    in place by its full-precision outputs) and ``asym`` > 0, every projection is quantized from
+    :func:`gptq.asymmetric_targets` (``alpha = asym``), toward the full-precision model's output rather
+    than the output of its own, already perturbed inputs; the Hessians are then collected sequentially.
 
     Benchmark levers (bench/levers.py; the converter uses the defaults): ``sequential`` collects each
     shared input's Hessian after the projections before it are quantized (o_proj sees quantized q/k/v,
@@ -77,18 +83,26 @@ def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, d
     """
     key = spec.key(layer)
     options = entry_options(strategy[key])
-    H, ref = collect(block, spec, states, cos, sin, device)
+    fp_in, cross = None, {}
+    if fstates is not None:
+        fp_in, fp_out = module_inputs(block, spec, fstates, cos, sin, device)     # before any weight changes
+        fstates[:] = fp_out
+        sequential = True
+    H, ref = collect(block, spec, states, cos, sin, device, fp_inputs=fp_in, cross=cross)
     layers = linears(block, spec)
     for i, owner in enumerate(owner_order(spec)):
         if sequential and i > 0:
-            H.update(collect(block, spec, states, cos, sin, device, owners=(owner,))[0])
+            H.update(collect(block, spec, states, cos, sin, device, owners=(owner,), fp_inputs=fp_in, cross=cross)[0])
         prepared = gptq.prepare(H[owner].cpu(), percdamp=percdamp, keep_h=bool(polish))
-        for p in spec.projections:
-            if spec.hessian_of[p] != owner:
-                continue
+        mine = [p for p in spec.projections if spec.hessian_of[p] == owner]
+        weights = {p: layers[p].weight.data.float().cpu() for p in mine}
+        if fp_in is not None:
+            weights = gptq.asymmetric_targets(weights, H[owner].cpu(), cross[owner].cpu(), percdamp, asym)
+            del fp_in[owner]
+        for p in mine:
             lin = layers[p]
             bias = None if lin.bias is None else lin.bias.data.float().cpu()
-            r = gptq.quantize(lin.weight.data.float().cpu(), options[p], prepared, bias, refine_span=refine_span,
+            r = gptq.quantize(weights[p], options[p], prepared, bias, refine_span=refine_span,
                               polish_sweeps=polish, refine_weighted=refine_weighted)
             _store(out_dir, f"{key}.{p}", r)
             set_weight(lin, r.weight)
@@ -106,21 +120,28 @@ def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, d
 
 
 def quantize_head(parts: ModelParts, states, input_ids: torch.Tensor, head_bits: int, out_dir: Path, device,
-                  ppl_rows: int, percdamp: float = gptq.PERCDAMP, refine_span: int = gptq.REFINE_SPAN) -> dict:
+                  ppl_rows: int, percdamp: float = gptq.PERCDAMP, refine_span: int = gptq.REFINE_SPAN,
+                  fstates: list | None = None, asym: float = 0.0) -> dict:
     """Quantize lm_head (or the tied embedding) on the final-norm outputs; returns head facts and the
-    calibration perplexity of the quantized model on the first ``ppl_rows`` rows."""
+    calibration perplexity of the quantized model on the first ``ppl_rows`` rows.  ``fstates`` and
+    ``asym``: asymmetric calibration as in :func:`quantize_module`."""
     qp = HEAD_OPTIONS[head_bits]
     norm = parts.norm("norm")
     if parts.has_head():
         w = parts.src.get_float("lm_head.weight", (parts.cfg.vocab_size, parts.cfg.hidden_size), torch.float32, "cpu")
     else:
         w = parts.embedding().float().cpu()                                    # tied: [V, C]
-    H = gptq.Hessian(w.shape[1])
+    H = gptq.Hessian(w.shape[1]) if fstates is None else gptq.CrossHessian(w.shape[1])
     with torch.no_grad():
         normed = [norm(x.to(device)) for x in states]
-    for h in normed:
-        H.add(h)
+        for i, h in enumerate(normed):
+            if fstates is None:
+                H.add(h)
+            else:
+                H.add_pair(h, norm(fstates[i].to(device)))
     rtn = w.numel() > RTN_HEAD_ELEMENTS
+    if fstates is not None and not rtn:
+        w = gptq.asymmetric_targets({"head": w}, H.result().cpu(), H.cross().cpu(), percdamp, asym)["head"]
     prepared = gptq.prepare(H.result().cpu(), percdamp=percdamp, invert=not rtn)
     r = gptq.quantize(w, qp, prepared, refine_span=refine_span)
     _store(out_dir, "lm_head", r)
@@ -141,13 +162,15 @@ def run_quantization(model_dir: str | Path, input_ids: torch.Tensor, strategy: d
                      work: str | Path, *, device="cpu", status: Status | None = None, progress=None,
                      ppl_rows: int = 4, percdamp: float = gptq.PERCDAMP,
                      refine_span: int = gptq.REFINE_SPAN, sequential: bool = False, polish: int = 0,
-                     refine_weighted: bool = False) -> dict:
+                     refine_weighted: bool = False, asym: float = 0.0) -> dict:
     """Quantize the whole model into ``work/out_tensor``; resumes from ``work/quant.progress.json``.
 
     Returns a report: per-module relative output errors and the head facts.  ``percdamp`` and
     ``refine_span`` are :func:`gptq.prepare`'s damping and :func:`gptq.refine_codes`' span; ``sequential``,
     ``polish`` and ``refine_weighted`` are :func:`quantize_module`'s (benchmarks vary them; the converter uses
-    the defaults).
+    the defaults).  ``asym`` > 0 turns on asymmetric calibration with that ``alpha``
+    (:func:`gptq.asymmetric_targets`): the full-precision model's states run beside the quantized ones
+    (one more copy of the states in memory and in the checkpoint).
     """
     work = Path(work)
     out_dir = work / "out_tensor"
@@ -155,26 +178,40 @@ def run_quantization(model_dir: str | Path, input_ids: torch.Tensor, strategy: d
     parts = ModelParts(model_dir, device=device)
     n_layers = parts.cfg.num_layers
     saved = load_checkpoint(work, "quant")
-    report, states = saved if saved else ({"next_layer": 0, "errors": {}}, embed_rows(parts, input_ids))
+    if saved:
+        report, states = saved
+        if float(report.get("asym", 0.0)) != float(asym):
+            raise QuantizeError(f"{work}: the interrupted quantization ran with asym {report.get('asym', 0.0)}, "
+                                f"not {asym}: start over")
+    else:
+        report, states = {"next_layer": 0, "errors": {}, "asym": asym}, embed_rows(parts, input_ids)
+        if asym:
+            states = states + [s.clone() for s in states]
+    # With asymmetric calibration the checkpointed list holds the quantized model's states, then the
+    # full-precision model's.
+    fstates = None
+    if asym:
+        half = len(states) // 2
+        states, fstates = states[:half], states[half:]
     cos, sin = Rotary(parts.cfg).to(device).cos_sin(0, input_ids.shape[1])
     for layer in range(report["next_layer"], n_layers):
         t0 = time.time()
         block = parts.block(layer)
         for spec in MODULES:
             states, err = quantize_module(block, spec, layer, strategy, states, cos, sin, device, out_dir,
-                                          percdamp, refine_span, sequential, polish, refine_weighted)
+                                          percdamp, refine_span, sequential, polish, refine_weighted, fstates, asym)
             report["errors"][spec.key(layer)] = err
             if status:
                 status({"stage": "quant", "module": spec.key(layer), "rfn_error": err})
         del block
         report["next_layer"] = layer + 1
-        save_checkpoint(work, "quant", report, states)
+        save_checkpoint(work, "quant", report, states if fstates is None else states + fstates)
         if status:
             status({"stage": "quant", "layer": layer, "layers": n_layers, "seconds": round(time.time() - t0, 2)})
         if progress:
             progress(layer + 1, n_layers)
     report["head"] = quantize_head(parts, states, input_ids, head_bits, out_dir, device, ppl_rows, percdamp,
-                                   refine_span)
+                                   refine_span, fstates, asym)
     if status:
         status({"stage": "quant", "module": "lm_head", **report["head"]})
     clear_checkpoint(work, "quant")

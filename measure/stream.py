@@ -67,33 +67,79 @@ def run_module(block: Block, spec: ModuleSpec, x: torch.Tensor, cos, sin) -> tor
 
 
 class _Recorder(nn.Module):
-    """Wraps a linear layer and adds every input it sees to a Hessian (one add per calibration row)."""
+    """Wraps a linear layer and adds every input it sees to a Hessian (one add per calibration row).
 
-    def __init__(self, inner: nn.Module, hessian: gptq.Hessian):
+    With ``fp_rows`` (a :class:`gptq.CrossHessian`), call ``i`` is paired with ``fp_rows[i]``, the input the
+    same layer saw on row ``i`` in the full-precision model.
+    """
+
+    def __init__(self, inner: nn.Module, hessian: gptq.Hessian, fp_rows: list[torch.Tensor] | None = None):
         super().__init__()
-        self.inner, self.hessian = inner, hessian
+        self.inner, self.hessian, self.fp_rows = inner, hessian, fp_rows
 
     def forward(self, x):
-        self.hessian.add(x)
+        if self.fp_rows is None:
+            self.hessian.add(x)
+        else:
+            self.hessian.add_pair(x, self.fp_rows[self.hessian.rows].to(x.device))
         return self.inner(x)
 
 
+class _Capture(nn.Module):
+    """Wraps a linear layer and keeps each input it sees (float32, CPU), one entry per calibration row."""
+
+    def __init__(self, inner: nn.Module, store: list[torch.Tensor]):
+        super().__init__()
+        self.inner, self.store = inner, store
+
+    def forward(self, x):
+        self.store.append(x.float().cpu())
+        return self.inner(x)
+
+
+def module_inputs(block: Block, spec: ModuleSpec, states: list[torch.Tensor], cos, sin, device
+                  ) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
+    """Run the module over all rows with its current weights: each shared input's rows, and the outputs.
+
+    Used on the full-precision model's states, before any of the module's projections is quantized, to
+    pair them with the quantized model's inputs (:func:`collect` with ``fp_inputs``).
+    """
+    parent = block.self_attn if spec.kind == "self_attn" else block.mlp
+    owners = sorted(set(spec.hessian_of.values()))
+    layers = linears(block, spec)
+    store: dict[str, list[torch.Tensor]] = {o: [] for o in owners}
+    for o in owners:
+        setattr(parent, o, _Capture(layers[o], store[o]))
+    outputs = []
+    try:
+        with torch.no_grad():
+            for x in states:
+                outputs.append(run_module(block, spec, x.to(device), cos, sin).float().cpu())
+    finally:
+        for o in owners:
+            setattr(parent, o, layers[o])
+    return store, outputs
+
+
 def collect(block: Block, spec: ModuleSpec, states: list[torch.Tensor], cos, sin, device,
-            max_abs: list | None = None, owners: tuple[str, ...] | None = None
+            max_abs: list | None = None, owners: tuple[str, ...] | None = None,
+            fp_inputs: dict[str, list[torch.Tensor]] | None = None, cross: dict | None = None
             ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """Run the module over all rows with its current weights: Hessians per projection and the outputs.
 
     Returns ``(H, outputs)`` with ``H[proj]`` averaged over rows (shared inputs share one matrix) and
     outputs on the CPU.  ``owners`` limits the Hessians to those shared inputs (default: every input of
     the module), and ``H`` to the projections that read them.  NaN in an output raises; ``max_abs``
-    (if given) receives the largest |output|.
+    (if given) receives the largest |output|.  With ``fp_inputs`` (:func:`module_inputs` of the
+    full-precision model's states), ``cross[proj]`` receives :meth:`gptq.CrossHessian.cross` as well.
     """
     parent = block.self_attn if spec.kind == "self_attn" else block.mlp
     owners = sorted(set(spec.hessian_of.values()) if owners is None else owners)
     layers = linears(block, spec)
-    hess = {o: gptq.Hessian(layers[o].in_features, device=device) for o in owners}
+    kind = gptq.Hessian if fp_inputs is None else gptq.CrossHessian
+    hess = {o: kind(layers[o].in_features, device=device) for o in owners}
     for o in owners:
-        setattr(parent, o, _Recorder(layers[o], hess[o]))
+        setattr(parent, o, _Recorder(layers[o], hess[o], None if fp_inputs is None else fp_inputs[o]))
     outputs = []
     try:
         with torch.no_grad():
@@ -108,6 +154,8 @@ def collect(block: Block, spec: ModuleSpec, states: list[torch.Tensor], cos, sin
         for o in owners:
             setattr(parent, o, layers[o])
     H = {p: hess[o].result() for p, o in spec.hessian_of.items() if o in hess}
+    if fp_inputs is not None and cross is not None:
+        cross.update({p: hess[o].cross() for p, o in spec.hessian_of.items() if o in hess})
     return H, outputs
 
 

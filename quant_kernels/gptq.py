@@ -63,6 +63,65 @@ class Hessian:
         return self.H / self.rows
 
 
+class CrossHessian(Hessian):
+    """``H = sum X^T X`` of the inputs a layer sees in the quantized model, and beside it
+    ``M = sum (X_fp - X)^T X``, with ``X_fp`` the input the same layer sees in the full-precision model
+    (same rows, same tokens).  Both are averaged over rows.  :func:`asymmetric_targets` turns them into the
+    weight whose GPTQ solution matches the full-precision model's output.
+    """
+
+    def __init__(self, k: int, device: torch.device | str = "cpu"):
+        super().__init__(k, device)
+        self.M = torch.zeros(k, k, dtype=torch.float32, device=device)
+
+    def add_pair(self, x: torch.Tensor, x_fp: torch.Tensor) -> None:
+        if x_fp.shape != x.shape:
+            raise ValueError(f"CrossHessian.add_pair: shapes differ: {tuple(x.shape)} vs {tuple(x_fp.shape)}")
+        k = self.H.shape[0]
+        xq = x.reshape(-1, k).to(self.M.device, torch.float32)
+        self.M.addmm_((x_fp.reshape(-1, k).to(self.M.device, torch.float32) - xq).t(), xq)
+        self.add(x)
+
+    def cross(self) -> torch.Tensor:
+        """The averaged ``M`` (zeros when no data was added)."""
+        return self.M / max(self.rows, 1)
+
+
+def asymmetric_targets(weights: dict[str, torch.Tensor], H: torch.Tensor, M: torch.Tensor,
+                       percdamp: float = PERCDAMP, alpha: float = 1.0) -> dict[str, torch.Tensor]:
+    """The weights to give GPTQ so that it matches the full-precision output (asymmetric calibration).
+
+    GPTQ on ``H = X^T X`` minimises ``||X (W - Q)^T||^2`` with ``X`` the quantized model's inputs to the
+    layer, so errors of the earlier layers are taken as they come.  The full-precision model computes
+    ``X_fp W^T``.  With ``M = (X_fp - X)^T X`` (:class:`CrossHessian`), the least-squares weight on the
+    quantized inputs is ``W' = W + W M H^-1``, and
+    ``||X_fp W^T - X Q^T||^2 = ||X (W' - Q)^T||^2 + const``, so GPTQ run on ``W'`` with the same ``H``
+    minimises the error against the full-precision output (the objective of Li et al., 2025, "GPTAQ").
+    ``H`` is damped as :func:`prepare` damps it (the ridge solution, which stays at ``W`` when ``X = X_fp``);
+    ``alpha`` scales the correction (1: that solution).  ``weights``: name -> ``[N, K]`` of every projection
+    that reads this input (one factorisation serves them all); returns fp32 ``[N, K]`` per name.
+    """
+    out = {n: w.to(torch.float32) for n, w in weights.items()}
+    if alpha == 0 or not bool(M.any()):
+        return {n: w.clone() for n, w in out.items()}
+    Hd = H.to(torch.float32).clone()
+    dg = torch.diagonal(Hd)
+    damp = max(1e-5, percdamp * float(dg.mean()))
+    for _ in range(DAMP_TRIES):
+        dg += damp
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            break
+    else:
+        raise HessianError(f"asymmetric_targets: Hessian not positive definite after {DAMP_TRIES} damping steps")
+    del Hd
+    M = M.to(torch.float32)
+    for n, W in out.items():
+        corr = torch.cholesky_solve((W @ M).t().contiguous(), L).t()                 # [N, K] = W M H_d^-1
+        out[n] = W + alpha * corr
+    return out
+
+
 @dataclass
 class Prepared:
     """What one Hessian yields, shared by every projection that reads the same input."""

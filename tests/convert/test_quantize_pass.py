@@ -1,6 +1,6 @@
 """The quantization pass module by module: states consumed in place, and the benchmark levers (off in the
-converter: sequential Hessians, polish, weighted refinement), each still writing layers that reload bit for
-bit (checked inside the pass)."""
+converter: sequential Hessians, polish, weighted refinement, asymmetric calibration), each still writing layers
+that reload bit for bit (checked inside the pass)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -90,3 +90,50 @@ def test_quantize_module_replaces_its_input_rows_with_the_outputs(tiny, tmp_path
     with torch.no_grad():
         for x, y in zip(inputs, out):
             assert torch.equal(run_module(block, MODULES[0], x, cos, sin).float(), y)
+
+
+def test_asymmetric_calibration_corrects_only_where_the_inputs_differ(tiny, tmp_path):
+    """Layer 0's q/k/v read the embeddings, the same in both models: no correction, bytes identical to the
+    sequential run (which asymmetric calibration implies).  o_proj reads quantized q/k/v's output, and every
+    projection of layer 1 reads a perturbed residual stream: they change."""
+    d, ids = tiny
+    strat = uniform_strategy(d, QParams.make(32, [3], [1.0]))
+    run_quantization(d, ids, strat, 6, tmp_path / "seq", sequential=True)
+    run_quantization(d, ids, strat, 6, tmp_path / "asym", asym=1.0)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"):
+        a, b = layer_tensors(tmp_path / "seq", name), layer_tensors(tmp_path / "asym", name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    for name in ("model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj",
+                 "lm_head"):
+        a, b = layer_tensors(tmp_path / "seq", name), layer_tensors(tmp_path / "asym", name)
+        assert not all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_asymmetric_calibration_resumes_to_the_same_bytes(tiny, tmp_path):
+    """Killed after layer 0, the checkpoint holds both models' states; resuming with another alpha is refused,
+    resuming with the same one writes what an uninterrupted run writes."""
+    from exl2.convert.quantize import QuantizeError
+    from exl2.measure.stream import load_checkpoint
+
+    d, ids = tiny
+    strat = uniform_strategy(d, QParams.make(32, [4], [1.0]))
+    run_quantization(d, ids, strat, 6, tmp_path / "whole", asym=0.5)
+
+    class Killed(Exception):
+        pass
+
+    def stop_after_layer0(ev):
+        if ev.get("layer") == 0:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_quantization(d, ids, strat, 6, tmp_path / "part", asym=0.5, status=stop_after_layer0)
+    report, states = load_checkpoint(tmp_path / "part", "quant")
+    assert report["next_layer"] == 1 and report["asym"] == 0.5 and len(states) == 2 * ids.shape[0]
+    with pytest.raises(QuantizeError, match="asym 0.5, not 0.0"):
+        run_quantization(d, ids, strat, 6, tmp_path / "part")
+    run_quantization(d, ids, strat, 6, tmp_path / "part", asym=0.5)
+    files = sorted(p.name for p in (tmp_path / "whole" / "out_tensor").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "part" / "out_tensor").iterdir())
+    for f in files:
+        assert (tmp_path / "whole" / "out_tensor" / f).read_bytes() == (tmp_path / "part" / "out_tensor" / f).read_bytes(), f
