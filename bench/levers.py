@@ -54,10 +54,12 @@ RUNS = [("EXL2 4.0, defaults", "exl2", {}),
         ("EXL2 4.0, asymmetric calibration, alpha 0.25", "exl2", {"asym": 0.25}),
         ("GPTQ 4-bit g128, defaults", "g128", {}),
         ("GPTQ 4-bit g128, refine span 0", "g128", {"refine_span": 0}),
-        ("GPTQ 4-bit g128, asymmetric calibration", "g128", {"asym": 1.0})]
+        ("GPTQ 4-bit g128, asymmetric calibration", "g128", {"asym": 1.0}),
+        ("GPTQ 4-bit g128, asymmetric calibration, alpha 0.25", "g128", {"asym": 0.25})]
 JITTER_RUNS = {"EXL2 4.0, defaults", "EXL2 4.0, refine span 0 (ExLlamaV2's codes)", "GPTQ 4-bit g128, defaults",
                "GPTQ 4-bit g128, refine span 0", "EXL2 4.0, asymmetric calibration",
-               "GPTQ 4-bit g128, asymmetric calibration"}
+               "EXL2 4.0, asymmetric calibration, alpha 0.25", "GPTQ 4-bit g128, asymmetric calibration",
+               "GPTQ 4-bit g128, asymmetric calibration, alpha 0.25"}
 
 
 def slug(label: str) -> str:

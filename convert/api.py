@@ -71,12 +71,13 @@ class ConvertOptions:
     validation_rows: int = 4
     tables: str = "exl2"                  # option tables measured: "exl2" (ExLlamaV2's) or "extended"
     norm: float | None = None             # allocation: one fixed norm p, or None for ExLlamaV2's min-max sweep
+    asym: float = 0.0                     # asymmetric calibration's alpha (0: off, GPTQ as ExLlamaV2 runs it)
 
 
 # Parameters whose change invalidates finished work, by what they invalidate.
 MEASURE_PARAMS = ("checkpoint_sha256", "cal_dataset", "measurement_rows", "measurement_length", "seed", "tables")
-QUANT_PARAMS = ("checkpoint_sha256", "cal_dataset", "rows", "length", "head_bits", "seed", "measurement_sha256")
-PARAM_DEFAULTS = {"tables": "exl2"}      # what job files written before a parameter existed used
+QUANT_PARAMS = ("checkpoint_sha256", "cal_dataset", "rows", "length", "head_bits", "seed", "measurement_sha256", "asym")
+PARAM_DEFAULTS = {"tables": "exl2", "asym": 0.0}      # what job files written before a parameter existed used
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -181,6 +182,8 @@ class Job:
             raise ConvertError(f"--tables {o.tables}: must be one of {', '.join(TABLES)}")
         if o.norm is not None and not 1.0 <= o.norm <= 4.0:
             raise ConvertError(f"--norm {o.norm}: must be between 1 and 4")
+        if not 0.0 <= o.asym <= 1.0:
+            raise ConvertError(f"--asym {o.asym}: must be between 0 (off) and 1")
         if not o.measure_only and not o.bits:
             raise ConvertError("--bits: give at least one target")
         for b in o.bits:
@@ -201,7 +204,7 @@ class Job:
             "cal_dataset": str(Path(self.o.cal_dataset).resolve()) if self.o.cal_dataset else None,
             "rows": self.o.rows, "length": self.o.length, "measurement_rows": self.o.measurement_rows,
             "measurement_length": self.o.measurement_length, "head_bits": self.o.head_bits, "seed": self.o.seed,
-            "tables": self.o.tables, "measurement_sha256": None,
+            "tables": self.o.tables, "measurement_sha256": None, "asym": self.o.asym,
         }
         if previous:
             job = previous
@@ -219,7 +222,7 @@ class Job:
                         and ((k in MEASURE_PARAMS and measured) or (k in QUANT_PARAMS and quantized))):
                     flag = {"checkpoint_sha256": "-i (the checkpoint's content changed)", "cal_dataset": "-c",
                             "rows": "-r", "length": "-l", "measurement_rows": "-mr", "measurement_length": "-ml",
-                            "head_bits": "-hb", "seed": "--seed", "tables": "--tables"}[k]
+                            "head_bits": "-hb", "seed": "--seed", "tables": "--tables", "asym": "--asym"}[k]
                     raise ConvertError(f"{self.work}: finished work used {flag} = {old.get(k, PARAM_DEFAULTS.get(k))}, "
                                        f"this run asks for {params[k]}; use -nr to start over or another -o")
             params["measurement_sha256"] = old.get("measurement_sha256")
@@ -334,7 +337,7 @@ class Job:
             report = qpass.run_quantization(self.in_dir, rows.input_ids, strat["strategy"], o.head_bits, tdir,
                                             device=o.device, status=self.status,
                                             progress=self._progress(f"quantize {bpw} bpw"),
-                                            ppl_rows=min(4, rows.input_ids.shape[0]))
+                                            ppl_rows=min(4, rows.input_ids.shape[0]), asym=o.asym)
             _write_json(tdir / "quant_report.json", report)
             self._finish(f"quant:{tag}")
         report = json.loads((tdir / "quant_report.json").read_text())
@@ -343,7 +346,8 @@ class Job:
             qconf = {"quant_method": "exl2", "version": VERSION, "bits": bpw, "head_bits": o.head_bits,
                      "calibration": qconf_calibration(o),
                      "exl2": {"bpw": strat["bpw"], "checkpoint_sha256": self.job["params"]["checkpoint_sha256"],
-                              "tables": (data.get("exl2") or {}).get("tables", "exl2"), "norm": o.norm}}
+                              "tables": (data.get("exl2") or {}).get("tables", "exl2"), "norm": o.norm,
+                              "asym": o.asym}}
             writer.compile_model(self.in_dir, tdir / "out_tensor", out, shard_mib=o.shard_mib,
                                  quantization_config=qconf,
                                  extra_files={"measurement.json": json.dumps(data, indent=4)})

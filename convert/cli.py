@@ -65,11 +65,12 @@ directory -o holds the job; rerunning the same command resumes it."""
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random calibration rows.")
 @click.option("--tables", default="exl2", show_default=True, type=click.Choice(["exl2", "extended"]), help="Options to measure: ExLlamaV2's tables, or those plus our candidates with 8-bit leading rows (BENCHMARKS.md, option tables). Ignored with -m.")
 @click.option("--norm", type=click.FloatRange(1.0, 4.0), default=None, help="Allocate by minimising the sum of module errors to this power (2: squared errors). Default: ExLlamaV2's sweep of norms 1.5-3.5, keeping the one with the smallest maximum module error.")
+@click.option("--asym", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True, help="Asymmetric calibration: GPTQ toward the full-precision model's output instead of the output of the layer's own, already perturbed inputs, the correction scaled by this alpha (0: off, GPTQ as ExLlamaV2 runs it). At 0.25, KL at 4.0 bpw on SmolLM2-135M fell 10-19 % (BENCHMARKS.md). Memory: the full-precision states, and one module's inputs for all rows, are held as well.")
 @click.option("--no-validate", is_flag=True, help="Skip the perplexity/KL check of the written model.")
 @click.option("--status-json", is_flag=True, help="Print one JSON object per line for batch systems (no progress bars).")
 def convert_main(in_dir, out_dir, compile_full, bits, head_bits, measurement, output_measurement, cal_dataset, rows,
                  length, measurement_rows, measurement_length, shard_size, fresh, force_measurement, device, seed,
-                 tables, norm, no_validate, status_json):
+                 tables, norm, asym, no_validate, status_json):
     from exl2.convert.api import ConvertOptions, convert
 
     opts = ConvertOptions(in_dir=in_dir, work_dir=out_dir, bits=bits, head_bits=int(head_bits),
@@ -77,7 +78,8 @@ def convert_main(in_dir, out_dir, compile_full, bits, head_bits, measurement, ou
                           measurement_rows=measurement_rows, measurement_length=measurement_length,
                           shard_mib=shard_size, measurement=measurement, force_measurement=force_measurement,
                           measure_only=output_measurement is not None, output_measurement=output_measurement,
-                          fresh=fresh, device=device, seed=seed, validate=not no_validate, tables=tables, norm=norm)
+                          fresh=fresh, device=device, seed=seed, validate=not no_validate, tables=tables, norm=norm,
+                          asym=asym)
     if device == "cuda":
         import torch
 

@@ -59,12 +59,12 @@ def test_spec_defaults_overrides_and_paths(tmp_path):
     assert q.resources == spec.resources
 
 
-def test_tables_and_norm_reach_every_task():
+def test_tables_norm_and_asym_reach_every_task():
     spec = parse_spec({"output": "/o", "defaults": {"tables": "extended"},
-                       "model": [{"path": "/m/a", "norm": 2}, {"path": "/m/b", "tables": "exl2"}]})
-    got = {(t.model, t.kind, t.options["tables"], t.options["norm"]) for t in plan(spec)}
-    assert got == {("a", "measure", "extended", 2.0), ("a", "quantize", "extended", 2.0),
-                   ("b", "measure", "exl2", None), ("b", "quantize", "exl2", None)}
+                       "model": [{"path": "/m/a", "norm": 2, "asym": 0.25}, {"path": "/m/b", "tables": "exl2"}]})
+    got = {(t.model, t.kind, t.options["tables"], t.options["norm"], t.options["asym"]) for t in plan(spec)}
+    assert got == {("a", "measure", "extended", 2.0, 0.25), ("a", "quantize", "extended", 2.0, 0.25),
+                   ("b", "measure", "exl2", None, 0.0), ("b", "quantize", "exl2", None, 0.0)}
 
 
 def test_per_model_resources():
@@ -117,6 +117,7 @@ def test_plan_is_a_graph_of_measure_then_targets(tmp_path):
     ({"output": "o", "defaults": {"head_bits": 7}, "model": [{"path": "a"}]}, "head_bits = 7: must be one of"),
     ({"output": "o", "defaults": {"tables": "big"}, "model": [{"path": "a"}]}, "tables = 'big': must be one of 'exl2'"),
     ({"output": "o", "model": [{"path": "a", "norm": 9}]}, "[[model]] 'a': norm = 9: must be a number between 1 and 4"),
+    ({"output": "o", "model": [{"path": "a", "asym": 2}]}, "[[model]] 'a': asym = 2: must be a number between 0 (off) and 1"),
     ({"output": "o", "model": [{"path": "x/a"}, {"path": "y/a"}]}, "[[model]] 'a': name used twice"),
     ({"output": "o", "model": [{"path": "a", "name": "../up"}]}, "name = '../up': must be a plain folder name"),
     ({"output": "o", "resources": {"gpus": 1}, "model": [{"path": "a"}]}, "[resources]: unknown key 'gpus'"),
@@ -188,6 +189,10 @@ def test_complete_output_made_with_other_parameters_fails(tmp_path):
     spec.models[0].norm = 2.0
     err = by_task(run_batch(spec))["a/4bpw"]["error"]
     assert err.startswith(f"{tmp_path / 'a' / '4bpw'} exists with norm = None but the spec asks for 2.0;")
+    spec.models[0].norm = None
+    spec.models[0].asym = 0.25
+    err = by_task(run_batch(spec))["a/4bpw"]["error"]
+    assert err.startswith(f"{tmp_path / 'a' / '4bpw'} exists with asym = 0.0 but the spec asks for 0.25;")
 
 
 def test_unreachable_address_fails_fast(tmp_path):

@@ -217,8 +217,35 @@ def test_norm_change_before_quantization_solves_again(qwen_tied, qwen_job, tmp_p
     assert strat["norm_fixed"] == strat["norm"] == 3.0 and r["targets"][0]["bpw"] <= 4.0
 
 
+def test_asymmetric_calibration_is_recorded_and_a_change_after_quantizing_is_refused(qwen_tied, qwen_job, tmp_path):
+    """--asym reaches the quantization pass (other bytes than GPTQ's), is recorded in quantization_config, and
+    asking for another alpha once a target is quantized is refused, naming the flag; a job file written before
+    --asym existed resumes as alpha 0."""
+    work, _, _ = qwen_job
+    code, out = run_cli("-i", str(qwen_tied), "-o", str(tmp_path / "w"), "-b", "4.0", "-r", "4", "-l", "64",
+                        "-m", str(work / "measurement.json"), "--asym", "0.25", "--no-validate")
+    assert code == 0, out
+    model = tmp_path / "w" / "bpw-4.00" / "model"
+    q = json.loads((model / "config.json").read_text())["quantization_config"]
+    assert q["exl2"]["asym"] == 0.25
+    code, out = run_cli("-i", str(qwen_tied), "-o", str(tmp_path / "w0"), "-b", "4.0", "-r", "4", "-l", "64",
+                        "-m", str(work / "measurement.json"), "--no-validate")
+    assert code == 0, out
+    shard = "output.safetensors"
+    assert (model / shard).read_bytes() != (tmp_path / "w0" / "bpw-4.00" / "model" / shard).read_bytes()
+    with pytest.raises(Exception, match=r"finished work used --asym = 0.25, this run asks for 0.0"):
+        convert(ConvertOptions(in_dir=str(qwen_tied), work_dir=str(tmp_path / "w"), bits=[4.0], validate=False,
+                               measurement=str(work / "measurement.json"), **SMALL))
+    job = json.loads((tmp_path / "w0" / "job.json").read_text())
+    del job["params"]["asym"]
+    (tmp_path / "w0" / "job.json").write_text(json.dumps(job))
+    convert(ConvertOptions(in_dir=str(qwen_tied), work_dir=str(tmp_path / "w0"), bits=[4.0], validate=False,
+                           measurement=str(work / "measurement.json"), **SMALL))
+
+
 @pytest.mark.parametrize("opts, message", [({"tables": "big"}, "--tables big: must be one of exl2, extended"),
-                                           ({"norm": 0.5}, "--norm 0.5: must be between 1 and 4")])
+                                           ({"norm": 0.5}, "--norm 0.5: must be between 1 and 4"),
+                                           ({"asym": 1.5}, r"--asym 1.5: must be between 0 \(off\) and 1")])
 def test_bad_tables_or_norm(qwen_tied, tmp_path, opts, message):
     with pytest.raises(Exception, match=message):
         convert(ConvertOptions(in_dir=str(qwen_tied), work_dir=str(tmp_path / "w"), **opts, **SMALL))
