@@ -26,8 +26,8 @@ from safetensors.torch import load_file
 
 from exl2.measure.measure import embed_rows
 from exl2.measure.measurement import entry_options
-from exl2.measure.stream import (MODULES, clear_checkpoint, collect, linears, load_checkpoint, module_inputs, rel_error,
-                                 run_module, save_checkpoint, save_tensors, set_weight)
+from exl2.measure.stream import (MODULES, clear_checkpoint, collect, inputs_of, linears, load_checkpoint, rel_error,
+                                 run_module, save_checkpoint, save_tensors, set_weight, swapped_weights)
 from exl2.quant_kernels import codec, gptq
 from exl2.quant_kernels.qparams import HEAD_OPTIONS
 from exl2.runtime.loader import ModelParts
@@ -83,22 +83,27 @@ def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, d
     """
     key = spec.key(layer)
     options = entry_options(strategy[key])
-    fp_in, cross = None, {}
-    if fstates is not None:
-        fp_in, fp_out = module_inputs(block, spec, fstates, cos, sin, device)     # before any weight changes
-        fstates[:] = fp_out
-        sequential = True
-    H, ref = collect(block, spec, states, cos, sin, device, fp_inputs=fp_in, cross=cross)
     layers = linears(block, spec)
+    fp_input, cross = None, {}
+    if fstates is not None:
+        # The full-precision weights stay referenced (set_weight swaps tensors, never writes into them), so each
+        # row's full-precision input is recomputed when it is paired: one row of it in memory, not all rows.
+        fp_weights = {p: lin.weight.data for p, lin in layers.items()}
+
+        def fp_input(i: int, owners: list[str]) -> dict[str, torch.Tensor]:
+            with swapped_weights(block, spec, fp_weights):
+                return inputs_of(block, spec, owners, fstates[i].to(device), cos, sin)
+
+        sequential = True
+    H, ref = collect(block, spec, states, cos, sin, device, fp_input=fp_input, cross=cross)
     for i, owner in enumerate(owner_order(spec)):
         if sequential and i > 0:
-            H.update(collect(block, spec, states, cos, sin, device, owners=(owner,), fp_inputs=fp_in, cross=cross)[0])
+            H.update(collect(block, spec, states, cos, sin, device, owners=(owner,), fp_input=fp_input, cross=cross)[0])
         prepared = gptq.prepare(H[owner].cpu(), percdamp=percdamp, keep_h=bool(polish))
         mine = [p for p in spec.projections if spec.hessian_of[p] == owner]
         weights = {p: layers[p].weight.data.float().cpu() for p in mine}
-        if fp_in is not None:
+        if fp_input is not None:
             weights = gptq.asymmetric_targets(weights, H[owner].cpu(), cross[owner].cpu(), percdamp, asym)
-            del fp_in[owner]
         for p in mine:
             lin = layers[p]
             bias = None if lin.bias is None else lin.bias.data.float().cpu()
@@ -116,6 +121,10 @@ def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, d
             errs.append(rel_error(y, ref[i].to(device)))
             ref[i] = None
             states[i] = y.float().cpu()
+        if fstates is not None:                      # the full-precision model's outputs replace its inputs
+            with swapped_weights(block, spec, fp_weights):
+                for i in range(len(fstates)):
+                    fstates[i] = run_module(block, spec, fstates[i].to(device), cos, sin).float().cpu()
     return states, sum(errs) / len(errs)
 
 

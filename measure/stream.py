@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -69,92 +71,106 @@ def run_module(block: Block, spec: ModuleSpec, x: torch.Tensor, cos, sin) -> tor
 class _Recorder(nn.Module):
     """Wraps a linear layer and adds every input it sees to a Hessian (one add per calibration row).
 
-    With ``fp_rows`` (a :class:`gptq.CrossHessian`), call ``i`` is paired with ``fp_rows[i]``, the input the
-    same layer saw on row ``i`` in the full-precision model.
+    With ``pending`` set (a :class:`gptq.CrossHessian`), the next input is paired with it: the input the same
+    layer saw on the same row in the full-precision model.
     """
 
-    def __init__(self, inner: nn.Module, hessian: gptq.Hessian, fp_rows: list[torch.Tensor] | None = None):
+    def __init__(self, inner: nn.Module, hessian: gptq.Hessian):
         super().__init__()
-        self.inner, self.hessian, self.fp_rows = inner, hessian, fp_rows
+        self.inner, self.hessian = inner, hessian
+        self.pending: torch.Tensor | None = None
 
     def forward(self, x):
-        if self.fp_rows is None:
+        if self.pending is None:
             self.hessian.add(x)
         else:
-            self.hessian.add_pair(x, self.fp_rows[self.hessian.rows].to(x.device))
+            self.hessian.add_pair(x, self.pending)
+            self.pending = None
         return self.inner(x)
 
 
 class _Capture(nn.Module):
-    """Wraps a linear layer and keeps each input it sees (float32, CPU), one entry per calibration row."""
+    """Wraps a linear layer and keeps the inputs it sees (float32, on their device)."""
 
     def __init__(self, inner: nn.Module, store: list[torch.Tensor]):
         super().__init__()
         self.inner, self.store = inner, store
 
     def forward(self, x):
-        self.store.append(x.float().cpu())
+        self.store.append(x.float())
         return self.inner(x)
 
 
-def module_inputs(block: Block, spec: ModuleSpec, states: list[torch.Tensor], cos, sin, device
-                  ) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
-    """Run the module over all rows with its current weights: each shared input's rows, and the outputs.
-
-    Used on the full-precision model's states, before any of the module's projections is quantized, to
-    pair them with the quantized model's inputs (:func:`collect` with ``fp_inputs``).
-    """
-    parent = block.self_attn if spec.kind == "self_attn" else block.mlp
-    owners = sorted(set(spec.hessian_of.values()))
+@contextmanager
+def swapped_weights(block: Block, spec: ModuleSpec, weights: dict[str, torch.Tensor]):
+    """Run with these projection weights in place of the current ones (tensors swapped, nothing copied)."""
     layers = linears(block, spec)
+    saved = {p: layers[p].weight.data for p in weights}
+    try:
+        for p, w in weights.items():
+            layers[p].weight.data = w
+        yield
+    finally:
+        for p, w in saved.items():
+            layers[p].weight.data = w
+
+
+def inputs_of(block: Block, spec: ModuleSpec, owners, x: torch.Tensor, cos, sin) -> dict[str, torch.Tensor]:
+    """The inputs projections ``owners`` read when the module runs once on one row ``x`` with its current
+    weights."""
+    parent = block.self_attn if spec.kind == "self_attn" else block.mlp
+    inner = {o: getattr(parent, o) for o in owners}
     store: dict[str, list[torch.Tensor]] = {o: [] for o in owners}
     for o in owners:
-        setattr(parent, o, _Capture(layers[o], store[o]))
-    outputs = []
+        setattr(parent, o, _Capture(inner[o], store[o]))
     try:
         with torch.no_grad():
-            for x in states:
-                outputs.append(run_module(block, spec, x.to(device), cos, sin).float().cpu())
+            run_module(block, spec, x, cos, sin)
     finally:
         for o in owners:
-            setattr(parent, o, layers[o])
-    return store, outputs
+            setattr(parent, o, inner[o])
+    return {o: store[o][0] for o in owners}
 
 
 def collect(block: Block, spec: ModuleSpec, states: list[torch.Tensor], cos, sin, device,
             max_abs: list | None = None, owners: tuple[str, ...] | None = None,
-            fp_inputs: dict[str, list[torch.Tensor]] | None = None, cross: dict | None = None
+            fp_input: Callable[[int, list[str]], dict[str, torch.Tensor]] | None = None, cross: dict | None = None
             ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """Run the module over all rows with its current weights: Hessians per projection and the outputs.
 
     Returns ``(H, outputs)`` with ``H[proj]`` averaged over rows (shared inputs share one matrix) and
     outputs on the CPU.  ``owners`` limits the Hessians to those shared inputs (default: every input of
     the module), and ``H`` to the projections that read them.  NaN in an output raises; ``max_abs``
-    (if given) receives the largest |output|.  With ``fp_inputs`` (:func:`module_inputs` of the
-    full-precision model's states), ``cross[proj]`` receives :meth:`gptq.CrossHessian.cross` as well.
+    (if given) receives the largest |output|.  With ``fp_input`` (row index, owners -> the inputs those
+    owners see on that row in the full-precision model; called with no recorder installed),
+    ``cross[proj]`` receives :meth:`gptq.CrossHessian.cross` as well.
     """
     parent = block.self_attn if spec.kind == "self_attn" else block.mlp
     owners = sorted(set(spec.hessian_of.values()) if owners is None else owners)
     layers = linears(block, spec)
-    kind = gptq.Hessian if fp_inputs is None else gptq.CrossHessian
+    kind = gptq.Hessian if fp_input is None else gptq.CrossHessian
     hess = {o: kind(layers[o].in_features, device=device) for o in owners}
-    for o in owners:
-        setattr(parent, o, _Recorder(layers[o], hess[o], None if fp_inputs is None else fp_inputs[o]))
+    rec = {o: _Recorder(layers[o], hess[o]) for o in owners}
     outputs = []
-    try:
-        with torch.no_grad():
-            for x in states:
+    with torch.no_grad():
+        for i, x in enumerate(states):
+            if fp_input is not None:
+                for o, x_fp in fp_input(i, owners).items():
+                    rec[o].pending = x_fp
+            for o in owners:
+                setattr(parent, o, rec[o])
+            try:
                 y = run_module(block, spec, x.to(device), cos, sin)
-                if bool(torch.isnan(y).any()):
-                    raise MeasureError(f"{spec.kind}: NaN in the full-precision output")
-                if max_abs is not None:
-                    max_abs.append(float(y.abs().max()))
-                outputs.append(y.cpu())
-    finally:
-        for o in owners:
-            setattr(parent, o, layers[o])
+            finally:
+                for o in owners:
+                    setattr(parent, o, layers[o])
+            if bool(torch.isnan(y).any()):
+                raise MeasureError(f"{spec.kind}: NaN in the full-precision output")
+            if max_abs is not None:
+                max_abs.append(float(y.abs().max()))
+            outputs.append(y.cpu())
     H = {p: hess[o].result() for p, o in spec.hessian_of.items() if o in hess}
-    if fp_inputs is not None and cross is not None:
+    if fp_input is not None and cross is not None:
         cross.update({p: hess[o].cross() for p, o in spec.hessian_of.items() if o in hess})
     return H, outputs
 
