@@ -189,9 +189,10 @@ def run_quantization(model_dir: str | Path, input_ids: torch.Tensor, strategy: d
     saved = load_checkpoint(work, "quant")
     if saved:
         report, states = saved
-        if float(report.get("asym", 0.0)) != float(asym):
-            raise QuantizeError(f"{work}: the interrupted quantization ran with asym {report.get('asym', 0.0)}, "
-                                f"not {asym}: start over")
+        old = float(report.get("asym", 0.0))
+        if old != float(asym):
+            raise QuantizeError(f"{work}: the interrupted quantization ran with --asym {old:g}, this run asks for "
+                                f"{float(asym):g}; rerun with --asym {old:g}, or use -nr to start over")
     else:
         report, states = {"next_layer": 0, "errors": {}, "asym": asym}, embed_rows(parts, input_ids)
         if asym:
