@@ -15,7 +15,10 @@ converter's defaults:
   is quantized toward the full-precision model's output, not its own perturbed inputs' (sequential Hessians);
 * the uniform GPTQ 4-bit g128 baseline with and without refined codes (is the gain ours or the quantizer's?).
 
-    python bench/levers.py [--variants orig,jitter0] [--runs 'label part;...'] [--write]
+    python bench/levers.py [--variants orig,jitter0] [--runs 'label part;...'] [--bpw B] [--write]
+
+``--bpw`` takes another of bench/quality.py's EXL2 targets as the fixed strategy (labels then say that bpw;
+models and scores go to ``WORK/<variant>-bpw<B>/``); ``--write`` is for the 4.0 bpw section only.
 
 Models go to ``WORK/<variant>/<run>/`` and scores to ``WORK/<variant>/scores.json`` (cached). A benchmark,
 not a test.
@@ -78,22 +81,23 @@ def run_variant(v: str, args) -> list[dict]:
     seed = None if v == "orig" else int(v.removeprefix("jitter"))
     src = build_smollm2(jitter_seed=seed)
     qwork = Path(args.quality_work) / v
-    strat_file = qwork / "exl2" / "bpw-4.00" / "strategy.json"
+    strat_file = qwork / "exl2" / f"bpw-{args.bpw:.2f}" / "strategy.json"
     if not strat_file.exists():
         raise SystemExit(f"levers: {strat_file} not found: run `python bench/quality.py` first (variant {v})")
     strategies = {"exl2": json.loads(strat_file.read_text()),
                   "g128": dict(zip(("strategy", "bpw"), uniform_strategy(load_config(src),
                                                                            QParams.make(128, [4], [1.0]))))}
-    work = Path(args.work) / v
+    work = Path(args.work) / (v if args.bpw == 4.0 else f"{v}-bpw{args.bpw:g}")
     work.mkdir(parents=True, exist_ok=True)
     texts = {t: load_data_rows(src, REPO / p, args.eval_rows, args.eval_length) for t, p in TEXTS.items()}
     scorer = Scorer(src, texts, work / "scores.json", args.rescore)
     out = []
-    for label, which, change in RUNS:
-        if seed is not None and label not in JITTER_RUNS:
+    for base, which, change in RUNS:
+        if seed is not None and base not in JITTER_RUNS:
             continue
-        if args.runs and not any(x in label for x in args.runs.split(";")):
+        if args.runs and not any(x in base for x in args.runs.split(";")):
             continue
+        label = base.replace("EXL2 4.0", f"EXL2 {args.bpw:g}")
         cfg = {**DEFAULTS, **change}
         run_dir = work / slug(label)
         model = run_dir / "model"
@@ -117,9 +121,9 @@ def run_variant(v: str, args) -> list[dict]:
 
 def report(results: dict[str, list[dict]], args) -> str:
     cmd = " ".join(["python bench/levers.py", *args.argv])
-    lines = header("Quantizer levers at 4.0 bpw, SmolLM2-135M (bench/levers.py)", cmd) + [
+    lines = header(f"Quantizer levers at {args.bpw:g} bpw, SmolLM2-135M (bench/levers.py)", cmd) + [
              "One change at a time from the converter's defaults (refine span 2, damping 0.12, 16 x 512 "
-             "quantization rows), same strategy (bench/quality.py's 4.0 bpw allocation; the GPTQ rows use "
+             f"quantization rows), same strategy (bench/quality.py's {args.bpw:g} bpw allocation; the GPTQ rows use "
              "uniform 4-bit g128), head 6 bits, scored on bench/quality.py's held-out rows (4 x 512 tokens "
              "each of prose and code). KL: mean KL divergence from the FP16 model; change: against the "
              "defaults row of the same strategy.", ""]
@@ -146,10 +150,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_follow_up_args(ap, "levers")
     ap.add_argument("--runs", default="", help="';'-separated label parts: only the runs whose label has one")
+    ap.add_argument("--bpw", type=float, default=4.0, help="the EXL2 target whose strategy every EXL2 run uses")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.write and args.runs:
         ap.error("--write replaces the whole section: run it without --runs")
+    if args.write and args.bpw != 4.0:
+        ap.error("--write replaces the 4.0 bpw section: run other --bpw values without it")
     return run_follow_up(args, run_variant, report, "quality_levers")
 
 
