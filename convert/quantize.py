@@ -103,7 +103,7 @@ def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, d
         mine = [p for p in spec.projections if spec.hessian_of[p] == owner]
         weights = {p: layers[p].weight.data.float().cpu() for p in mine}
         if fp_input is not None:
-            weights = gptq.asymmetric_targets(weights, H[owner].cpu(), cross[owner].cpu(), percdamp, asym)
+            weights = gptq.asymmetric_targets(weights, cross[owner].cpu(), prepared, asym)
         for p in mine:
             lin = layers[p]
             bias = None if lin.bias is None else lin.bias.data.float().cpu()
@@ -149,9 +149,9 @@ def quantize_head(parts: ModelParts, states, input_ids: torch.Tensor, head_bits:
             else:
                 H.add_pair(h, norm(fstates[i].to(device)))
     rtn = w.numel() > RTN_HEAD_ELEMENTS
-    if fstates is not None and not rtn:
-        w = gptq.asymmetric_targets({"head": w}, H.result().cpu(), H.cross().cpu(), percdamp, asym)["head"]
     prepared = gptq.prepare(H.result().cpu(), percdamp=percdamp, invert=not rtn)
+    if fstates is not None:                      # round-to-nearest (no inverse) leaves the head as it is
+        w = gptq.asymmetric_targets({"head": w}, H.cross().cpu(), prepared, asym)["head"]
     r = gptq.quantize(w, qp, prepared, refine_span=refine_span)
     _store(out_dir, "lm_head", r)
     # Calibration perplexity of the whole quantized model (a sanity number, not a benchmark).

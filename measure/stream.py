@@ -102,6 +102,19 @@ class _Capture(nn.Module):
 
 
 @contextmanager
+def _wrapped(parent: nn.Module, wrappers: dict[str, nn.Module]):
+    """Run with these wrappers in place of the parent's projections of the same names, then put them back."""
+    inner = {o: getattr(parent, o) for o in wrappers}
+    try:
+        for o, w in wrappers.items():
+            setattr(parent, o, w)
+        yield
+    finally:
+        for o, m in inner.items():
+            setattr(parent, o, m)
+
+
+@contextmanager
 def swapped_weights(block: Block, spec: ModuleSpec, weights: dict[str, torch.Tensor]):
     """Run with these projection weights in place of the current ones (tensors swapped, nothing copied)."""
     layers = linears(block, spec)
@@ -119,16 +132,9 @@ def inputs_of(block: Block, spec: ModuleSpec, owners, x: torch.Tensor, cos, sin)
     """The inputs projections ``owners`` read when the module runs once on one row ``x`` with its current
     weights."""
     parent = block.self_attn if spec.kind == "self_attn" else block.mlp
-    inner = {o: getattr(parent, o) for o in owners}
     store: dict[str, list[torch.Tensor]] = {o: [] for o in owners}
-    for o in owners:
-        setattr(parent, o, _Capture(inner[o], store[o]))
-    try:
-        with torch.no_grad():
-            run_module(block, spec, x, cos, sin)
-    finally:
-        for o in owners:
-            setattr(parent, o, inner[o])
+    with _wrapped(parent, {o: _Capture(getattr(parent, o), store[o]) for o in owners}), torch.no_grad():
+        run_module(block, spec, x, cos, sin)
     return {o: store[o][0] for o in owners}
 
 
@@ -157,13 +163,8 @@ def collect(block: Block, spec: ModuleSpec, states: list[torch.Tensor], cos, sin
             if fp_input is not None:
                 for o, x_fp in fp_input(i, owners).items():
                     rec[o].pending = x_fp
-            for o in owners:
-                setattr(parent, o, rec[o])
-            try:
+            with _wrapped(parent, rec):
                 y = run_module(block, spec, x.to(device), cos, sin)
-            finally:
-                for o in owners:
-                    setattr(parent, o, layers[o])
             if bool(torch.isnan(y).any()):
                 raise MeasureError(f"{spec.kind}: NaN in the full-precision output")
             if max_abs is not None:

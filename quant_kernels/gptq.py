@@ -87,8 +87,8 @@ class CrossHessian(Hessian):
         return self.M / max(self.rows, 1)
 
 
-def asymmetric_targets(weights: dict[str, torch.Tensor], H: torch.Tensor, M: torch.Tensor,
-                       percdamp: float = PERCDAMP, alpha: float = 1.0) -> dict[str, torch.Tensor]:
+def asymmetric_targets(weights: dict[str, torch.Tensor], M: torch.Tensor, prepared: "Prepared",
+                       alpha: float = 1.0) -> dict[str, torch.Tensor]:
     """The weights to give GPTQ so that it matches the full-precision output (asymmetric calibration).
 
     GPTQ on ``H = X^T X`` minimises ``||X (W - Q)^T||^2`` with ``X`` the quantized model's inputs to the
@@ -97,27 +97,20 @@ def asymmetric_targets(weights: dict[str, torch.Tensor], H: torch.Tensor, M: tor
     quantized inputs is ``W' = W + W M H^-1``, and
     ``||X_fp W^T - X Q^T||^2 = ||X (W' - Q)^T||^2 + const``, so GPTQ run on ``W'`` with the same ``H``
     minimises the error against the full-precision output (the objective of Li et al., 2025, "GPTAQ").
-    ``H`` is damped as :func:`prepare` damps it (the ridge solution, which stays at ``W`` when ``X = X_fp``);
-    ``alpha`` scales the correction (1: that solution).  ``weights``: name -> ``[N, K]`` of every projection
-    that reads this input (one factorisation serves them all); returns fp32 ``[N, K]`` per name.
+    ``H^-1`` is the damped inverse :func:`prepare` made for GPTQ itself (``prepared.hinv^T prepared.hinv``
+    in act-order), so this is the ridge solution, which stays at ``W`` when ``X = X_fp``; ``alpha`` scales
+    the correction (1: that solution).  ``weights``: name -> ``[N, K]`` of every projection that reads this
+    input; returns fp32 ``[N, K]`` per name (unchanged without ``prepared.hinv``, i.e. round-to-nearest).
     """
     out = {n: w.to(torch.float32) for n, w in weights.items()}
-    if alpha == 0 or not bool(M.any()):
+    U = prepared.hinv
+    if alpha == 0 or U is None or not bool(M.any()):
         return {n: w.clone() for n, w in out.items()}
-    Hd = H.to(torch.float32).clone()
-    dg = torch.diagonal(Hd)
-    damp = max(1e-5, percdamp * float(dg.mean()))
-    for _ in range(DAMP_TRIES):
-        dg += damp
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if int(info) == 0:
-            break
-    else:
-        raise HessianError(f"asymmetric_targets: Hessian not positive definite after {DAMP_TRIES} damping steps")
-    del Hd
+    perm = prepared.perm
     M = M.to(torch.float32)
     for n, W in out.items():
-        corr = torch.cholesky_solve((W @ M).t().contiguous(), L).t()                 # [N, K] = W M H_d^-1
+        corr = torch.empty_like(W)
+        corr[:, perm] = ((W @ M)[:, perm] @ U.t()) @ U                                # W M H_d^-1
         out[n] = W + alpha * corr
     return out
 

@@ -236,7 +236,7 @@ def test_asymmetric_target_is_the_least_squares_weight_on_the_perturbed_inputs(p
         C.add_pair(a, b)
     H, M = C.result(), C.cross()
     tiny = 1e-9       # (almost) no damping: the exact least-squares solution
-    wa = gptq.asymmetric_targets({"p": w}, H, M, percdamp=tiny)["p"]
+    wa = gptq.asymmetric_targets({"p": w}, M, gptq.prepare(H, percdamp=tiny))["p"]
     ls = torch.linalg.lstsq(x.double(), (x_fp @ w.t()).double()).solution.t()
     assert torch.allclose(wa.double(), ls, rtol=0, atol=1e-3 * float(ls.abs().max()))
 
@@ -245,12 +245,12 @@ def test_asymmetric_target_is_the_least_squares_weight_on_the_perturbed_inputs(p
 
     # With the converter's damping it is the ridge solution: a smaller step that still fits better than W
     # (W is feasible for the ridge objective at zero penalty).
-    wd = gptq.asymmetric_targets({"p": w}, H, M)["p"]
+    p = gptq.prepare(H)
+    wd = gptq.asymmetric_targets({"p": w}, M, p)["p"]
     assert 0 < float((wd - w).norm()) < float((wa - w).norm())
     assert fp_err(wa) < fp_err(wd) < fp_err(w)
 
     qp = QParams.make(128, [4], [1])
-    p = gptq.prepare(H)
     plain, asym = gptq.quantize(w, qp, p).weight, gptq.quantize(wd, qp, p).weight
     # Measured here: 0.0729 against 0.0761; most of what is left is the part no weight on X can fit.
     assert fp_err(asym) < fp_err(plain)
@@ -263,7 +263,8 @@ def test_asymmetric_target_is_the_least_squares_weight_on_the_perturbed_inputs(p
     same = gptq.CrossHessian(x.shape[1])
     same.add_pair(x_fp, x_fp)
     assert not bool(same.cross().any())
-    assert torch.equal(gptq.asymmetric_targets({"p": w}, same.result(), same.cross())["p"], w)
-    assert torch.equal(gptq.asymmetric_targets({"p": w}, H, M, alpha=0.0)["p"], w)
+    assert torch.equal(gptq.asymmetric_targets({"p": w}, same.cross(), gptq.prepare(same.result()))["p"], w)
+    assert torch.equal(gptq.asymmetric_targets({"p": w}, M, p, alpha=0.0)["p"], w)
+    assert torch.equal(gptq.asymmetric_targets({"p": w}, M, gptq.prepare(H, invert=False))["p"], w)
     with pytest.raises(ValueError, match="shapes differ"):
         same.add_pair(x_fp, x_fp[:, :10])
