@@ -97,7 +97,7 @@ def run_variant(v: str, args) -> list[dict]:
             continue
         if args.runs and not any(x in base for x in args.runs.split(";")):
             continue
-        label = base.replace("EXL2 4.0", f"EXL2 {args.bpw:g}")
+        label = base.replace("EXL2 4.0", f"EXL2 {args.bpw:.1f}")
         cfg = {**DEFAULTS, **change}
         run_dir = work / slug(label)
         model = run_dir / "model"
