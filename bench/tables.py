@@ -6,11 +6,12 @@ matrix (``0.1:4b/0.9:3b`` and so on).  The candidates (``qparams.CANDIDATE_*``, 
 8 bits instead, as ExLlamaV2's tables already do for down_proj.  They are measured on their own
 (``run_measurement(modules=...)``) on the same rows as ``bench/quality.py``'s measurement and appended to
 it: every module is measured on the FP16 path's states, so entries of the two runs concatenate.
-Then four 4.0 bpw strategies are quantized and scored:
+Then 4.0 bpw strategies are quantized and scored:
 
 * ExLlamaV2's tables or the tables plus the candidates, and
 * the converter's outer criterion (the norm, 1.5 to 3.5, whose solution has the smallest maximum module
-  error, as ExLlamaV2 does) or one fixed norm 2 (sum of squared module errors).
+  error, as ExLlamaV2 does) or one fixed norm 2 (sum of squared module errors);
+* two of them again with asymmetric calibration (``--asym 0.25``): do the levers add up?
 
 Scored like ``bench/quality.py`` (same held-out rows), against its uniform GPTQ 4-bit g128 model.
 
@@ -39,11 +40,13 @@ from exl2.quant_kernels.qparams import (ATTN_OPTIONS, CANDIDATE_ATTN_OPTIONS, CA
                                         MLP_OPTIONS)
 
 NOTES = REPO / "bench" / "tables_notes.md"       # the hand-written reading of this section
-# (label, tables, norms): None = the converter's default sweep
-RUNS = [("ExLlamaV2 tables, min-max norm (the converter)", "exl2", None),
-        ("ExLlamaV2 tables, norm 2", "exl2", (2.0,)),
-        ("tables + candidates, min-max norm", "extended", None),
-        ("tables + candidates, norm 2", "extended", (2.0,))]
+# (label, tables, norms, asym): norms None = the converter's default sweep; asym = --asym's alpha
+RUNS = [("ExLlamaV2 tables, min-max norm (the converter)", "exl2", None, 0.0),
+        ("ExLlamaV2 tables, norm 2", "exl2", (2.0,), 0.0),
+        ("tables + candidates, min-max norm", "extended", None, 0.0),
+        ("tables + candidates, norm 2", "extended", (2.0,), 0.0),
+        ("ExLlamaV2 tables, min-max norm, asym 0.25", "exl2", None, 0.25),
+        ("tables + candidates, norm 2, asym 0.25", "extended", (2.0,), 0.25)]
 
 
 def base_count(key: str) -> int:
@@ -103,14 +106,14 @@ def run_variant(v: str, args) -> dict:
     scorer = Scorer(src, texts, work / "scores.json", args.rescore)
     rows = [{"label": "GPTQ 4-bit g128 (bench/quality.py)", "bpw": None, "picked": None,
              "scores": {t: scorer.score("g128", g128, t) for t in TEXTS}}]
-    for label, which, norms in RUNS:
+    for label, which, norms, asym in RUNS:
         m = tables[which]
         sol = optimize(m, numel, 4.0, norms=norms or DEFAULT_NORMS)
         run_dir = work / slug(label)
         model = run_dir / "model"
         if not (model / "config.json").exists():
             strategy = {k: {"option": i, **m[k][i]} for k, i in sol.choice.items()}
-            qpass.run_quantization(src, load_cal_ids(qwork / "cal"), strategy, 6, run_dir)
+            qpass.run_quantization(src, load_cal_ids(qwork / "cal"), strategy, 6, run_dir, asym=asym)
             writer.compile_model(src, run_dir / "out_tensor", model, quantization_config={"quant_method": "exl2"})
         picked = {"self_attn": 0, "mlp": 0}
         for k, i in sol.choice.items():
