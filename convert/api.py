@@ -71,13 +71,26 @@ class ConvertOptions:
     validation_rows: int = 4
     tables: str = "exl2"                  # option tables measured: "exl2" (ExLlamaV2's) or "extended"
     norm: float | None = None             # allocation: one fixed norm p, or None for ExLlamaV2's min-max sweep
-    asym: float = 0.0                     # asymmetric calibration's alpha (0: off, GPTQ as ExLlamaV2 runs it)
+    asym: float | None = None             # asymmetric calibration's alpha (0: off, GPTQ as ExLlamaV2 runs it;
+                                          # None: auto_asym of the quantization tokens)
 
 
 # Parameters whose change invalidates finished work, by what they invalidate.
 MEASURE_PARAMS = ("checkpoint_sha256", "cal_dataset", "measurement_rows", "measurement_length", "seed", "tables")
 QUANT_PARAMS = ("checkpoint_sha256", "cal_dataset", "rows", "length", "head_bits", "seed", "measurement_sha256", "asym")
 PARAM_DEFAULTS = {"tables": "exl2", "asym": 0.0}      # what job files written before a parameter existed used
+
+# Asymmetric calibration's alpha when --asym is not given (BENCHMARKS.md, "Asymmetric calibration"): the
+# correction W M H^-1 is estimated from the quantization rows, and on SmolLM2-135M at 4.0 bpw the full
+# correction (alpha 1) beat alpha 0.25 with 100 x 512 tokens but fitted 16 x 512 tokens too closely.
+ASYM_AUTO_TOKENS = 50_000
+ASYM_FULL, ASYM_FEW_TOKENS = 1.0, 0.25
+
+
+def auto_asym(rows: int, length: int) -> float:
+    """The default alpha: 1 with at least ``ASYM_AUTO_TOKENS`` quantization tokens (the default -r 100 -l 2048
+    has 204,800), else 0.25."""
+    return ASYM_FULL if rows * length >= ASYM_AUTO_TOKENS else ASYM_FEW_TOKENS
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -161,6 +174,7 @@ class Job:
         self.in_dir = Path(opts.in_dir)
         self.work = Path(opts.work_dir)
         self.job_file = self.work / "job.json"
+        self.asym = auto_asym(opts.rows, opts.length) if opts.asym is None else opts.asym
 
     # -- set-up -----------------------------------------------------------------------------------
 
@@ -182,8 +196,8 @@ class Job:
             raise ConvertError(f"--tables {o.tables}: must be one of {', '.join(TABLES)}")
         if o.norm is not None and not 1.0 <= o.norm <= 4.0:
             raise ConvertError(f"--norm {o.norm}: must be between 1 and 4")
-        if not 0.0 <= o.asym <= 1.0:
-            raise ConvertError(f"--asym {o.asym}: must be between 0 (off) and 1")
+        if not 0.0 <= self.asym <= 1.0:
+            raise ConvertError(f"--asym {self.asym}: must be between 0 (off) and 1")
         if not o.measure_only and not o.bits:
             raise ConvertError("--bits: give at least one target")
         for b in o.bits:
@@ -204,7 +218,7 @@ class Job:
             "cal_dataset": str(Path(self.o.cal_dataset).resolve()) if self.o.cal_dataset else None,
             "rows": self.o.rows, "length": self.o.length, "measurement_rows": self.o.measurement_rows,
             "measurement_length": self.o.measurement_length, "head_bits": self.o.head_bits, "seed": self.o.seed,
-            "tables": self.o.tables, "measurement_sha256": None, "asym": self.o.asym,
+            "tables": self.o.tables, "measurement_sha256": None, "asym": self.asym,
         }
         if previous:
             job = previous
@@ -337,7 +351,7 @@ class Job:
             report = qpass.run_quantization(self.in_dir, rows.input_ids, strat["strategy"], o.head_bits, tdir,
                                             device=o.device, status=self.status,
                                             progress=self._progress(f"quantize {bpw} bpw"),
-                                            ppl_rows=min(4, rows.input_ids.shape[0]), asym=o.asym)
+                                            ppl_rows=min(4, rows.input_ids.shape[0]), asym=self.asym)
             _write_json(tdir / "quant_report.json", report)
             self._finish(f"quant:{tag}")
         report = json.loads((tdir / "quant_report.json").read_text())
@@ -347,7 +361,7 @@ class Job:
                      "calibration": qconf_calibration(o),
                      "exl2": {"bpw": strat["bpw"], "checkpoint_sha256": self.job["params"]["checkpoint_sha256"],
                               "tables": (data.get("exl2") or {}).get("tables", "exl2"), "norm": o.norm,
-                              "asym": o.asym}}
+                              "asym": self.asym}}
             writer.compile_model(self.in_dir, tdir / "out_tensor", out, shard_mib=o.shard_mib,
                                  quantization_config=qconf,
                                  extra_files={"measurement.json": json.dumps(data, indent=4)})
@@ -377,7 +391,7 @@ class Job:
         text = card.model_card(base_model=self.in_dir.resolve().name, strat=strat, head=report["head"],
                                head_bits=o.head_bits, calibration=qconf_calibration(o), validation=v,
                                checkpoint_sha256=self.job["params"]["checkpoint_sha256"], tool_version=VERSION,
-                               plot=plot)
+                               plot=plot, asym=self.asym)
         _write_text(out / "README.md", text)
         return result
 

@@ -9,7 +9,8 @@ The spec (TOML)::
     rows = 100                            # also: length, measurement_rows, measurement_length,
     cal_dataset = "/data/cal.parquet"     #       validation_rows, seed (the ConvertOptions defaults),
     tables = "exl2"                       #       tables ("exl2" or "extended"), norm (1 to 4) and
-                                          #       asym (0 to 1), as exl2-convert's --tables, --norm, --asym
+                                          #       asym (0 to 1, or "auto"), as exl2-convert's --tables, --norm,
+                                          #       --asym
     [resources]                           # per task
     num_cpus = 1
     num_gpus = 0                          # > 0: the task gets that share of a GPU and runs with device cuda
@@ -59,7 +60,7 @@ from exl2.quant_kernels.qparams import TABLES
 # The calibration and target keys of [defaults] / [[model]], with the converter's defaults.
 DEFAULTS = {"bpw": [4.125], "head_bits": 6, "rows": 100, "length": 2048, "measurement_rows": 16,
             "measurement_length": 2048, "cal_dataset": None, "validation_rows": 4, "seed": 0, "tables": "exl2",
-            "norm": None, "asym": 0.0}
+            "norm": None, "asym": None}          # asym None: "auto", the converter's choice from rows x length
 RESOURCE_DEFAULTS = {"num_cpus": 1, "num_gpus": 0, "max_retries": 3, "memory_gb": None}
 TOP_KEYS = {"output", "defaults", "resources", "model"}
 INT_KEYS = ("head_bits", "rows", "length", "measurement_rows", "measurement_length", "validation_rows", "seed")
@@ -100,7 +101,7 @@ class Model:
     seed: int
     tables: str
     norm: float | None
-    asym: float
+    asym: float | None
     resources: "Resources"
 
 
@@ -159,8 +160,11 @@ def _check_settings(where: str, table: dict, base: Path) -> dict:
                 raise SpecError(f"{where}: norm = {value!r}: must be a number between 1 and 4")
             out[key] = float(value)
         elif key == "asym":
+            if value == "auto":
+                out[key] = None
+                continue
             if not _is_number(value) or not 0.0 <= value <= 1.0:
-                raise SpecError(f"{where}: asym = {value!r}: must be a number between 0 (off) and 1")
+                raise SpecError(f"{where}: asym = {value!r}: must be \"auto\" or a number between 0 (off) and 1")
             out[key] = float(value)
         else:
             raise SpecError(f"{where}: unknown key {key!r} (known: {', '.join(DEFAULTS)})")
@@ -318,7 +322,10 @@ def mismatch(task: Task) -> str | None:
     ours = q.get("exl2") or {}
     have = {**{k: q.get(k) for k in want}, "tables": ours.get("tables", "exl2"), "norm": ours.get("norm"),
             "asym": ours.get("asym", 0.0)}
-    want.update(tables=o["tables"], norm=o["norm"], asym=o["asym"])  # outputs written before these existed: defaults
+    from exl2.convert.api import auto_asym
+
+    asym = auto_asym(o["rows"], o["length"]) if o["asym"] is None else o["asym"]
+    want.update(tables=o["tables"], norm=o["norm"], asym=asym)  # outputs written before these existed: defaults
     for key, value in want.items():
         if have[key] != value:
             return (f"{out} exists with {key} = {have[key]!r} but the spec asks for {value!r}; delete it and "

@@ -64,7 +64,9 @@ def test_tables_norm_and_asym_reach_every_task():
                        "model": [{"path": "/m/a", "norm": 2, "asym": 0.25}, {"path": "/m/b", "tables": "exl2"}]})
     got = {(t.model, t.kind, t.options["tables"], t.options["norm"], t.options["asym"]) for t in plan(spec)}
     assert got == {("a", "measure", "extended", 2.0, 0.25), ("a", "quantize", "extended", 2.0, 0.25),
-                   ("b", "measure", "exl2", None, 0.0), ("b", "quantize", "exl2", None, 0.0)}
+                   ("b", "measure", "exl2", None, None), ("b", "quantize", "exl2", None, None)}
+    off = parse_spec({"output": "/o", "model": [{"path": "/m/a", "asym": 0}, {"path": "/m/b", "asym": "auto"}]})
+    assert [m.asym for m in off.models] == [0.0, None]          # None: the converter's auto rule
 
 
 def test_per_model_resources():
@@ -117,7 +119,8 @@ def test_plan_is_a_graph_of_measure_then_targets(tmp_path):
     ({"output": "o", "defaults": {"head_bits": 7}, "model": [{"path": "a"}]}, "head_bits = 7: must be one of"),
     ({"output": "o", "defaults": {"tables": "big"}, "model": [{"path": "a"}]}, "tables = 'big': must be one of 'exl2'"),
     ({"output": "o", "model": [{"path": "a", "norm": 9}]}, "[[model]] 'a': norm = 9: must be a number between 1 and 4"),
-    ({"output": "o", "model": [{"path": "a", "asym": 2}]}, "[[model]] 'a': asym = 2: must be a number between 0 (off) and 1"),
+    ({"output": "o", "model": [{"path": "a", "asym": 2}]}, "[[model]] 'a': asym = 2: must be \"auto\" or a number between 0 (off) and 1"),
+    ({"output": "o", "model": [{"path": "a", "asym": "full"}]}, "asym = 'full': must be \"auto\" or a number"),
     ({"output": "o", "model": [{"path": "x/a"}, {"path": "y/a"}]}, "[[model]] 'a': name used twice"),
     ({"output": "o", "model": [{"path": "a", "name": "../up"}]}, "name = '../up': must be a plain folder name"),
     ({"output": "o", "resources": {"gpus": 1}, "model": [{"path": "a"}]}, "[resources]: unknown key 'gpus'"),
@@ -141,7 +144,8 @@ def test_cli_spec_error_is_one_line(tmp_path):
     assert r.exit_code == 2 and "not valid TOML" in r.output
 
 
-def _fake_outputs(tasks):
+def _fake_outputs(tasks, exl2_keys: bool = True):
+    """What a finished run leaves; ``exl2_keys=False``: an output written before --tables/--norm/--asym."""
     for t in tasks:
         out = Path(t.output)
         if t.kind == "measure":
@@ -152,6 +156,8 @@ def _fake_outputs(tasks):
             for name in ("validation.json", "README.md"):
                 (out / name).write_text("{}")
             q = {"bits": t.bpw, "head_bits": 6, "calibration": {"rows": 100, "length": 2048, "dataset": "(default)"}}
+            if exl2_keys:                   # the defaults: ExLlamaV2's tables and norms, auto asym at 100 x 2048
+                q["exl2"] = {"tables": "exl2", "norm": None, "asym": 1.0}
             (out / "config.json").write_text(json.dumps({"quantization_config": q}))
 
 
@@ -183,7 +189,7 @@ def test_complete_output_made_with_other_parameters_fails(tmp_path):
     err = by_task(s)["a/4bpw"]["error"]
     assert err == (f"{tmp_path / 'a' / '4bpw'} exists with head_bits = 6 but the spec asks for 8; delete it and "
                    f"{tmp_path / 'a' / '.work' / 'bpw-4.00'} to convert it again")
-    # an output without our allocation keys (written before --tables/--norm) counts as the defaults
+    # back to what the output was made with: skipped
     spec.models[0].head_bits = 6
     assert by_task(run_batch(spec))["a/4bpw"]["state"] == "skipped"
     spec.models[0].norm = 2.0
@@ -192,7 +198,15 @@ def test_complete_output_made_with_other_parameters_fails(tmp_path):
     spec.models[0].norm = None
     spec.models[0].asym = 0.25
     err = by_task(run_batch(spec))["a/4bpw"]["error"]
-    assert err.startswith(f"{tmp_path / 'a' / '4bpw'} exists with asym = 0.0 but the spec asks for 0.25;")
+    assert err.startswith(f"{tmp_path / 'a' / '4bpw'} exists with asym = 1.0 but the spec asks for 0.25;")
+    # an output without our keys (written before --tables/--norm/--asym) counts as ExLlamaV2's tables and norms
+    # and asym 0: the default asym (auto, 1.0 at 100 x 2048) differs, asym = 0 matches
+    _fake_outputs(plan(spec), exl2_keys=False)
+    spec.models[0].asym = None
+    err = by_task(run_batch(spec))["a/4bpw"]["error"]
+    assert err.startswith(f"{tmp_path / 'a' / '4bpw'} exists with asym = 0.0 but the spec asks for 1.0;")
+    spec.models[0].asym = 0.0
+    assert by_task(run_batch(spec))["a/4bpw"]["state"] == "skipped"
 
 
 def test_unreachable_address_fails_fast(tmp_path):

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from exl2.convert.api import ConvertOptions, convert, decoder_numel
+from exl2.convert.api import ConvertOptions, auto_asym, convert, decoder_numel
 from exl2.convert.cli import convert_main
 from exl2.measure.measurement import entry_options
 from exl2.quant_kernels import codec
@@ -38,10 +38,12 @@ def qwen_tied(tmp_path_factory, tiny_builder, tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def qwen_job(qwen_tied, tmp_path_factory):
-    """One measurement, two targets."""
+    """One measurement, two targets; GPTQ as ExLlamaV2 runs it (--asym 0), so that every layer's distance to its
+    source weight is the quantizer's own error (asymmetric calibration aims at another weight on purpose; the
+    default is converted in the tests below)."""
     work = tmp_path_factory.mktemp("qwen_work")
     events = []
-    result = convert(ConvertOptions(in_dir=str(qwen_tied), work_dir=str(work), bits=[3.0, 5.0], **SMALL),
+    result = convert(ConvertOptions(in_dir=str(qwen_tied), work_dir=str(work), bits=[3.0, 5.0], asym=0.0, **SMALL),
                      status=events.append)
     return work, result, events
 
@@ -115,7 +117,7 @@ def test_second_target_reuses_measurement(qwen_tied, qwen_job):
     measured_layers = [e for e in events if e.get("stage") == "measure" and "layer" in e]
     assert len(measured_layers) == 2             # once, for both targets
     again = []
-    r = convert(ConvertOptions(in_dir=str(qwen_tied), work_dir=str(work), bits=[3.0, 4.0], **SMALL),
+    r = convert(ConvertOptions(in_dir=str(qwen_tied), work_dir=str(work), bits=[3.0, 4.0], asym=0.0, **SMALL),
                 status=again.append)
     assert not [e for e in again if e.get("stage") in ("measure", "preflight")]
     assert [e["state"] for e in again if e.get("stage") == "quant:3.00"] == []      # 3.0 was already done
@@ -164,7 +166,8 @@ def test_changed_tables_are_refused_and_old_job_files_mean_exl2(qwen_tied, qwen_
     del job["params"]["tables"]
     (old / "job.json").write_text(json.dumps(job))
     events = []
-    convert(ConvertOptions(in_dir=str(qwen_tied), work_dir=str(old), bits=[3.0], **SMALL), status=events.append)
+    convert(ConvertOptions(in_dir=str(qwen_tied), work_dir=str(old), bits=[3.0], asym=0.0, **SMALL),
+            status=events.append)
     assert not [e for e in events if e.get("stage") == "measure"]
 
 
@@ -218,29 +221,44 @@ def test_norm_change_before_quantization_solves_again(qwen_tied, qwen_job, tmp_p
 
 
 def test_asymmetric_calibration_is_recorded_and_a_change_after_quantizing_is_refused(qwen_tied, qwen_job, tmp_path):
-    """--asym reaches the quantization pass (other bytes than GPTQ's), is recorded in quantization_config, and
-    asking for another alpha once a target is quantized is refused, naming the flag; a job file written before
-    --asym existed resumes as alpha 0."""
+    """--asym reaches the quantization pass (other bytes than GPTQ's), is recorded in quantization_config and the
+    model card; by default (auto) it is 0.25 with few quantization tokens; asking for another alpha once a target
+    is quantized is refused, naming the flag; a job file written before --asym existed resumes as alpha 0, and
+    the new default is refused there."""
     work, _, _ = qwen_job
-    code, out = run_cli("-i", str(qwen_tied), "-o", str(tmp_path / "w"), "-b", "4.0", "-r", "4", "-l", "64",
-                        "-m", str(work / "measurement.json"), "--asym", "0.25", "--no-validate")
+    common = ("-i", str(qwen_tied), "-b", "4.0", "-r", "4", "-l", "64", "-m", str(work / "measurement.json"),
+              "--no-validate")
+    code, out = run_cli(*common, "-o", str(tmp_path / "w"))                     # auto: 4 x 64 tokens -> 0.25
     assert code == 0, out
     model = tmp_path / "w" / "bpw-4.00" / "model"
     q = json.loads((model / "config.json").read_text())["quantization_config"]
     assert q["exl2"]["asym"] == 0.25
-    code, out = run_cli("-i", str(qwen_tied), "-o", str(tmp_path / "w0"), "-b", "4.0", "-r", "4", "-l", "64",
-                        "-m", str(work / "measurement.json"), "--no-validate")
+    assert "asymmetric calibration, alpha 0.25" in (model / "README.md").read_text()
+    code, out = run_cli(*common, "-o", str(tmp_path / "w0"), "--asym", "0")
     assert code == 0, out
     shard = "output.safetensors"
     assert (model / shard).read_bytes() != (tmp_path / "w0" / "bpw-4.00" / "model" / shard).read_bytes()
+    assert "ExLlamaV2's GPTQ" in (tmp_path / "w0" / "bpw-4.00" / "model" / "README.md").read_text()
     with pytest.raises(Exception, match=r"finished work used --asym = 0.25, this run asks for 0.0"):
         convert(ConvertOptions(in_dir=str(qwen_tied), work_dir=str(tmp_path / "w"), bits=[4.0], validate=False,
-                               measurement=str(work / "measurement.json"), **SMALL))
+                               measurement=str(work / "measurement.json"), **{**SMALL, "asym": 0.0}))
     job = json.loads((tmp_path / "w0" / "job.json").read_text())
     del job["params"]["asym"]
     (tmp_path / "w0" / "job.json").write_text(json.dumps(job))
-    convert(ConvertOptions(in_dir=str(qwen_tied), work_dir=str(tmp_path / "w0"), bits=[4.0], validate=False,
-                           measurement=str(work / "measurement.json"), **SMALL))
+    old_job = dict(in_dir=str(qwen_tied), work_dir=str(tmp_path / "w0"), bits=[4.0], validate=False,
+                   measurement=str(work / "measurement.json"), **SMALL)
+    with pytest.raises(Exception, match=r"finished work used --asym = 0.0, this run asks for 0.25"):
+        convert(ConvertOptions(**old_job))
+    convert(ConvertOptions(**{**old_job, "asym": 0.0}))
+
+
+def test_auto_asym_follows_the_quantization_tokens():
+    assert auto_asym(100, 2048) == auto_asym(100, 512) == 1.0         # the default 204,800 tokens; 51,200
+    assert auto_asym(16, 512) == auto_asym(48, 1024) == 0.25           # the demo preset's 8,192; 49,152
+    code, out = run_cli("-i", "x", "-o", "y", "--asym", "2")
+    assert code == 2 and "'2' is not between 0 (off) and 1" in out
+    code, out = run_cli("-i", "x", "-o", "y", "--asym", "full")
+    assert code == 2 and "'full' is neither 'auto' nor a number" in out
 
 
 @pytest.mark.parametrize("opts, message", [({"tables": "big"}, "--tables big: must be one of exl2, extended"),
@@ -369,7 +387,7 @@ def test_nan_in_weights(qwen_tied, tmp_path):
 def test_bpw_out_of_range(qwen_tied, qwen_job, bits, message):
     work, _, _ = qwen_job
     code, out = run_cli("-i", str(qwen_tied), "-o", str(work), "-b", bits, "-mr", "4", "-ml", "64", "-r", "4",
-                        "-l", "64")
+                        "-l", "64", "--asym", "0")
     assert code == 2 and message in out
 
 
