@@ -1,13 +1,13 @@
 """Quantizer levers on SmolLM2-135M: what moves KL divergence at 4.0 bpw, one change at a time.
 
 Every run quantizes with one fixed 4.0 bpw strategy (the one ``bench/quality.py`` chose from its
-measurement; run that first) on the same held-out prose and code, and changes one thing from the
-converter's defaults:
+measurement; run that first) on the same held-out prose and code, and changes one thing from GPTQ as the
+converter ran it before asymmetric calibration became its default (``asym`` 0 below):
 
 * ``refine span``: :func:`gptq.refine_codes`' span; 0 keeps ExLlamaV2's scale codes as they are
   (the default is 2);
 * ``damping``: :func:`gptq.prepare`'s damping fraction (default 0.12, the spec's; GPTQ's usual is 0.01);
-* ``rows``: quantization calibration rows of 512 tokens (default 16; 64 draws more rows of the same mix);
+* ``rows``: quantization calibration rows of 512 tokens (default 16; 64 and 100 draw more rows of the same mix);
 * ``sequential``: o_proj's and down_proj's Hessians collected after q/k/v and gate/up are quantized;
 * ``polish``: sweeps of coordinate descent on GPTQ's objective after GPTQ (:func:`gptq.polish`);
 * ``refine weighted``: :func:`gptq.refine_codes` weighs each row's squared error by GPTQ's row weight;
@@ -55,14 +55,20 @@ RUNS = [("EXL2 4.0, defaults", "exl2", {}),
         ("EXL2 4.0, sequential Hessians + polish 1 sweep", "exl2", {"sequential": True, "polish": 1}),
         ("EXL2 4.0, asymmetric calibration", "exl2", {"asym": 1.0}),
         ("EXL2 4.0, asymmetric calibration, alpha 0.25", "exl2", {"asym": 0.25}),
+        ("EXL2 4.0, 100 quantization rows", "exl2", {"rows": 100}),
+        ("EXL2 4.0, 100 quantization rows, asymmetric calibration, alpha 0.25", "exl2", {"rows": 100, "asym": 0.25}),
+        ("EXL2 4.0, 100 quantization rows, asymmetric calibration, alpha 1", "exl2", {"rows": 100, "asym": 1.0}),
         ("GPTQ 4-bit g128, defaults", "g128", {}),
         ("GPTQ 4-bit g128, refine span 0", "g128", {"refine_span": 0}),
         ("GPTQ 4-bit g128, asymmetric calibration", "g128", {"asym": 1.0}),
-        ("GPTQ 4-bit g128, asymmetric calibration, alpha 0.25", "g128", {"asym": 0.25})]
+        ("GPTQ 4-bit g128, asymmetric calibration, alpha 0.25", "g128", {"asym": 0.25}),
+        ("GPTQ 4-bit g128, 100 quantization rows", "g128", {"rows": 100})]
 JITTER_RUNS = {"EXL2 4.0, defaults", "EXL2 4.0, refine span 0 (ExLlamaV2's codes)", "GPTQ 4-bit g128, defaults",
                "GPTQ 4-bit g128, refine span 0", "EXL2 4.0, asymmetric calibration",
                "EXL2 4.0, asymmetric calibration, alpha 0.25", "GPTQ 4-bit g128, asymmetric calibration",
-               "GPTQ 4-bit g128, asymmetric calibration, alpha 0.25"}
+               "GPTQ 4-bit g128, asymmetric calibration, alpha 0.25", "EXL2 4.0, 100 quantization rows",
+               "EXL2 4.0, 100 quantization rows, asymmetric calibration, alpha 0.25",
+               "EXL2 4.0, 100 quantization rows, asymmetric calibration, alpha 1", "GPTQ 4-bit g128, 100 quantization rows"}
 
 
 def slug(label: str) -> str:
@@ -122,7 +128,8 @@ def run_variant(v: str, args) -> list[dict]:
 def report(results: dict[str, list[dict]], args) -> str:
     cmd = " ".join(["python bench/levers.py", *args.argv])
     lines = header(f"Quantizer levers at {args.bpw:g} bpw, SmolLM2-135M (bench/levers.py)", cmd) + [
-             "One change at a time from the converter's defaults (refine span 2, damping 0.12, 16 x 512 "
+             "One change at a time from the converter's GPTQ without asymmetric calibration (refine span 2, "
+             "damping 0.12, 16 x 512 "
              f"quantization rows), same strategy (bench/quality.py's {args.bpw:g} bpw allocation; the GPTQ rows use "
              "uniform 4-bit g128), head 6 bits, scored on bench/quality.py's held-out rows (4 x 512 tokens "
              "each of prose and code). KL: mean KL divergence from the FP16 model; change: against the "
