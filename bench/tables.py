@@ -41,7 +41,7 @@ from exl2.quant_kernels.qparams import (ATTN_OPTIONS, CANDIDATE_ATTN_OPTIONS, CA
 
 NOTES = REPO / "bench" / "tables_notes.md"       # the hand-written reading of this section
 # (label, tables, norms, asym): norms None = the converter's default sweep; asym = --asym's alpha
-RUNS = [("ExLlamaV2 tables, min-max norm (the converter)", "exl2", None, 0.0),
+RUNS = [("ExLlamaV2 tables, min-max norm (the converter's allocation)", "exl2", None, 0.0),
         ("ExLlamaV2 tables, norm 2", "exl2", (2.0,), 0.0),
         ("tables + candidates, min-max norm", "extended", None, 0.0),
         ("tables + candidates, norm 2", "extended", (2.0,), 0.0),
