@@ -84,20 +84,28 @@ def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, d
     key = spec.key(layer)
     options = entry_options(strategy[key])
     layers = linears(block, spec)
+    order = owner_order(spec)
     fp_input, cross = None, {}
+    last_collect = {"now": len(order) == 1}
     if fstates is not None:
         # The full-precision weights stay referenced (set_weight swaps tensors, never writes into them), so each
         # row's full-precision input is recomputed when it is paired: one row of it in memory, not all rows.
+        # In the last collect nothing reads a row's full-precision input again, so the output of that run
+        # replaces it there (one full-precision pass over the rows fewer than running the module once more).
         fp_weights = {p: lin.weight.data for p, lin in layers.items()}
 
         def fp_input(i: int, owners: list[str]) -> dict[str, torch.Tensor]:
             with swapped_weights(block, spec, fp_weights):
-                return inputs_of(block, spec, owners, fstates[i].to(device), cos, sin)
+                got, y = inputs_of(block, spec, owners, fstates[i].to(device), cos, sin)
+            if last_collect["now"]:
+                fstates[i] = y.float().cpu()
+            return got
 
         sequential = True
     H, ref = collect(block, spec, states, cos, sin, device, fp_input=fp_input, cross=cross)
-    for i, owner in enumerate(owner_order(spec)):
+    for i, owner in enumerate(order):
         if sequential and i > 0:
+            last_collect["now"] = i == len(order) - 1
             H.update(collect(block, spec, states, cos, sin, device, owners=(owner,), fp_input=fp_input, cross=cross)[0])
         prepared = gptq.prepare(H[owner].cpu(), percdamp=percdamp, keep_h=bool(polish))
         mine = [p for p in spec.projections if spec.hessian_of[p] == owner]
@@ -121,10 +129,7 @@ def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, d
             errs.append(rel_error(y, ref[i].to(device)))
             ref[i] = None
             states[i] = y.float().cpu()
-        if fstates is not None:                      # the full-precision model's outputs replace its inputs
-            with swapped_weights(block, spec, fp_weights):
-                for i in range(len(fstates)):
-                    fstates[i] = run_module(block, spec, fstates[i].to(device), cos, sin).float().cpu()
+    # (fstates, if given, already holds the full-precision outputs: the last collect put them there)
     return states, sum(errs) / len(errs)
 
 

@@ -128,14 +128,15 @@ def swapped_weights(block: Block, spec: ModuleSpec, weights: dict[str, torch.Ten
             layers[p].weight.data = w
 
 
-def inputs_of(block: Block, spec: ModuleSpec, owners, x: torch.Tensor, cos, sin) -> dict[str, torch.Tensor]:
+def inputs_of(block: Block, spec: ModuleSpec, owners, x: torch.Tensor, cos, sin
+              ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The inputs projections ``owners`` read when the module runs once on one row ``x`` with its current
-    weights."""
+    weights, and the module's output."""
     parent = block.self_attn if spec.kind == "self_attn" else block.mlp
     store: dict[str, list[torch.Tensor]] = {o: [] for o in owners}
     with _wrapped(parent, {o: _Capture(getattr(parent, o), store[o]) for o in owners}), torch.no_grad():
-        run_module(block, spec, x, cos, sin)
-    return {o: store[o][0] for o in owners}
+        y = run_module(block, spec, x, cos, sin)
+    return {o: store[o][0] for o in owners}, y
 
 
 def collect(block: Block, spec: ModuleSpec, states: list[torch.Tensor], cos, sin, device,

@@ -137,3 +137,23 @@ def test_asymmetric_calibration_resumes_to_the_same_bytes(tiny, tmp_path):
     assert files == sorted(p.name for p in (tmp_path / "part" / "out_tensor").iterdir())
     for f in files:
         assert (tmp_path / "whole" / "out_tensor" / f).read_bytes() == (tmp_path / "part" / "out_tensor" / f).read_bytes(), f
+
+
+@pytest.mark.parametrize("spec", MODULES, ids=lambda s: s.kind)
+def test_asymmetric_calibration_leaves_the_full_precision_outputs_in_fstates(tiny, tmp_path, spec):
+    """quantize_module replaces each row of ``fstates`` by the full-precision module's output on it (taken from
+    the last collect's full-precision run), exactly what running the unquantized module gives, while the
+    quantized states move on to the quantized module's outputs."""
+    d, ids = tiny
+    parts = ModelParts(d)
+    states = embed_rows(parts, ids)
+    cos, sin = Rotary(parts.cfg).cos_sin(0, ids.shape[1])
+    block = parts.block(0)
+    strategy = uniform_strategy(d, QParams.make(32, [3], [1.0]))
+    fstates = [x.clone() for x in states]
+    with torch.no_grad():
+        want = [run_module(block, spec, x, cos, sin).float() for x in fstates]
+    states, _ = quantize_module(block, spec, 0, strategy, states, cos, sin, "cpu", tmp_path, fstates=fstates,
+                                asym=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(fstates, want))
+    assert not all(torch.equal(a, b) for a, b in zip(states, want))      # the 3-bit module's outputs differ
