@@ -113,15 +113,16 @@ def gptq_uniform(src: Path, work: Path, cal_ids: torch.Tensor, bits: int, group:
 
 
 def exl2_targets(src: Path, work: Path, bpws, head_bits: int, mrows: int, mlen: int, rows: int,
-                 length: int, measurement: Path | None = None) -> list[dict]:
-    """EXL2 at each bpw from one measurement (``measurement``: reuse that file instead of measuring)."""
+                 length: int, measurement: Path | None = None, asym: float | None = None) -> list[dict]:
+    """EXL2 at each bpw from one measurement (``measurement``: reuse that file instead of measuring;
+    ``asym``: the converter's --asym, None for its default)."""
     from exl2.convert.api import ConvertOptions, convert
 
     common = dict(in_dir=str(src), work_dir=str(work), measurement_rows=mrows, measurement_length=mlen,
                   rows=rows, length=length, validate=False, head_bits=head_bits,
                   measurement=None if measurement is None else str(measurement),
                   # a reused file may predate a change of the checkpoint hash scheme: the caller vouches for it
-                  force_measurement=measurement is not None)
+                  force_measurement=measurement is not None, asym=asym)
     out = []
     _require(all((work / f"bpw-{b:.2f}" / "bench_time.json").exists() for b in bpws),
              f"EXL2 {', '.join(f'{b:g}' for b in bpws)} bpw (head {head_bits} bits)")
@@ -367,7 +368,7 @@ def run_variant(v: str, args) -> dict:
     first = [b for b in (4.0, 3.0) if b in bpws]
     for b in first:
         add(exl2_targets, src, work / "exl2", [b], 6, args.mrows, args.mlen, args.rows, args.length,
-            measurement=reuse)
+            measurement=reuse, asym=args.asym)
     add(lambda: [gptq_uniform(src, work / "gptq4g128", cal_ids, 4, 128, 6)])
     for bits in (4, 8):
         add(lambda out: [{**(json.loads((out / "peer.json").read_text()) if (out / "peer.json").exists()
@@ -378,12 +379,12 @@ def run_variant(v: str, args) -> dict:
     for b in bpws:
         if b not in first:
             add(exl2_targets, src, work / "exl2", [b], 6, args.mrows, args.mlen, args.rows, args.length,
-                measurement=reuse)
+                measurement=reuse, asym=args.asym)
     full = seed is None and not args.quick          # the head-bits row and the cache sweep: fixture model only
     hb8 = [b for b in (4.0, 8.0) if b in bpws]     # 8-bit head: at 4.0 its cost, at 8.0 how "h8" models ship
     if hb8 and full:
         add(exl2_targets, src, work / "exl2-hb8", hb8, 8, args.mrows, args.mlen, args.rows, args.length,
-            measurement=reuse or work / "exl2" / "measurement.json")
+            measurement=reuse or work / "exl2" / "measurement.json", asym=args.asym)
     order = {"fp16": 0, "exl2": 1}
     models.sort(key=lambda m: (order.get(m["tool"], 2), m["tool"], m["bpw"] or 0))
     cache = {}
@@ -445,6 +446,9 @@ def main(argv=None) -> int:
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--mrows", type=int, default=8, help="EXL2 measurement rows")
     ap.add_argument("--mlen", type=int, default=512)
+    ap.add_argument("--asym", type=lambda v: None if v == "auto" else float(v), default=None,
+                    help="the EXL2 rows' --asym (default auto, the converter's; the sweep in BENCHMARKS.md was made "
+                         "with 0, and a work folder made with one value refuses another)")
     ap.add_argument("--eval-rows", type=int, default=4)
     ap.add_argument("--eval-length", type=int, default=512)
     ap.add_argument("--cache-rows", type=int, default=2)
