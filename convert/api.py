@@ -237,8 +237,11 @@ class Job:
                     flag = {"checkpoint_sha256": "-i (the checkpoint's content changed)", "cal_dataset": "-c",
                             "rows": "-r", "length": "-l", "measurement_rows": "-mr", "measurement_length": "-ml",
                             "head_bits": "-hb", "seed": "--seed", "tables": "--tables", "asym": "--asym"}[k]
-                    raise ConvertError(f"{self.work}: finished work used {flag} = {old.get(k, PARAM_DEFAULTS.get(k))}, "
-                                       f"this run asks for {params[k]}; use -nr to start over or another -o")
+                    was = old.get(k, PARAM_DEFAULTS.get(k))
+                    # --asym's default changed (auto); a job started before can go on with its own value
+                    keep = f"rerun with --asym {was:g} to go on, or " if k == "asym" else ""
+                    raise ConvertError(f"{self.work}: finished work used {flag} = {was}, this run asks for "
+                                       f"{params[k]}; {keep}use -nr to start over or another -o")
             params["measurement_sha256"] = old.get("measurement_sha256")
             job["params"] = params
         else:

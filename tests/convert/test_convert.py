@@ -247,7 +247,8 @@ def test_asymmetric_calibration_is_recorded_and_a_change_after_quantizing_is_ref
     (tmp_path / "w0" / "job.json").write_text(json.dumps(job))
     old_job = dict(in_dir=str(qwen_tied), work_dir=str(tmp_path / "w0"), bits=[4.0], validate=False,
                    measurement=str(work / "measurement.json"), **SMALL)
-    with pytest.raises(Exception, match=r"finished work used --asym = 0.0, this run asks for 0.25"):
+    with pytest.raises(Exception, match=r"finished work used --asym = 0.0, this run asks for 0.25; rerun with "
+                                        r"--asym 0 to go on, or use -nr"):
         convert(ConvertOptions(**old_job))
     convert(ConvertOptions(**{**old_job, "asym": 0.0}))
 
