@@ -82,7 +82,7 @@ PARAM_DEFAULTS = {"tables": "exl2", "asym": 0.0}      # what job files written b
 
 # Asymmetric calibration's alpha when --asym is not given (BENCHMARKS.md, "Asymmetric calibration"): the
 # correction W M H^-1 is estimated from the quantization rows, and on SmolLM2-135M at 4.0 bpw the full
-# correction (alpha 1) beat alpha 0.25 with 100 x 512 tokens but fitted 16 x 512 tokens too closely.
+# correction (alpha 1) beat alpha 0.25 with 100 x 512 tokens, while 0.25 did better with 16 x 512 and 48 x 512.
 ASYM_AUTO_TOKENS = 50_000
 ASYM_FULL, ASYM_FEW_TOKENS = 1.0, 0.25
 
