@@ -103,8 +103,8 @@ def model_card(*, base_model: str, strat: dict, head: dict, head_bits: int, cali
         f"| source checkpoint sha256 | `{checkpoint_sha256}` |",
         f"| calibration | {calibration['dataset']}: {calibration['rows']} rows x {calibration['length']} tokens |",
         f"| calibration perplexity (quantized, first rows) | {head['calibration_ppl']:.3f} |",
-        f"| GPTQ target | " + (f"the FP16 model's outputs (asymmetric calibration, alpha {asym:g}) |" if asym else
-                               "each layer's outputs on its quantized inputs (ExLlamaV2's GPTQ) |"),
+        "| GPTQ target | " + (f"the FP16 model's outputs (asymmetric calibration, alpha {asym:g}) |" if asym else
+                              "each layer's outputs on its quantized inputs (ExLlamaV2's GPTQ) |"),
         "",
     ]
     if validation:

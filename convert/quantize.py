@@ -86,7 +86,7 @@ def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, d
     layers = linears(block, spec)
     order = owner_order(spec)
     fp_input, cross = None, {}
-    last_collect = {"now": len(order) == 1}
+    last_collect = len(order) == 1
     if fstates is not None:
         # The full-precision weights stay referenced (set_weight swaps tensors, never writes into them), so each
         # row's full-precision input is recomputed when it is paired: one row of it in memory, not all rows.
@@ -97,7 +97,7 @@ def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, d
         def fp_input(i: int, owners: list[str]) -> dict[str, torch.Tensor]:
             with swapped_weights(block, spec, fp_weights):
                 got, y = inputs_of(block, spec, owners, fstates[i].to(device), cos, sin)
-            if last_collect["now"]:
+            if last_collect:
                 fstates[i] = y.float().cpu()
             return got
 
@@ -105,7 +105,7 @@ def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, d
     H, ref = collect(block, spec, states, cos, sin, device, fp_input=fp_input, cross=cross)
     for i, owner in enumerate(order):
         if sequential and i > 0:
-            last_collect["now"] = i == len(order) - 1
+            last_collect = i == len(order) - 1
             H.update(collect(block, spec, states, cos, sin, device, owners=(owner,), fp_input=fp_input, cross=cross)[0])
         prepared = gptq.prepare(H[owner].cpu(), percdamp=percdamp, keep_h=bool(polish))
         mine = [p for p in spec.projections if spec.hessian_of[p] == owner]
