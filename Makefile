@@ -5,9 +5,12 @@ PIP = $(PYTHON) -m pip
 .PHONY: install test demo selfcheck bench bench-peers
 
 # torch==2.13.0 is pinned first so pip takes the CPU build from local disk instead of a CUDA build.
+# exllamav2 is a test oracle only (tests read its config and optimizer code; its CUDA extension is never built):
+# --no-deps keeps its server and dataset dependencies out.
 install:
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[test,cluster,plot]'
+	$(PIP) install -q --no-deps exllamav2==0.3.2
 
 # The whole test suite (CPU; CUDA tests skip without a device).
 test: install

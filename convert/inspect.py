@@ -4,8 +4,34 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
+
 from exl2.quant_kernels import codec
 from exl2.runtime.loader import TensorSource
+
+# What ExLlamaV2 (0.3.2) can load.  Its safetensors reader (stloader.convert_dtype) knows five dtypes and stops
+# at any other (int64, float64, int8, uint8, bool, fp8): STORABLE.  The EXL2 kernel then checks exact types
+# (ext_qmatrix.cpp): q_weight and q_scale int32, q_scale_max and bias float16, q_groups int16, while q_perm
+# and q_invperm are cast to int16 first (ext.make_q_matrix), so int16 and int32 both work there; q_perm is
+# rebuilt from q_invperm on load, but a stored one is still read.
+STORABLE = ("I32", "I16", "F16", "BF16", "F32")
+EXLLAMAV2_LAYER_DTYPES = {
+    "q_weight": (torch.int32,), "q_scale": (torch.int32,), "q_scale_max": (torch.float16,),
+    "q_groups": (torch.int16,), "q_invperm": (torch.int16, torch.int32), "q_perm": (torch.int16, torch.int32),
+    "bias": (torch.float16,),
+}
+_SHORT = {torch.int32: "int32", torch.int16: "int16", torch.float16: "float16"}
+
+
+def exllamav2_dtype_error(prefix: str, t: dict) -> str | None:
+    """The first tensor of a layer whose dtype ExLlamaV2's loader refuses, as one line; None if all load."""
+    for key, allowed in EXLLAMAV2_LAYER_DTYPES.items():
+        if key in t and t[key].dtype not in allowed:
+            ok = " or ".join(_SHORT[d] for d in allowed)
+            return (f"{prefix}.{key}: dtype {str(t[key].dtype).removeprefix('torch.')} cannot be loaded by "
+                    f"ExLlamaV2 (it needs {ok})")
+    return None
 
 
 def layer_report(prefix: str, t: dict) -> dict:
@@ -15,6 +41,10 @@ def layer_report(prefix: str, t: dict) -> dict:
         codec.validate_layer(t, name=prefix)
     except codec.EXL2FormatError as e:
         rep["error"] = str(e)
+        return rep
+    bad = exllamav2_dtype_error(prefix, t)
+    if bad:
+        rep["error"] = bad
         return rep
     k, np_ = codec.layer_shape(t)
     groups = codec.decode_groups(t["q_groups"], t["q_weight"].shape[0])
@@ -40,16 +70,35 @@ def inspect_dir(model_dir: str | Path) -> dict:
                       key=_model_order)
     layers = []
     for p in prefixes:
-        t = {s: src.get(f"{p}.{s}") for s in codec.SUFFIXES if f"{p}.{s}" in src}
+        t = {s: src.get(f"{p}.{s}") for s in (*codec.SUFFIXES, "q_perm") if f"{p}.{s}" in src}
         layers.append(layer_report(p, t))
+    tensors = unreadable_tensors(src, prefixes)
     ok = [r for r in layers if "error" not in r]
     decoder = [r for r in ok if r["layer"] != "lm_head"]
     total_bits = sum(r["bits"] for r in decoder)
     total_w = sum(r["in_features"] * r["out_features_padded"] for r in decoder)
     files = sorted(p.name for p in Path(model_dir).glob("*.safetensors"))
     return {"model_dir": str(model_dir), "files": files, "layers": layers,
-            "decoder_bpw": total_bits / total_w if total_w else None,
-            "errors": [r["error"] for r in layers if "error" in r]}
+            "decoder_bpw": total_bits / total_w if total_w else None, "tensor_errors": tensors,
+            "errors": [r["error"] for r in layers if "error" in r] + tensors}
+
+
+def unreadable_tensors(src: TensorSource, prefixes) -> list[str]:
+    """Tensors outside the EXL2 layers (embeddings, norms, an unquantized head) stored in a dtype ExLlamaV2's
+    safetensors reader does not know; read from the file headers, nothing is loaded."""
+    layer_keys = {f"{p}.{s}" for p in prefixes for s in EXLLAMAV2_LAYER_DTYPES}
+    by_file: dict[Path, list[str]] = {}
+    for k in src.keys():
+        if k not in layer_keys:
+            by_file.setdefault(src.file_of(k), []).append(k)
+    out = []
+    for path, keys in by_file.items():
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for k in sorted(keys):
+                dt = f.get_slice(k).get_dtype()
+                if dt not in STORABLE:
+                    out.append(f"{k}: dtype {dt} cannot be read by ExLlamaV2 (its loader reads {', '.join(STORABLE)})")
+    return out
 
 
 def _model_order(prefix: str):
@@ -68,7 +117,16 @@ def format_report(rep: dict) -> str:
             continue
         widths = " ".join(f"{b}b:{n}" for b, n in r["widths"].items())
         lines.append(f"{r['layer']:<44} {r['bpw']:6.3f}  {widths:<29} {r['groups']}")
+    for e in rep.get("tensor_errors", []):
+        lines.append(f"UNREADABLE: {e}")
     if rep["decoder_bpw"] is not None:
         lines.append(f"decoder layers: {rep['decoder_bpw']:.4f} bpw (stored bits over K x padded N)")
-    lines.append(f"format check: {'all layers valid' if not rep['errors'] else str(len(rep['errors'])) + ' invalid layer(s)'}")
+    n_layers = len(rep["errors"]) - len(rep.get("tensor_errors", []))
+    n_tensors = len(rep.get("tensor_errors", []))
+    if not rep["errors"]:
+        verdict = "all layers valid"
+    else:
+        verdict = ", ".join(x for x in (f"{n_layers} invalid layer(s)" if n_layers else "",
+                                        f"{n_tensors} unreadable tensor(s)" if n_tensors else "") if x)
+    lines.append(f"format check: {verdict}")
     return "\n".join(lines)

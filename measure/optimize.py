@@ -68,9 +68,14 @@ def slots_from_measurement(measurement: dict) -> list[Slot]:
             raise ValueError(f"measurement: module {key} has no options")
         costs = tuple(int(e["total_bits"]) for e in entries)
         if all("token_err" in e for e in entries):      # ours: per-token error (see measure.stream)
-            errs = tuple(max(0.0, float(e["token_err"])) for e in entries)
+            raw = [float(e["token_err"]) for e in entries]
         else:                                           # ExLlamaV2's files: 1 - accuracy
-            errs = tuple(max(0.0, 1.0 - float(e["accuracy"])) for e in entries)
+            raw = [1.0 - float(e["accuracy"]) for e in entries]
+        for i, r in enumerate(raw):
+            # max(0, NaN) is 0: a NaN error would pass as a perfect option (measurement.load refuses it too)
+            if not math.isfinite(r):
+                raise ValueError(f"measurement: {key}[{i}] has a non-finite error ({r})")
+        errs = tuple(max(0.0, r) for r in raw)
         out.append(Slot(key, costs, errs))
     if not out:
         raise ValueError("measurement: no measured modules")

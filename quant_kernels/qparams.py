@@ -7,8 +7,10 @@ also the order the loader requires along K (EXL2-SPEC.md 1.3).
 
 The option tables below are data: the 19 attention combinations (q, k, v, o), the 17 MLP combinations
 (gate, up, down) and the head options keyed by head bits.  They are the candidates the measurement pass
-evaluates; their order is part of the `measurement.json` format (entry i of a module's list is combination
-i), so it must not change.  ``TABLES["extended"]`` appends our candidates after them (``--tables extended``).
+evaluates; their order is ExLlamaV2's, and a `measurement.json` of these tables lists them in it (entry i of
+a module's list is combination i), so it must not change.  ``TABLES["extended"]`` appends our candidates
+after them (``--tables extended``); such a file lists its entries by cost instead (measure/measurement.py),
+every entry naming its own options.
 """
 from __future__ import annotations
 
@@ -200,8 +202,8 @@ HEAD_OPTIONS: dict[int, QParams] = {
 # Candidates beyond ExLlamaV2's tables (``--tables extended``, measured in BENCHMARKS.md, bench/tables.py).
 # ExLlamaV2's attention combinations give q/k/v/o's first rows in act-order at most one bit more than the
 # rest; these give the first 32 rows (the inputs with the largest Hessian diagonal) 8 bits, as its MLP
-# table already does for down_proj.  Appended after ExLlamaV2's entries, so indices 0-18 / 0-16 keep
-# their meaning.
+# table already does for down_proj.  Appended after ExLlamaV2's entries here (indices 0-18 / 0-16 of the
+# tables keep their meaning); measurement.json lists a module's entries by cost when these are included.
 CANDIDATE_ATTN_OPTIONS: list[tuple[QParams, ...]] = [(qp,) * 4 for qp in (
     _q([32, 128], [8, 3], [0.05, 0.95]),
     _q([32, 128, 128], [8, 4, 3], [0.05, 0.1, 0.85]),

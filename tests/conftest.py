@@ -145,3 +145,36 @@ def hf_logits():
             return ref(ids).logits
 
     return run
+
+
+# ---- ExLlamaV2 0.3.2's own Python code as an oracle (installed by `make install`, never imported by exl2) ----
+
+def _load_exllamav2():
+    """ExLlamaV2's config, architecture and conversion modules, imported without its package __init__ and with
+    a stand-in for its native extension (which needs CUDA to build).  The modules used here (config reading,
+    the safetensors header reader, the optimizer's Python side) never call the extension."""
+    import importlib
+    import importlib.util
+    import types
+
+    spec = importlib.util.find_spec("exllamav2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("exllamav2 is not installed: run `make install` (pip install --no-deps exllamav2==0.3.2)")
+    pkg = types.ModuleType("exllamav2")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    ext = types.ModuleType("exllamav2.ext")
+    ext.none_tensor = torch.empty((1, 1), device="meta")
+    ext.exllamav2_ext = None
+    sys.modules["exllamav2"], sys.modules["exllamav2.ext"] = pkg, ext    # for the session; exl2 never imports it
+    mods = types.SimpleNamespace()
+    for name in ("version", "architecture", "config", "conversion.qparams"):
+        setattr(mods, name.split(".")[-1], importlib.import_module(f"exllamav2.{name}"))
+    return mods
+
+
+@pytest.fixture(scope="session")
+def exllamav2():
+    """Namespace of ExLlamaV2 0.3.2 modules: ``.config.ExLlamaV2Config``, ``.architecture``, ``.qparams``, ``.version``."""
+    mods = _load_exllamav2()
+    assert mods.version.__version__ == "0.3.2", mods.version.__version__
+    return mods
