@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +28,12 @@ from exl2.calibration.rows import sha256_file
 from exl2.measure import measurement as mj
 from exl2.measure.measure import preflight, run_measurement
 from exl2.measure.optimize import DEFAULT_NORMS, optimize
-from exl2.measure.stream import MODULES, module_specs
+from exl2.measure.stream import MODULES, checkpoint_path, module_specs
 from exl2.quant_kernels.codec import padded_columns
 from exl2.quant_kernels.qparams import TABLES
 from exl2.runtime.arch import ModelConfig
-from exl2.runtime.loader import ModelParts
+from exl2.runtime.files import write_json_atomic, write_text_atomic
+from exl2.runtime.loader import CheckpointError, ModelParts
 
 from . import quantize as qpass
 from . import validate as val
@@ -79,6 +81,19 @@ class ConvertOptions:
 MEASURE_PARAMS = ("checkpoint_sha256", "cal_dataset", "measurement_rows", "measurement_length", "seed", "tables")
 QUANT_PARAMS = ("checkpoint_sha256", "cal_dataset", "rows", "length", "head_bits", "seed", "measurement_sha256", "asym")
 PARAM_DEFAULTS = {"tables": "exl2", "asym": 0.0}      # what job files written before a parameter existed used
+PARAM_FLAGS = {"checkpoint_sha256": "-i (the checkpoint's content changed)", "cal_dataset": "-c", "rows": "-r",
+               "length": "-l", "measurement_rows": "-mr", "measurement_length": "-ml", "head_bits": "-hb",
+               "seed": "--seed", "tables": "--tables", "asym": "--asym"}
+# What a job folder holds at its top level (and the temporary names of its atomic writes).
+_JOB_ENTRY = re.compile(r"\.?(job|measurement)\.json(\.tmp(-\d+)?)?|cal|measure|bpw-\d+\.\d\d")
+
+
+def _is_job_file(path: Path) -> bool:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and isinstance(d.get("params"), dict) and isinstance(d.get("finished_stages"), list)
 
 # Asymmetric calibration's alpha when --asym is not given (BENCHMARKS.md, "Asymmetric calibration"): the
 # correction W M H^-1 is estimated from the quantization rows, and on SmolLM2-135M at 4.0 bpw the full
@@ -116,19 +131,22 @@ def checkpoint_sha256(model_dir: Path, known: dict | None = None) -> str:
     return h.hexdigest()
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+_write_text, _write_json = write_text_atomic, write_json_atomic
 
 
-def _write_json(path: Path, data) -> None:
-    _write_text(path, json.dumps(data, indent=2))
+def qconf_calibration(o: ConvertOptions, rows: CalibrationRows) -> dict:
+    """The ``calibration`` block of quantization_config (EXL2-SPEC.md 2.1): as in ExLlamaV2, the quantization
+    rows actually used and their length."""
+    return {"rows": int(rows.input_ids.shape[0]), "length": int(rows.input_ids.shape[1]),
+            "dataset": "(default)" if not o.cal_dataset else Path(o.cal_dataset).name}
 
 
-def qconf_calibration(o: ConvertOptions) -> dict:
-    """The ``calibration`` block of quantization_config (EXL2-SPEC.md 2.1)."""
-    return {"rows": o.rows, "length": o.length, "dataset": "(default)" if not o.cal_dataset else Path(o.cal_dataset).name}
+def _read_card(model_dir: Path) -> str | None:
+    """The source checkpoint's model card (README.md), if it has one."""
+    try:
+        return (model_dir / "README.md").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def decoder_numel(cfg: ModelConfig) -> int:
@@ -187,9 +205,10 @@ class Job:
             raise ConvertError(f"{self.in_dir / 'tokenizer.json'}: not found (a tokenizer.json is required)")
         if o.head_bits not in (2, 3, 4, 5, 6, 8):
             raise ConvertError(f"--head-bits {o.head_bits}: must be one of 2, 3, 4, 5, 6, 8")
-        for name in ("rows", "length", "measurement_rows", "measurement_length", "validation_rows"):
-            if getattr(o, name) <= 0:
-                raise ConvertError(f"--{name.replace('_', '-')} {getattr(o, name)}: must be positive")
+        for name, flag, least in (("rows", "-r", 1), ("length", "-l", 2), ("measurement_rows", "-mr", 1),
+                                  ("measurement_length", "-ml", 2), ("validation_rows", "validation_rows", 1)):
+            if getattr(o, name) < least:     # a row of one token predicts nothing (no perplexity, no KL)
+                raise ConvertError(f"{flag} {getattr(o, name)}: must be at least {least}")
         if o.shard_mib < 0:
             raise ConvertError(f"--shard-size {o.shard_mib}: must be >= 0")
         if o.tables not in TABLES:
@@ -204,9 +223,43 @@ class Job:
             if not 1.5 <= b <= 9.0:
                 raise ConvertError(f"--bits {b}: outside any model's feasible range (about 2 to 8 bits per weight)")
 
+    def _check_folders(self) -> None:
+        """Before anything is written: the job folder and every output folder are ours to write, and no flag
+        makes the job delete or replace a folder it did not create (EXL2-SPEC.md differs here from ExLlamaV2,
+        whose -nr empties whatever -o names)."""
+        o, work, src = self.o, self.work, self.in_dir
+        w, i = work.resolve(), src.resolve()
+        if w == i or i in w.parents or w in i.parents:
+            where = "is the same folder as" if w == i else "lies inside" if i in w.parents else "contains"
+            raise ConvertError(f"-o {work}: {where} -i {src}; the job folder must be a folder of its own")
+        if work.exists() and not work.is_dir():
+            raise ConvertError(f"-o {work}: exists and is not a folder")
+        if work.is_dir():
+            entries = sorted(work.iterdir())
+            job_file = work / "job.json"
+            if job_file.exists() and not _is_job_file(job_file):
+                raise ConvertError(f"{job_file}: not a job file of this tool; choose another -o")
+            strangers = [e.name + ("/" if e.is_dir() else "") for e in entries if not _JOB_ENTRY.fullmatch(e.name)]
+            if strangers and (o.fresh or not job_file.exists()):
+                shown = ", ".join(strangers[:4]) + (f" and {len(strangers) - 4} more" if len(strangers) > 4 else "")
+                what = ("-nr deletes a job folder's own files only" if o.fresh else "it is not a job folder of this tool")
+                raise ConvertError(f"-o {work}: holds files that are not part of a job ({shown}); {what}: move them "
+                                   f"away or choose a new or empty folder")
+        if o.compile_dir:
+            for bpw in ([] if o.measure_only else o.bits):
+                out = self._compile_dir(bpw)
+                try:
+                    writer.check_output_dir(out, "-cf", {"-i": src, "-o": work})
+                except writer.OutputDirError as e:
+                    raise ConvertError(str(e)) from None
+
     def _load_job(self) -> dict:
         if self.o.fresh and self.work.exists():
-            shutil.rmtree(self.work)
+            for e in self.work.iterdir():           # _check_folders made sure every entry is the job's
+                if e.is_dir() and not e.is_symlink():
+                    shutil.rmtree(e)
+                else:
+                    e.unlink()
         self.work.mkdir(parents=True, exist_ok=True)
         if not os.access(self.work, os.W_OK):
             raise ConvertError(f"{self.work}: output directory is not writable")
@@ -226,17 +279,15 @@ class Job:
                 raise ConvertError(f"{self.job_file}: not a job file of this tool; use -nr to start over")
             old = job["params"]
             done = job["finished_stages"]
-            # a measurement killed part-way has finished layers too: they are work that the change would mix in
-            measured = "measure" in done or (self.work / "measure" / "measure.progress.json").exists()
-            quantized = any(s.startswith("quant:") for s in done)
+            # Work killed part-way counts as done work: a checkpoint holds layers made with the old values.
+            measured = "measure" in done or checkpoint_path(self.work / "measure", "measure").exists()
+            quantized = self._quantized(done)
             for k in MEASURE_PARAMS + QUANT_PARAMS:
                 if k == "measurement_sha256":
                     continue
                 if (old.get(k, PARAM_DEFAULTS.get(k)) != params[k]
                         and ((k in MEASURE_PARAMS and measured) or (k in QUANT_PARAMS and quantized))):
-                    flag = {"checkpoint_sha256": "-i (the checkpoint's content changed)", "cal_dataset": "-c",
-                            "rows": "-r", "length": "-l", "measurement_rows": "-mr", "measurement_length": "-ml",
-                            "head_bits": "-hb", "seed": "--seed", "tables": "--tables", "asym": "--asym"}[k]
+                    flag = PARAM_FLAGS[k]
                     was = old.get(k, PARAM_DEFAULTS.get(k))
                     # --asym's default changed (auto); a job started before can go on with its own value
                     keep = f"rerun with --asym {was:g} to go on, or " if k == "asym" else ""
@@ -251,6 +302,24 @@ class Job:
         self.job = job
         self._save()
         return job
+
+    def _quantized(self, done: list[str] | None = None) -> bool:
+        """Whether any target has quantized layers, finished or checkpointed part-way."""
+        done = self.job["finished_stages"] if done is None else done
+        return (any(s.startswith("quant:") for s in done)
+                or any(checkpoint_path(d, "quant").exists() for d in self.work.glob("bpw-*")))
+
+    def _check_weights(self) -> list:
+        """Every weight finite (each tensor read once); skipped when an earlier run of this job checked the same
+        files (names, sizes and times, kept in job.json).  Returns that file list."""
+        stat = checkpoint_stat(self.in_dir)
+        try:
+            previous = json.loads(self.job_file.read_text())
+        except (OSError, ValueError):
+            previous = {}
+        if not isinstance(previous, dict) or previous.get("weights_finite") != stat:
+            self.parts.check_finite(self._progress("check weights"))
+        return stat
 
     def _save(self) -> None:
         _write_json(self.job_file, self.job)
@@ -272,9 +341,14 @@ class Job:
     def _rows(self, which: str) -> CalibrationRows:
         o, cfg = self.o, self.cfg
         path = self.work / "cal" / f"{which}.safetensors"
-        if path.exists():
-            return CalibrationRows.load(path)
         n, length = (o.measurement_rows, o.measurement_length) if which == "measure" else (o.rows, o.length)
+        if path.exists():
+            rows = CalibrationRows.load(path)
+            p = rows.provenance
+            source = Path(o.cal_dataset).name if o.cal_dataset else "default"
+            if (p.get("rows"), p.get("length"), p.get("seed"), p.get("source")) == (n, length, o.seed, source):
+                return rows
+            # made with other values and no work depends on them yet (_load_job refuses otherwise): make anew
         tok = self.in_dir / "tokenizer.json"
         if o.cal_dataset:
             rows = user_rows(o.cal_dataset, tok, n, length, seed=o.seed, vocab_size=cfg.vocab_size)
@@ -313,8 +387,16 @@ class Job:
             shutil.copyfile(self.work / "measure" / "measurement.json", self.work / "measurement.json")
             self._finish("measure")
         text = json.dumps(data, indent=4)
-        self.job["params"]["measurement_sha256"] = hashlib.sha256(
-            json.dumps(data["measurement"], sort_keys=True).encode()).hexdigest()
+        sha = hashlib.sha256(json.dumps(data["measurement"], sort_keys=True).encode()).hexdigest()
+        old = self.job["params"].get("measurement_sha256")
+        if old and old != sha:
+            # the strategies of this job were chosen from another measurement (another -m)
+            if self._quantized():
+                raise ConvertError(f"{self.work}: finished work used another measurement than "
+                                   f"{o.measurement or self.work / 'measurement.json'}; use -nr to start over or "
+                                   f"another -o")
+            self.job["finished_stages"] = [s for s in self.job["finished_stages"] if not s.startswith("optimize:")]
+        self.job["params"]["measurement_sha256"] = sha
         self._save()
         if o.output_measurement:
             dest = Path(o.output_measurement)
@@ -359,15 +441,19 @@ class Job:
             self._finish(f"quant:{tag}")
         report = json.loads((tdir / "quant_report.json").read_text())
         out = self._compile_dir(bpw)
+        calibration = qconf_calibration(o, self._rows("quant"))
         if not self._done(f"compile:{tag}") or not (out / "config.json").exists():
-            qconf = {"quant_method": "exl2", "version": VERSION, "bits": bpw, "head_bits": o.head_bits,
-                     "calibration": qconf_calibration(o),
-                     "exl2": {"bpw": strat["bpw"], "checkpoint_sha256": self.job["params"]["checkpoint_sha256"],
+            # ExLlamaV2's "version" is the version of ExLlamaV2 that wrote the files: ours lives in our block
+            qconf = {"quant_method": "exl2", "bits": bpw, "head_bits": o.head_bits, "calibration": calibration,
+                     "exl2": {"tool": "exl2", "tool_version": VERSION, "bpw": strat["bpw"], "checkpoint_sha256": self.job["params"]["checkpoint_sha256"],
                               "tables": (data.get("exl2") or {}).get("tables", "exl2"), "norm": o.norm,
                               "asym": self.asym}}
-            writer.compile_model(self.in_dir, tdir / "out_tensor", out, shard_mib=o.shard_mib,
-                                 quantization_config=qconf,
-                                 extra_files={"measurement.json": json.dumps(data, indent=4)})
+            try:
+                writer.compile_model(self.in_dir, tdir / "out_tensor", out, shard_mib=o.shard_mib,
+                                     quantization_config=qconf, protected={"-o": self.work} if o.compile_dir else None,
+                                     extra_files={"measurement.json": json.dumps(data, indent=4)})
+            except writer.OutputDirError as e:
+                raise ConvertError(str(e)) from None
             self._finish(f"compile:{tag}")
         result = {"bpw_target": bpw, "bpw": strat["bpw"], "output": str(out), "head": report["head"]}
         if o.validate:
@@ -392,9 +478,9 @@ class Job:
             if card.kld_plot(out / "kld.png", v, strat["bpw"], others):
                 plot = "kld.png"
         text = card.model_card(base_model=self.in_dir.resolve().name, strat=strat, head=report["head"],
-                               head_bits=o.head_bits, calibration=qconf_calibration(o), validation=v,
+                               head_bits=o.head_bits, calibration=calibration, validation=v,
                                checkpoint_sha256=self.job["params"]["checkpoint_sha256"], tool_version=VERSION,
-                               plot=plot, asym=self.asym)
+                               plot=plot, asym=self.asym, source_card=_read_card(self.in_dir))
         _write_text(out / "README.md", text)
         return result
 
@@ -408,10 +494,14 @@ class Job:
         self._check_inputs()
         try:
             self.cfg = ModelConfig.from_file(self.in_dir / "config.json")
-        except (ValueError, KeyError, OSError) as e:
-            raise ConvertError(f"{self.in_dir / 'config.json'}: {e}") from None
+        except (ValueError, OSError) as e:      # ConfigError names the file already
+            raise ConvertError(str(e) if str(self.in_dir) in str(e) else f"{self.in_dir / 'config.json'}: {e}") from None
+        self.parts = ModelParts(self.in_dir, device=self.o.device)      # checks every tensor's shape
+        self._check_folders()
+        finite = self._check_weights()      # before the job folder is made: a refused checkpoint leaves nothing
         self._load_job()
-        self.parts = ModelParts(self.in_dir, device=self.o.device)
+        self.job["weights_finite"] = finite
+        self._save()
         data = self.measure()
         results = {"work_dir": str(self.work), "measurement": str(self.work / "measurement.json"), "targets": []}
         if self.o.measure_only:

@@ -85,15 +85,53 @@ def cache_lines(validation: dict) -> list[str]:
     return lines
 
 
+# Which programs read EXL2 files, as of this version (checked 2026-12): ExLlamaV2 0.3.x is the format's own
+# loader; TabbyAPI loaded EXL2 through ExLlamaV2 until it removed that backend on 2026-07-14; ExLlamaV3 reads
+# its own EXL3 format only.
+LOADERS = ("ExLlamaV2 0.3.x (0.3.2 is the last release); TabbyAPI releases up to June 2026 (its ExLlamaV2 "
+           "backend was removed on 2026-07-14); exl2's own runtime (`exl2-eval`, `exl2-generate`). "
+           "ExLlamaV3 does not read EXL2.")
+
+# Front-matter blocks of the source card that describe the source model's own results, not this quantization.
+DROPPED_FRONT_MATTER = ("model-index", "widget")
+
+
+def front_matter(card: str | None) -> list[str]:
+    """The YAML front matter of a source model card (between its opening and closing ``---`` lines) without
+    :data:`DROPPED_FRONT_MATTER`, as lines; [] when there is none.  The licence and ``base_model`` fields are kept
+    as the source states them (the block is copied, not re-serialised, so no YAML library is needed)."""
+    if not card:
+        return []
+    lines = card.splitlines()
+    if not lines or lines[0].strip() != "---":
+        return []
+    try:
+        end = next(i for i in range(1, len(lines)) if lines[i].strip() == "---")
+    except StopIteration:
+        return []
+    out, skipping = [], False
+    for line in lines[1:end]:
+        top = line[:1] not in (" ", "\t", "-", "#", "") and ":" in line     # a top-level key starts a block
+        if top:
+            skipping = line.split(":", 1)[0].strip() in DROPPED_FRONT_MATTER
+        if not skipping:
+            out.append(line)
+    return out
+
+
 def model_card(*, base_model: str, strat: dict, head: dict, head_bits: int, calibration: dict,
                validation: dict | None, checkpoint_sha256: str, tool_version: str, plot: str | None = None,
-               asym: float = 0.0) -> str:
+               asym: float = 0.0, source_card: str | None = None) -> str:
     bpw = strat["bpw"]
-    lines = [
+    fm = front_matter(source_card)
+    lines = (["---", *fm, "---", ""] if fm else []) + [
         f"# {base_model} — EXL2 {strat['bpw_target']:g} bpw",
         "",
-        f"EXL2 quantization of `{base_model}` made with exl2 {tool_version}. The files load unchanged in "
-        "ExLlamaV2 (and TabbyAPI, which uses it) and in exl2's own runtime.",
+        f"EXL2 quantization of `{base_model}` made with exl2 {tool_version}."
+        + (" The source model's card is kept beside this one as [ORIGINAL_CARD.md](ORIGINAL_CARD.md): its licence "
+           "and terms of use carry over to these weights." if source_card else ""),
+        "",
+        f"Loaders: {LOADERS}",
         "",
         "| | |",
         "|---|---|",
@@ -136,8 +174,9 @@ def model_card(*, base_model: str, strat: dict, head: dict, head_bits: int, cali
         "",
         "## How to load",
         "",
-        "- ExLlamaV2: `ExLlamaV2Config(model_dir)`, then `ExLlamaV2(config).load()`.",
-        "- TabbyAPI: put the directory in its models folder and select it by name"
+        "- ExLlamaV2 0.3.x: `ExLlamaV2Config(model_dir)`, then `ExLlamaV2(config).load()`.",
+        "- TabbyAPI (a release from before its ExLlamaV2 backend was removed in July 2026): put the directory in "
+        "its models folder and select it by name"
         + (f" (cache_mode: {validation['recommended_cache'].upper()})." if validation and "recommended_cache" in validation
            else "."),
         "- exl2: `exl2-generate MODEL_DIR -p \"...\"` or `exl2-eval MODEL_DIR --data FILE`.",

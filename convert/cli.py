@@ -140,12 +140,13 @@ def _run(fn):
     from exl2.measure.measure import MeasureError
     from exl2.measure.measurement import MeasurementError
     from exl2.quant_kernels.gptq import HessianError
+    from exl2.runtime.arch import ConfigError
     from exl2.runtime.loader import CheckpointError
 
     try:
         return fn()
-    except (ConvertError, CheckpointError, CalibrationError, MeasurementError, MeasureError, HessianError,
-            QuantizeError) as e:
+    except (ConvertError, CheckpointError, ConfigError, CalibrationError, MeasurementError, MeasureError,
+            HessianError, QuantizeError) as e:
         _fail(str(e))
     except OSError as e:       # disk full, permissions, vanished files
         _fail(f"{e.filename or ''}: {e.strerror or e}" if e.filename else str(e))

@@ -177,7 +177,8 @@ def run_quantization(model_dir: str | Path, input_ids: torch.Tensor, strategy: d
                      ppl_rows: int = 4, percdamp: float = gptq.PERCDAMP,
                      refine_span: int = gptq.REFINE_SPAN, sequential: bool = False, polish: int = 0,
                      refine_weighted: bool = False, asym: float = 0.0) -> dict:
-    """Quantize the whole model into ``work/out_tensor``; resumes from ``work/quant.progress.json``.
+    """Quantize the whole model into ``work/out_tensor``; resumes from its checkpoint
+    (``work/quant.checkpoint.safetensors``).
 
     Returns a report: per-module relative output errors and the head facts.  ``percdamp`` and
     ``refine_span`` are :func:`gptq.prepare`'s damping and :func:`gptq.refine_codes`' span; ``sequential``,

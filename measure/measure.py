@@ -206,8 +206,8 @@ def run_measurement(model_dir: str | Path, input_ids: torch.Tensor, work: str | 
                     variant_budget: int | None = None, modules: tuple[ModuleSpec, ...] = MODULES) -> dict:
     """Measure every decoder module of ``model_dir`` on calibration rows ``input_ids [R, L]``.
 
-    ``work`` holds the checkpoint files (``states.safetensors``, ``measurement.partial.json``); when they
-    exist the run resumes after the last finished layer.  Returns the measurement.json data (also written
+    ``work`` holds the checkpoint (``measure.checkpoint.safetensors``: states and partial measurement); when it
+    exists the run resumes after the last finished layer.  Returns the measurement.json data (also written
     to ``work/measurement.json``).  ``progress`` is an optional callable ``(layer_done, layers)``.
     ``variant_budget`` (bytes, default :data:`VARIANT_BUDGET`): a module whose quantized variants exceed it
     spills them to a temporary folder under ``work``, so memory follows one layer, not the option count.

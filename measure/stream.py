@@ -11,17 +11,17 @@ device one row at a time, so device memory holds one layer's weights plus one ro
 from __future__ import annotations
 
 import json
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
 from torch import nn
 
 from exl2.quant_kernels import gptq
+from exl2.runtime.files import save_safetensors
 from exl2.quant_kernels.qparams import ATTN_OPTIONS, ATTN_PROJ, MLP_OPTIONS, MLP_PROJ, TABLES
 from exl2.runtime.model import Block
 
@@ -203,43 +203,53 @@ def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoint files: written to a temporary name, then renamed into place
+# Checkpoint files: one file per loop, replaced in one rename
 # ------------------------------------------------------------------------------------------------
 
+CHECKPOINT_KEY = "exl2.progress"       # safetensors metadata key holding the progress record (JSON)
+
+
+def checkpoint_path(work: Path, name: str) -> Path:
+    return Path(work) / f"{name}.checkpoint.safetensors"
+
+
 def load_checkpoint(work: Path, name: str) -> tuple[dict, list[torch.Tensor]] | None:
-    """The progress record and states of an interrupted layer loop, or None to start from scratch."""
-    prog, states = work / f"{name}.progress.json", work / f"{name}.states.safetensors"
-    if prog.exists() and states.exists():
-        return json.loads(prog.read_text()), load_states(states)
-    return None
+    """The progress record and states of an interrupted layer loop, or None to start from scratch.
+
+    Both live in one file (the record in its metadata), written by one rename, so a kill at any moment
+    leaves either the previous checkpoint or the new one, never a record from one layer with the states of
+    another.  Files of the earlier two-file layout (``*.progress.json`` beside ``*.states.safetensors``) could
+    be such a mix, so they are not trusted: the loop starts over.
+    """
+    path = checkpoint_path(work, name)
+    if not path.exists():
+        return None
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        record = json.loads((f.metadata() or {})[CHECKPOINT_KEY])
+        states = [f.get_tensor(k) for k in sorted(f.keys())]
+    return record, states
+
+
+def checkpoint_progress(work: Path, name: str) -> dict | None:
+    """The progress record alone (read from the file's header), or None without a checkpoint."""
+    path = checkpoint_path(work, name)
+    if not path.exists():
+        return None
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return json.loads((f.metadata() or {})[CHECKPOINT_KEY])
 
 
 def save_checkpoint(work: Path, name: str, progress: dict, states: list[torch.Tensor]) -> None:
-    """States first, then the progress record that points at them (each replaced atomically)."""
-    save_states(work / f"{name}.states.safetensors", states)
-    prog = work / f"{name}.progress.json"
-    tmp = prog.with_name(prog.name + ".tmp")
-    tmp.write_text(json.dumps(progress))
-    os.replace(tmp, prog)
+    """States and progress record together, atomically."""
+    save_safetensors(checkpoint_path(work, name), {f"row.{i:05d}": s for i, s in enumerate(states)},
+                     metadata={CHECKPOINT_KEY: json.dumps(progress)})
 
 
 def clear_checkpoint(work: Path, name: str) -> None:
-    for suffix in (".progress.json", ".states.safetensors"):
-        (work / f"{name}{suffix}").unlink(missing_ok=True)
-
-
-def save_states(path: Path, states: list[torch.Tensor]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({f"row.{i:05d}": s.contiguous() for i, s in enumerate(states)}, str(tmp))
-    os.replace(tmp, path)
-
-
-def load_states(path: Path) -> list[torch.Tensor]:
-    t = load_file(str(path))
-    return [t[k] for k in sorted(t)]
+    checkpoint_path(work, name).unlink(missing_ok=True)
+    for suffix in (".progress.json", ".states.safetensors"):      # the earlier layout
+        (Path(work) / f"{name}{suffix}").unlink(missing_ok=True)
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    save_safetensors(path, tensors)

@@ -6,6 +6,7 @@ Llama-layout architecture means adding a row, not code.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,8 +58,15 @@ TENSOR_NAMES = {
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
-class UnsupportedArchitectureError(ValueError):
+class ConfigError(ValueError):
+    """config.json is unreadable or holds a value of the wrong type or range; the message names the field."""
+
+
+class UnsupportedArchitectureError(ConfigError):
     pass
+
+
+_REQUIRED, _UNSET = object(), object()
 
 
 def get_arch(names: list[str] | str | None, where: str = "config.json") -> Arch:
@@ -71,12 +79,6 @@ def get_arch(names: list[str] | str | None, where: str = "config.json") -> Arch:
     raise UnsupportedArchitectureError(
         f"{where}: unsupported architecture {names!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
     )
-
-
-def _as_list(x) -> list[int]:
-    if x is None:
-        return []
-    return [int(v) for v in (x if isinstance(x, (list, tuple)) else [x])]
 
 
 @dataclass
@@ -107,48 +109,63 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "config.json") -> ModelConfig:
-        arch = get_arch(d.get("architectures"), where)
-
-        def need(key):
-            if key not in d or d[key] is None:
-                raise ValueError(f"{where}: missing required field {key!r}")
-            return d[key]
-
-        hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
-        head_dim = d.get("head_dim") or (hidden // heads)
-        if not d.get("head_dim") and hidden % heads:
-            raise ValueError(f"{where}: hidden_size {hidden} not divisible by num_attention_heads {heads}")
-        kv_heads = int(d.get("num_key_value_heads") or heads)
+    def from_dict(cls, d, where: str = "config.json") -> ModelConfig:
+        """Parse and check a config.json object: every field this project reads is checked for type and range
+        here, once, so that every command fails on a bad value with one line naming the field."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: expected a JSON object, found {type(d).__name__}")
+        r = _Reader(d, where)
+        arch = get_arch(r.architectures(), where)
+        hidden = r.int("hidden_size")
+        heads = r.int("num_attention_heads")
+        head_dim = r.int("head_dim", default=None)
+        if head_dim is None:
+            if hidden % heads:
+                raise ConfigError(f"{where}: hidden_size {hidden} is not divisible by num_attention_heads {heads} "
+                                  "(and no head_dim is given)")
+            head_dim = hidden // heads
+        if head_dim % 2:
+            raise ConfigError(f"{where}: head_dim {head_dim} must be even (rotary embeddings pair dimensions)")
+        kv_heads = r.int("num_key_value_heads", default=heads)
         if heads % kv_heads:
-            raise ValueError(f"{where}: num_attention_heads {heads} not a multiple of num_key_value_heads {kv_heads}")
-
-        theta, scaling = _parse_rope(d, arch, where)
+            raise ConfigError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+        max_pos = r.int("max_position_embeddings", default=2048, maximum=MAX_TOKEN_ID)
+        theta, scaling = _parse_rope(r, arch, max_pos)
         qkv_bias, o_bias, mlp_bias = arch.qkv_bias, arch.o_bias, arch.mlp_bias
         if arch.bias_from_config:  # Llama's attention_bias puts a bias on q, k, v and o (transformers)
-            qkv_bias = o_bias = bool(d.get("attention_bias", qkv_bias))
-            mlp_bias = bool(d.get("mlp_bias", mlp_bias))
+            qkv_bias = o_bias = r.bool("attention_bias", default=qkv_bias)
+            mlp_bias = r.bool("mlp_bias", default=mlp_bias)
+        vocab = r.int("vocab_size")
+        bos = r.int("bos_token_id", default=None, minimum=0)
+        eos = r.int_list("eos_token_id")
+        for name, ids in (("bos_token_id", [] if bos is None else [bos]), ("eos_token_id", eos)):
+            if any(t >= vocab for t in ids):
+                raise ConfigError(f"{where}: {name} {ids if len(ids) > 1 else ids[0]} is outside the vocabulary "
+                                  f"(vocab_size {vocab})")
+        qconf = d.get("quantization_config")
+        if qconf is not None and not isinstance(qconf, dict):
+            raise ConfigError(f"{where}: quantization_config must be an object, found {type(qconf).__name__}")
         return cls(
             arch=arch,
-            vocab_size=int(need("vocab_size")),
+            vocab_size=vocab,
             hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")),
-            num_layers=int(need("num_hidden_layers")),
+            intermediate_size=r.int("intermediate_size"),
+            num_layers=r.int("num_hidden_layers"),
             num_heads=heads,
             num_kv_heads=kv_heads,
-            head_dim=int(head_dim),
-            rms_norm_eps=float(d.get("rms_norm_eps") or arch.default_eps),
+            head_dim=head_dim,
+            rms_norm_eps=r.float("rms_norm_eps", default=arch.default_eps, maximum=1.0),
             rope_theta=theta,
             rope_scaling=scaling,
-            max_position_embeddings=int(d.get("max_position_embeddings") or 2048),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=r.bool("tie_word_embeddings", default=False),
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=mlp_bias,
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_ids=_as_list(d.get("eos_token_id")),
-            sliding_window=d.get("sliding_window"),
-            quantization_config=d.get("quantization_config"),
+            bos_token_id=bos,
+            eos_token_ids=eos,
+            sliding_window=r.int("sliding_window", default=None, minimum=0, maximum=MAX_TOKEN_ID),
+            quantization_config=qconf,
         )
 
     @classmethod
@@ -160,28 +177,137 @@ class ModelConfig:
             raise FileNotFoundError(f"{path}: no config.json")
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON ({e})") from None
+            raise ConfigError(f"{path}: invalid JSON ({e})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: invalid JSON (nested too deeply)") from None
         return cls.from_dict(d, where=str(path))
 
 
-def _parse_rope(d: dict, arch: Arch, where: str) -> tuple[float, dict | None]:
-    """rope_theta and scaling from either layout: transformers 4.x (`rope_theta`, `rope_scaling`) or
-    5.x (`rope_parameters` holding both)."""
-    params = dict(d.get("rope_parameters") or {})
-    scaling = dict(d.get("rope_scaling") or {})
-    merged = {**params, **scaling}
-    theta = merged.get("rope_theta", d.get("rope_theta")) or arch.default_rope_theta
-    rtype = merged.get("rope_type", merged.get("type", "default"))
-    if rtype not in ROPE_TYPES:
-        raise ValueError(f"{where}: rope type {rtype!r} not supported; supported: {', '.join(ROPE_TYPES)}")
+# Sizes beyond these are not a model anyone can convert; they stop a corrupt or hostile config.json before any
+# allocation is sized from it (the tensors' shapes are checked against the checkpoint separately).
+MAX_DIM = 1 << 24           # hidden/intermediate size, head_dim, heads, vocabulary, layers
+MAX_TOKEN_ID = (1 << 31) - 1   # token ids and context lengths
+
+
+class _Reader:
+    """Typed access to config.json fields: a wrong type or range raises ConfigError naming the field.
+
+    JSON numbers are accepted in the forms a JSON writer may produce for the same value (``4096`` and ``4096.0``
+    for an integer field; an integer for a float field); booleans are never numbers, NaN and infinities never
+    valid values."""
+
+    def __init__(self, d: dict, where: str):
+        self.d, self.where = d, where
+
+    def _bad(self, key: str, value, what: str) -> ConfigError:
+        shown = json.dumps(value, allow_nan=True) if not isinstance(value, (dict, list)) else type(value).__name__
+        if len(shown) > 40:
+            shown = shown[:37] + "..."
+        return ConfigError(f"{self.where}: {key} is {shown}, expected {what}")
+
+    def _get(self, key: str, default):
+        v = self.d.get(key)
+        return (True, default) if v is None else (False, v)
+
+    def int(self, key: str, default=_REQUIRED, *, minimum: int = 1, maximum: int = MAX_DIM, value=_UNSET):
+        if value is _UNSET:
+            missing, v = self._get(key, default)
+            if missing:
+                if v is _REQUIRED:
+                    raise ConfigError(f"{self.where}: missing required field {key!r}")
+                return v
+        else:
+            v = value
+        if isinstance(v, float) and math.isfinite(v) and v == int(v):
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self._bad(key, v, "an integer")
+        if not minimum <= v <= maximum:
+            raise self._bad(key, v, f"an integer from {minimum} to {maximum}")
+        return v
+
+    def float(self, key: str, default=_REQUIRED, *, maximum: float = math.inf, source: dict | None = None):
+        d = self.d if source is None else source
+        v = d.get(key)
+        if v is None:
+            if default is _REQUIRED:
+                raise ConfigError(f"{self.where}: missing required field {key!r}")
+            return default
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise self._bad(key, v, "a finite number")
+        if not 0 < v <= maximum:
+            raise self._bad(key, v, "a positive number" + (f" up to {maximum:g}" if maximum != math.inf else ""))
+        return float(v)
+
+    def bool(self, key: str, default: bool) -> bool:
+        missing, v = self._get(key, default)
+        if missing:
+            return v
+        if not isinstance(v, bool):
+            raise self._bad(key, v, "true or false")
+        return v
+
+    def int_list(self, key: str) -> list[int]:
+        """An integer or a list of integers (token ids); absent or null -> []."""
+        v = self.d.get(key)
+        if v is None:
+            return []
+        items = v if isinstance(v, list) else [v]
+        return [self.int(key, minimum=0, maximum=MAX_TOKEN_ID, value=x) for x in items]
+
+    def architectures(self) -> list[str]:
+        v = self.d.get("architectures")
+        if v is None:
+            return []
+        names = [v] if isinstance(v, str) else v
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise self._bad("architectures", v, "a list of class names")
+        return names
+
+
+def rope_source(d: dict) -> dict:
+    """The dict transformers takes the RoPE settings from: ``rope_scaling`` when present (transformers 4.x
+    layout, and 5.x gives it priority), else ``rope_parameters`` (5.x layout)."""
+    return d.get("rope_scaling") or d.get("rope_parameters") or {}
+
+
+def _parse_rope(r: _Reader, arch: Arch, max_pos: int) -> tuple[float, dict | None]:
+    """rope_theta and scaling from either layout, with transformers 5's precedence: the RoPE dict
+    (:func:`rope_source`) first, then the top-level ``rope_theta``, then the architecture's default."""
+    d, where = r.d, r.where
+    for key in ("rope_scaling", "rope_parameters"):
+        if d.get(key) is not None and not isinstance(d[key], dict):
+            raise ConfigError(f"{where}: {key} must be an object, found {type(d[key]).__name__}")
+    src = rope_source(d)
+    if "rope_theta" in src and src["rope_theta"] is not None:
+        theta = r.float("rope_theta", source=src)
+    else:
+        theta = r.float("rope_theta", default=arch.default_rope_theta)
+    rtype = src.get("rope_type") or src.get("type") or "default"
+    if not isinstance(rtype, str) or rtype not in ROPE_TYPES:
+        raise ConfigError(f"{where}: rope type {rtype!r} not supported; supported: {', '.join(ROPE_TYPES)}")
+    for key in ("rope_type", "type"):       # both present must agree
+        if src.get(key) is not None and src[key] != rtype:
+            raise ConfigError(f"{where}: RoPE settings name two types ({src.get('rope_type')!r} and {src.get('type')!r})")
     if rtype == "default":
-        return float(theta), None
-    out = {"rope_type": rtype, "factor": float(merged["factor"])}
+        return theta, None
+    out = {"rope_type": rtype, "factor": r.float("factor", source=src)}
     if rtype == "llama3":
-        out["low_freq_factor"] = float(merged["low_freq_factor"])
-        out["high_freq_factor"] = float(merged["high_freq_factor"])
-        out["original_max_position_embeddings"] = int(
-            merged.get("original_max_position_embeddings") or d.get("max_position_embeddings")
-        )
-    return float(theta), out
+        lo = r.float("low_freq_factor", source=src)
+        hi = r.float("high_freq_factor", source=src)
+        if not hi > lo:
+            raise ConfigError(f"{where}: llama3 RoPE needs high_freq_factor > low_freq_factor, found {hi:g} and {lo:g}")
+        out["low_freq_factor"], out["high_freq_factor"] = lo, hi
+        # transformers gives a top-level original_max_position_embeddings priority, then the RoPE dict's
+        if d.get("original_max_position_embeddings") is not None:
+            orig = r.int("original_max_position_embeddings", maximum=MAX_TOKEN_ID)
+        elif src.get("original_max_position_embeddings") is not None:
+            orig = r.int("original_max_position_embeddings", maximum=MAX_TOKEN_ID,
+                         value=src["original_max_position_embeddings"])
+        else:
+            orig = max_pos
+        out["original_max_position_embeddings"] = orig
+    return theta, out

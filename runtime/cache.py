@@ -25,6 +25,18 @@ def _check_mode(mode: str) -> tuple[int, int] | None:
     return MODES[mode]
 
 
+def mode_error(cfg: ModelConfig, mode: str) -> str | None:
+    """Why ``mode`` cannot hold this model's keys and values, or None when it can."""
+    if _check_mode(mode) is None:
+        return None
+    from exl2.quant_kernels.kv_quant import CHUNK
+
+    if cfg.kv_dim % CHUNK:
+        return (f"kv_heads x head_dim = {cfg.num_kv_heads} x {cfg.head_dim} = {cfg.kv_dim} is not a multiple of "
+                f"{CHUNK} (the quantized modes rotate {CHUNK} values at a time); use fp16")
+    return None
+
+
 def bytes_per_token(cfg: ModelConfig, mode: str, fp_dtype: torch.dtype = torch.float16) -> int:
     """Cache bytes one token occupies over all layers (K and V), excluding working copies.
 

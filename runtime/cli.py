@@ -37,6 +37,10 @@ class _OneLineErrors(click.Command):
         except UserError as e:
             click.echo(f"{prog}: error: {e}", err=True)
             sys.exit(EXIT_USAGE)
+        except OSError as e:       # disk full, permissions, a file that vanished while we worked
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"{prog}: error: {where}{e.strerror or e}", err=True)
+            sys.exit(EXIT_USAGE)
         except click.Abort:
             click.echo(f"{prog}: aborted", err=True)
             sys.exit(1)
@@ -48,6 +52,12 @@ class _OneLineErrors(click.Command):
 
 def _model_dir(path: str, flag: str = "MODEL_DIR") -> Path:
     """A directory holding a readable config.json of a supported architecture."""
+    _model_config(path, flag)
+    return Path(path)
+
+
+def _model_config(path: str, flag: str = "MODEL_DIR"):
+    """The parsed config.json of a model directory (every field checked); UserError naming what is wrong."""
     from .loader import load_config
 
     d = Path(path)
@@ -56,10 +66,18 @@ def _model_dir(path: str, flag: str = "MODEL_DIR") -> Path:
     if not (d / "config.json").is_file():
         raise UserError(f"{flag} {d}: no config.json (not a model directory)")
     try:
-        load_config(d)
-    except (ValueError, KeyError, TypeError) as e:  # UnsupportedArchitectureError is a ValueError
-        raise UserError(f"{d / 'config.json'}: {e}") from None
-    return d
+        return load_config(d)
+    except ValueError as e:  # ConfigError (UnsupportedArchitectureError too) names the file and field
+        raise UserError(str(e) if "config.json" in str(e) else f"{d / 'config.json'}: {e}") from None
+
+
+def _caches_fit(cfg, caches: list[str]) -> None:
+    from .cache import mode_error
+
+    for m in caches:
+        why = mode_error(cfg, m)
+        if why:
+            raise UserError(f"--cache {m}: {why}")
 
 
 def _tokenizer_file(d: Path) -> Path:
@@ -297,8 +315,9 @@ def eval_main(model_dir, data, rows, length, cache, mode, chunk, kld_ref, bos, t
     Prints a table with one row per cache mode (and scoring mode); --json writes the same as a list of
     objects with cache, mode, rows, length, ppl and, when measured, kld_mean, kld_median, kld_p99, top1,
     pass@1, pass@10."""
-    d = _model_dir(model_dir)
+    d = Path(model_dir)
     caches = _cache_list(cache)
+    _caches_fit(_model_config(model_dir), caches)
     if data is None and not humaneval:
         raise UserError("nothing to do: give --data FILE (perplexity) and/or --humaneval")
     if data is not None:
@@ -323,7 +342,9 @@ def eval_main(model_dir, data, rows, length, cache, mode, chunk, kld_ref, bos, t
     records = run_eval(args)
     click.echo(format_table(records))
     if out is not None:
-        out.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+        from .files import write_text_atomic
+
+        write_text_atomic(out, json.dumps(records, indent=2) + "\n")
     return 0
 
 
@@ -396,11 +417,13 @@ def run_generate(a: GenerateArgs, write=None) -> list[int]:
 def generate_main(model_dir, prompt, chat, system, cache, max_tokens, temperature, top_k, top_p,
                   repetition_penalty, seed, device):
     """Generate text with MODEL_DIR (FP16 or EXL2), streaming it to stdout."""
-    d = _model_dir(model_dir)
+    d = Path(model_dir)
+    cfg = _model_config(model_dir)
     _tokenizer_file(d)
     if "," in cache:
         raise UserError(f"--cache {cache}: give one mode")
     (cache,) = _cache_list(cache)
+    _caches_fit(cfg, [cache])
     if system is not None and not chat:
         raise UserError("--system needs --chat")
     if not prompt:

@@ -14,6 +14,8 @@ import torch
 from safetensors import safe_open
 
 from . import linear as _linear
+from exl2.quant_kernels.codec import padded_columns
+
 from .arch import TENSOR_NAMES, ModelConfig
 from .model import MLP, Attention, Block, Model, RMSNorm
 
@@ -42,10 +44,16 @@ class TensorSource:
 
     def _from_index(self, index: Path) -> None:
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: malformed index ({e!r})") from None
+            data = json.loads(index.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise CheckpointError(f"{index}: not a readable JSON index ({e})") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: 'weight_map' must be an object mapping tensor names to file names")
         for key, fname in weight_map.items():
+            if not isinstance(fname, str) or not fname or Path(fname).name != fname:
+                raise CheckpointError(f"{index}: tensor {key} is mapped to {fname!r}, which is not a file name in "
+                                      f"the model folder")
             path = self.dir / fname
             if not path.is_file():
                 raise CheckpointError(f"{index}: tensor {key} is mapped to {fname}, which does not exist")
@@ -85,9 +93,17 @@ class TensorSource:
 
     def shape(self, key: str) -> tuple[int, ...]:
         """The stored shape, read from the header without loading the tensor."""
+        return self.header(key)[0]
+
+    def header(self, key: str) -> tuple[tuple[int, ...], str]:
+        """(shape, safetensors dtype name such as "F16"), read from the header without loading the tensor."""
         if key not in self._files:
             raise CheckpointError(f"{self.dir}: tensor {key} not found in any safetensors file")
-        return tuple(self._open(self._files[key]).get_slice(key).get_shape())
+        handle = self._open(self._files[key])
+        if key not in handle.keys():
+            raise CheckpointError(f"{self._files[key]}: tensor {key} is listed in the index but missing from the file")
+        sl = handle.get_slice(key)
+        return tuple(sl.get_shape()), sl.get_dtype()
 
     def get(self, key: str) -> torch.Tensor:
         """The stored tensor (CPU, stored dtype). Missing or unreadable -> CheckpointError naming it."""
@@ -110,7 +126,15 @@ class TensorSource:
         if tuple(t.shape) != tuple(shape):
             raise CheckpointError(f"{self.file_of(key)}: tensor {key} has shape {tuple(t.shape)}, "
                                   f"expected {tuple(shape)}")
+        check_finite(t, key, self.file_of(key))
         return t.to(device=device, dtype=dtype)
+
+
+def check_finite(t: torch.Tensor, key: str, where) -> None:
+    """CheckpointError naming the tensor if a floating tensor holds NaN or an infinity."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(f"{where}: tensor {key} holds {bad} NaN or infinite value(s)")
 
 
 def is_exl2(prefix: str, source: TensorSource) -> bool:
@@ -130,6 +154,8 @@ def make_linear(prefix: str, source: TensorSource, *, in_features: int, out_feat
     if is_exl2(prefix, source):
         tensors = {s: source.get(f"{prefix}.{s}") for s in _linear.EXL2_REQUIRED}
         tensors.update({s: source.get(f"{prefix}.{s}") for s in _linear.EXL2_OPTIONAL if f"{prefix}.{s}" in source})
+        for s, t in tensors.items():
+            check_finite(t, f"{prefix}.{s}", source.file_of(f"{prefix}.{s}"))
         # looked up through the module so that a later assignment to linear.load_exl2_linear is honoured
         try:
             return _linear.load_exl2_linear(prefix, tensors, in_features=in_features, out_features=out_features,
@@ -164,6 +190,78 @@ class ModelParts:
         self.cfg = load_config(model_dir)
         self.src = TensorSource(model_dir)
         self.dtype, self.device, self.linear_factory = dtype, device, linear_factory
+        self.check_shapes()
+
+    # -- checks before any work ---------------------------------------------------------------------
+
+    def linear_shapes(self) -> dict[str, tuple[int, int, bool]]:
+        """(in features, out features, has bias) of every linear layer's prefix, the head included."""
+        cfg = self.cfg
+        C, D, H, Hkv, I = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
+        per_layer = {"q": (C, H * D, cfg.qkv_bias), "k": (C, Hkv * D, cfg.qkv_bias), "v": (C, Hkv * D, cfg.qkv_bias),
+                     "o": (H * D, C, cfg.o_bias), "gate": (C, I, cfg.mlp_bias), "up": (C, I, cfg.mlp_bias),
+                     "down": (I, C, cfg.mlp_bias)}
+        out = {TENSOR_NAMES[k].format(i=i): v for i in range(cfg.num_layers) for k, v in per_layer.items()}
+        if self.has_head():
+            out[TENSOR_NAMES["head"]] = (C, cfg.vocab_size, False)
+        return out
+
+    def dense_keys(self) -> dict[str, tuple[int, ...]]:
+        """Every unquantized tensor the model reads, with its expected shape."""
+        cfg = self.cfg
+        C = cfg.hidden_size
+        out = {TENSOR_NAMES["embed"]: (cfg.vocab_size, C), TENSOR_NAMES["norm"]: (C,)}
+        for i in range(cfg.num_layers):
+            out[TENSOR_NAMES["attn_norm"].format(i=i)] = (C,)
+            out[TENSOR_NAMES["mlp_norm"].format(i=i)] = (C,)
+        for prefix, (k, n, bias) in self.linear_shapes().items():
+            if not is_exl2(prefix, self.src):
+                out[f"{prefix}.weight"] = (n, k)
+                if bias:
+                    out[f"{prefix}.bias"] = (n,)
+        return out
+
+    def check_shapes(self) -> None:
+        """Every tensor the model reads exists with the shape config.json implies, checked from the
+        safetensors headers alone, so a config that disagrees with its weights fails here, in one line
+        naming the tensor, before anything is allocated from its sizes."""
+        src = self.src
+        if not self.has_head() and not self.cfg.tie_word_embeddings:
+            raise CheckpointError(f"{src.dir}: tensor {TENSOR_NAMES['head']}.weight not found and "
+                                  f"tie_word_embeddings is false")
+        for key, shape in self.dense_keys().items():
+            got, dtype = src.header(key)
+            if dtype not in ("F16", "BF16", "F32"):
+                raise CheckpointError(f"{src.file_of(key)}: tensor {key} has dtype {dtype}, expected F16, BF16 or F32")
+            if got != shape:
+                raise CheckpointError(f"{src.file_of(key)}: tensor {key} has shape {got}, expected {shape} "
+                                      f"(from {self.dir / 'config.json'})")
+        for prefix, (k, n, bias) in self.linear_shapes().items():
+            if f"{prefix}.bias" in src and not bias:
+                raise CheckpointError(f"{src.file_of(prefix + '.bias')}: tensor {prefix}.bias is present but not "
+                                      f"expected by the architecture")
+            if not is_exl2(prefix, src):
+                continue
+            inv = src.header(f"{prefix}.q_invperm")[0]
+            qw = src.header(f"{prefix}.q_weight")[0]
+            if inv != (k,) or len(qw) != 2 or qw[1] != padded_columns(n):
+                raise CheckpointError(f"{src.file_of(prefix + '.q_weight')}: EXL2 layer {prefix} stores "
+                                      f"q_invperm {inv} and q_weight {qw}, expected ({k},) and [*, {padded_columns(n)}] "
+                                      f"(from {self.dir / 'config.json'})")
+            if bias and f"{prefix}.bias" not in src:
+                raise CheckpointError(f"{src.dir}: tensor {prefix}.bias is missing but expected by the architecture")
+
+    def check_finite(self, progress=None) -> None:
+        """Read every tensor the model uses once and fail, naming it, on a NaN or infinity (the converter runs
+        this before any work; loading checks each tensor again as it is read).  ``progress(done, total)``."""
+        keys = list(self.dense_keys())
+        for prefix in self.linear_shapes():
+            if is_exl2(prefix, self.src):
+                keys += [f"{prefix}.{s}" for s in ("q_scale_max", "bias") if f"{prefix}.{s}" in self.src]
+        for j, key in enumerate(keys):
+            check_finite(self.src.get(key), key, self.src.file_of(key))
+            if progress:
+                progress(j + 1, len(keys))
 
     def linear(self, key: str, i: int, k_in: int, n_out: int, bias: bool) -> torch.nn.Module:
         return self.linear_factory(TENSOR_NAMES[key].format(i=i), self.src, in_features=k_in, out_features=n_out,

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from exl2.convert.api import ConvertOptions, auto_asym, convert, decoder_numel
 from exl2.convert.cli import convert_main
 from exl2.measure.measurement import entry_options
+from exl2.measure.stream import checkpoint_progress
 from exl2.quant_kernels import codec
 from exl2.runtime.arch import ModelConfig
 from exl2.runtime.loader import load_model
@@ -74,7 +75,9 @@ def test_output_directory_layout(qwen_tied, qwen_job):
     assert q["quant_method"] == "exl2" and q["bits"] == 3.0 and q["head_bits"] == 6
     assert q["calibration"] == {"rows": 4, "length": 64, "dataset": "(default)"}
     src_cfg = json.loads((qwen_tied / "config.json").read_text())
-    assert {k: v for k, v in cfg.items() if k != "quantization_config"} == src_cfg
+    # the source's fields, plus those ExLlamaV2 reads stated explicitly (test_output_config.py checks them)
+    assert {k: v for k, v in cfg.items() if k in src_cfg} == src_cfg
+    assert set(cfg) - set(src_cfg) == {"quantization_config", "head_dim", "rope_theta"}
     with safe_open(str(out / "output.safetensors"), "pt") as f:
         keys = set(f.keys())
         assert f.get_tensor("model.embed_tokens.weight").dtype == torch.float16
@@ -172,7 +175,8 @@ def test_changed_tables_are_refused_and_old_job_files_mean_exl2(qwen_tied, qwen_
 
 
 def test_extended_tables_and_a_fixed_norm(qwen_tied, qwen_job, tmp_path):
-    """--tables extended measures ExLlamaV2's entries (same values) then the candidates; --norm fixes p."""
+    """--tables extended measures ExLlamaV2's entries (same values) and the candidates, written in cost order for
+    ExLlamaV2's optimizer; --norm fixes p."""
     from exl2.measure import measurement as mj
     from exl2.measure.optimize import optimize
     from exl2.quant_kernels.qparams import TABLES
@@ -186,9 +190,11 @@ def test_extended_tables_and_a_fixed_norm(qwen_tied, qwen_job, tmp_path):
     assert data["exl2"]["tables"] == "extended"
     m = data["measurement"]
     for key, table in (("model.layers.0.self_attn", TABLES["extended"][0]), ("model.layers.1.mlp", TABLES["extended"][1])):
-        assert [tuple(entry_options(e).values()) for e in m[key]] == [tuple(r) for r in table]
-        n = len(base[key])
-        assert [e["accuracy"] for e in m[key][:n]] == pytest.approx([e["accuracy"] for e in base[key]], rel=1e-6)
+        assert [e["total_bits"] for e in m[key]] == sorted(e["total_bits"] for e in m[key])
+        by_option = {tuple(entry_options(e).values()): e for e in m[key]}
+        assert len(by_option) == len(m[key]) and set(by_option) == set(map(tuple, table))
+        for e in base[key]:
+            assert by_option[tuple(entry_options(e).values())]["accuracy"] == pytest.approx(e["accuracy"], rel=1e-6)
     strat = json.loads((tmp_path / "w" / "bpw-4.00" / "strategy.json").read_text())
     assert strat["norm"] == strat["norm_fixed"] == 2.0
     sol = optimize(m, strat["numel"], 4.0, norms=(2.0,))
@@ -325,7 +331,7 @@ def test_kill_during_quantization_then_resume_is_byte_identical(tiny_builder, ti
             break
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    progress = json.loads((work / "bpw-4.00" / "quant.progress.json").read_text())
+    progress = checkpoint_progress(work / "bpw-4.00", "quant")
     assert 1 <= progress["next_layer"] < 4
     resumed = CliRunner().invoke(convert_main, args + ["-o", str(work)])
     assert resumed.exit_code == 0, resumed.output

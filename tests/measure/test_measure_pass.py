@@ -6,6 +6,7 @@ import pytest
 
 from exl2.measure import measurement as mj
 from exl2.measure.measure import run_measurement
+from exl2.measure.stream import checkpoint_progress
 from exl2.quant_kernels.qparams import ATTN_OPTIONS, MLP_OPTIONS
 
 
@@ -57,12 +58,12 @@ def test_resume_after_interruption_gives_the_same_measurement(tiny, uninterrupte
 
     with pytest.raises(Stop):
         run_measurement(d, ids, tmp_path, provenance={"checkpoint_sha256": "x"}, status=stop_after_first_layer)
-    assert (tmp_path / "measure.progress.json").exists()
+    assert checkpoint_progress(tmp_path, "measure")["next_layer"] == 1
     seen = []
     resumed = run_measurement(d, ids, tmp_path, provenance={"checkpoint_sha256": "x"}, status=seen.append)
     assert [e["layer"] for e in seen if "layer" in e] == [1, 2]          # layer 0 was not measured again
     assert resumed["measurement"] == uninterrupted["measurement"]
-    assert not (tmp_path / "measure.progress.json").exists()
+    assert checkpoint_progress(tmp_path, "measure") is None
 
 
 def test_one_layer_resident_at_a_time(tiny, tmp_path, monkeypatch):
@@ -94,7 +95,7 @@ def test_one_layer_resident_at_a_time(tiny, tmp_path, monkeypatch):
 
 def test_other_tables_measure_the_same_entries_for_shared_options(tiny, uninterrupted, tmp_path):
     # Every module is measured on the FP16 path's states, so a table holding some of the default options
-    # (here a reordered subset) gives those options the same entries: runs with different tables concatenate.
+    # (here a reordered subset, written in cost order) gives those options the same entries: runs with different tables concatenate.
     from dataclasses import replace
 
     from exl2.measure.stream import ATTN, MLP
@@ -109,7 +110,10 @@ def test_other_tables_measure_the_same_entries_for_shared_options(tiny, uninterr
         for kind, pick in (("self_attn", pick_a), ("mlp", pick_m)):
             key = f"model.layers.{i}.{kind}"
             assert len(other[key]) == len(pick)
-            for e, j in zip(other[key], pick):
+            table = ATTN_OPTIONS if kind == "self_attn" else MLP_OPTIONS
+            by_option = {tuple(mj.entry_options(e).values()): e for e in other[key]}
+            for j in pick:
+                e = by_option[tuple(table[j])]
                 assert e["total_bits"] == m[key][j]["total_bits"]
                 assert e["accuracy"] == pytest.approx(m[key][j]["accuracy"], rel=1e-6)
                 assert e["token_err"] == pytest.approx(m[key][j]["token_err"], rel=1e-6)
