@@ -36,6 +36,9 @@ A task whose output is complete is skipped without launching anything; a task wh
 retried by Ray and the converter resumes from its work dir; a failed measurement makes its targets
 "skipped" and leaves the other models alone.
 
+Without --address a local Ray instance is started that stays on 127.0.0.1 and opens no connection to
+other machines (no cloud metadata probe, no usage report; see ``local_ray_settings``).
+
 Ray is optional (``pip install exl2[cluster]``) and imported only inside the functions that need it.
 """
 from __future__ import annotations
@@ -294,6 +297,41 @@ def plan(spec: Spec) -> list[Task]:
     return tasks
 
 
+def model_problem(path: str | Path) -> str | None:
+    """Why PATH is not a model folder the converter can read, in one line; None if it looks right.
+
+    Only names and file types are looked at (and a shard index's file list): no hashing, no tensor
+    headers, so it is cheap enough for --dry-run on large checkpoints.
+    """
+    d = Path(path)
+    if not d.exists():
+        return f"{d}: not found"
+    if not d.is_dir():
+        return f"{d}: not a directory (a model folder holds config.json, tokenizer.json and *.safetensors)"
+    missing = [n for n in ("config.json", "tokenizer.json") if not (d / n).is_file()]
+    index = d / "model.safetensors.index.json"
+    try:
+        shards = sorted(p.name for p in d.glob("*.safetensors"))
+        pickles = [] if shards else sorted(p.name for p in d.iterdir()
+                                           if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+    except OSError as e:
+        return f"{d}: {e.strerror or e}"
+    if not shards:
+        missing.append("*.safetensors" + (f" (only pickle checkpoints: {', '.join(pickles)})" if pickles else ""))
+    elif index.is_file():
+        try:
+            wanted = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            return f"{index}: malformed index ({type(e).__name__})"
+        absent = sorted(w for w in wanted if not (d / w).is_file())
+        if absent:
+            return f"{index}: lists {absent[0]}, which does not exist" + (
+                f" (and {len(absent) - 1} more)" if len(absent) > 1 else "")
+    if missing:
+        return f"{d}: no {', no '.join(missing)}"
+    return None
+
+
 def is_complete(task: Task) -> bool:
     """Finished output: measurement.json, or a compiled model with config.json, validation.json and card."""
     out = Path(task.output)
@@ -344,11 +382,14 @@ def _resume_state(work_dir: Path) -> dict:
     if job.is_file():
         with contextlib.suppress(OSError, ValueError):
             state["finished_stages"] = json.loads(job.read_text()).get("finished_stages", [])
-    for prog in sorted(work_dir.glob("*/*progress*.json")):
-        with contextlib.suppress(OSError, ValueError):
-            nxt = json.loads(prog.read_text()).get("next_layer")
-            if nxt is not None:
-                state[f"{prog.parent.name}/{prog.name}"] = {"next_layer": nxt}
+    # A layer loop's checkpoint holds its progress record in the safetensors header.
+    from exl2.measure.stream import checkpoint_progress
+
+    for ckpt in sorted(work_dir.glob("*/*.checkpoint.safetensors")):
+        with contextlib.suppress(Exception):      # unreadable: reported as nothing, the converter decides
+            record = checkpoint_progress(ckpt.parent, ckpt.name.removesuffix(".checkpoint.safetensors"))
+            if record.get("next_layer") is not None:
+                state[f"{ckpt.parent.name}/{ckpt.name}"] = {"next_layer": record["next_layer"]}
     return state
 
 
@@ -388,6 +429,7 @@ def run_task(task: dict, measurement=None, sink=None) -> dict:
     from exl2.measure.measure import MeasureError
     from exl2.measure.measurement import MeasurementError
     from exl2.quant_kernels.gptq import HessianError
+    from exl2.runtime.arch import ConfigError
     from exl2.runtime.loader import CheckpointError
 
     t = Task(**task)
@@ -413,8 +455,8 @@ def run_task(task: dict, measurement=None, sink=None) -> dict:
             if t.kind == "measure":
                 Path(t.output).parent.mkdir(parents=True, exist_ok=True)
                 _copy_atomic(Path(result["measurement"]), Path(t.output))
-    except (ConvertError, CheckpointError, CalibrationError, MeasurementError, MeasureError, HessianError,
-            QuantizeError) as e:
+    except (ConvertError, CheckpointError, ConfigError, CalibrationError, MeasurementError, MeasureError,
+            HessianError, QuantizeError) as e:
         raise TaskError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     except OSError as e:
         raise TaskError(f"{e.filename}: {e.strerror or e}" if e.filename else str(e)) from None
@@ -472,12 +514,88 @@ def _connect(ray, address: str | None, num_cpus: int | None, object_store_mb: in
         if address:
             ray.init(address=address, **kw)
         else:
-            ray.init(num_cpus=num_cpus or os.cpu_count() or 1,
-                     object_store_memory=(object_store_mb or 256) * 1024 * 1024, **kw)
+            with local_ray_settings():
+                ray.init(num_cpus=num_cpus or os.cpu_count() or 1,
+                         object_store_memory=(object_store_mb or 256) * 1024 * 1024,
+                         _node_ip_address="127.0.0.1", **kw)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise BatchError(f"--address {address}: cannot connect to a Ray cluster ({str(e).splitlines()[0]})"
                          if address else f"cannot start a local Ray instance ({str(e).splitlines()[0]})") from None
     return True
+
+
+# What a local Ray instance (no --address) is started with so that it talks to nobody but itself.  Ray's
+# defaults would make it look for the machine's outward address (a UDP socket "connected" to 8.8.8.8:53)
+# and start an API server whose usage-stats module asks the cloud metadata services (169.254.169.254,
+# after a DNS lookup of metadata.google.internal) which cloud it runs on, whether or not usage stats are
+# enabled.  The environment is inherited by every process ray.init starts (GCS, raylet, agents) and,
+# through the raylet, by every worker.
+LOCAL_RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # Ray's switch for a single-machine instance (the default on Windows and macOS): the node address is
+    # 127.0.0.1 instead of the address of the route to the internet.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+}
+
+
+def _usage_stats_explicitly_on() -> bool:
+    """True if the user turned Ray's usage stats on (environment or ~/.ray/config.json)."""
+    if os.environ.get("RAY_USAGE_STATS_ENABLED") == "1":
+        return True
+    try:
+        from ray._common.usage import usage_lib
+
+        return usage_lib._usage_stats_enabledness() is usage_lib.UsageStatsEnabledness.ENABLED_EXPLICITLY
+    except Exception:       # noqa: BLE001 - another Ray layout: only the environment counts
+        return False
+
+
+@contextlib.contextmanager
+def local_ray_settings():
+    """Around ray.init of a local instance: the settings of LOCAL_RAY_ENV, and no API server process.
+
+    A variable the user set is left as it is; a user who turned usage stats on also keeps the API server
+    (it is the process that reports them).  Everything is undone on exit: processes started inside keep
+    what they inherited, the calling process gets its own environment back.
+    """
+    saved = {k: os.environ.get(k) for k in LOCAL_RAY_ENV}
+    patches = []                      # (object, attribute, original value)
+    try:
+        usage_on = _usage_stats_explicitly_on()
+        for key, value in LOCAL_RAY_ENV.items():
+            if key in os.environ or (key == "RAY_USAGE_STATS_ENABLED" and usage_on):
+                continue
+            os.environ[key] = value
+            if key == "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER":
+                # ray read this variable when it was imported; the driver needs the value now too.
+                with contextlib.suppress(ImportError):
+                    from ray._private import ray_constants
+
+                    if hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
+                        patches.append((ray_constants, "ENABLE_RAY_CLUSTER", ray_constants.ENABLE_RAY_CLUSTER))
+                        ray_constants.ENABLE_RAY_CLUSTER = False
+        if not usage_on:
+            # With include_dashboard=False the API server runs only the usage-stats module (and that one
+            # probes the clouds at start); Ray's own path for an API server that failed to start is taken.
+            with contextlib.suppress(ImportError):
+                from ray._private import services
+
+                if hasattr(services, "start_api_server"):
+                    patches.append((services, "start_api_server", services.start_api_server))
+                    services.start_api_server = _no_api_server
+        yield
+    finally:
+        for obj, attr, value in reversed(patches):
+            setattr(obj, attr, value)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _no_api_server(*args, **kwargs):
+    return "", None           # (dashboard URL, process): no URL, no process
 
 
 def _probe(address: str, timeout: float = 10.0) -> None:
@@ -648,7 +766,7 @@ def _print_table(summary: dict) -> None:
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
                help="Convert the models of SPEC (TOML) to every bpw target, as Ray tasks.\n\n"
                     "Finished outputs are skipped; rerunning the same command resumes the batch. "
-                    "Exit status 1 if a task failed, 2 for a bad spec or no Ray.")
+                    "Exit status 1 if a task failed, 2 for a bad spec, a bad model folder (--dry-run) or no Ray.")
 @click.argument("spec_file", metavar="SPEC.toml", type=click.Path())
 @click.option("--address", default=None,
               help="Ray cluster to use ('auto', or HEAD_IP:6379). Default: start a local Ray instance.")
@@ -656,7 +774,8 @@ def _print_table(summary: dict) -> None:
               help="CPUs of the local Ray instance (without --address). Default: all.")
 @click.option("--object-store-mb", type=int, default=256, show_default=True,
               help="Object store of the local Ray instance (tasks exchange only paths).")
-@click.option("--dry-run", is_flag=True, help="Validate the spec and print the plan; run nothing.")
+@click.option("--dry-run", is_flag=True,
+              help="Validate the spec and the model folders, print the plan; run nothing.")
 @click.option("--status-json", is_flag=True,
               help="Print one JSON object per task state change, then a summary object.")
 def main(spec_file, address, num_cpus, object_store_mb, dry_run, status_json):
@@ -665,7 +784,15 @@ def main(spec_file, address, num_cpus, object_store_mb, dry_run, status_json):
     except SpecError as e:
         _fail(str(e))
     if dry_run:
-        for t in plan(spec):
+        tasks = plan(spec)
+        todo = {t.model for t in tasks if not is_complete(t)}
+        # A model whose every output is finished is not read again: its folder may be gone.
+        bad = [(m.name, why) for m in spec.models if m.name in todo and (why := model_problem(m.path))]
+        for name, why in bad:
+            click.echo(f"error: {spec_file}: [[model]] {name!r}: {why}", err=True)
+        if bad:
+            sys.exit(2)
+        for t in tasks:
             state = "done" if is_complete(t) else "todo"
             after = f"  (after {t.deps[0]})" if t.deps else ""
             click.echo(f"{state}  {t.id:<32} -> {t.output}{after}")

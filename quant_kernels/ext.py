@@ -14,9 +14,17 @@ Environment:
 ``EXL2_EXT_VERBOSE=1`` show the compiler's output.
 
 The first CPU build takes about 30 s on two cores (10 translation units, built in parallel by ninja).
+
+Processes that start at the same time (Ray workers, parallel test runs) take turns on a build folder
+through ``<build>/exl2-build.lock``, an ``flock`` the kernel drops when its holder exits however it exits,
+so a killed build cannot leave it behind.  torch's own lock (``<build>/lock``) is only a file, and a build
+killed inside ``cpp_extension.load`` leaves it, after which torch waits for it forever without a word; the
+holder of our lock deletes a leftover one.  A process that has to wait says on stderr which process it
+waits for, and again every ``WAIT_REPORT_S`` seconds.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -30,6 +38,11 @@ import time
 
 import torch
 
+try:
+    import fcntl
+except ImportError:          # not POSIX: no inter-process lock, torch's alone
+    fcntl = None
+
 log = logging.getLogger("exl2.quant_kernels.ext")
 
 CSRC = pathlib.Path(__file__).resolve().parent / "csrc"
@@ -37,6 +50,11 @@ CPU_SOURCES = ["bind.cpp", "cpu/layer_cpu.cpp", "cpu/gptq_cpu.cpp", "cpu/kv_cpu.
 CUDA_SOURCES = ["bind_cuda.cpp", "cuda/gptq.cu", "cuda/kv.cu"] + [f"cuda/bits_{b}.cu" for b in (2, 3, 4, 5, 6, 8)]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
 CUDA_FLAGS = ["-O3", "-std=c++17"]
+
+LOCK_NAME = "exl2-build.lock"     # our lock, in the build folder
+TORCH_LOCK_NAME = "lock"          # torch.utils.cpp_extension's (torch.utils.file_baton.FileBaton)
+WAIT_FIRST_REPORT_S = 2.0         # a short wait (another process loading a finished build) says nothing
+WAIT_REPORT_S = 30.0
 
 _lock = threading.Lock()
 _module = None
@@ -102,6 +120,75 @@ def build_dir(cuda: bool) -> pathlib.Path:
     return pathlib.Path(root) / cache_key(cuda)
 
 
+def _say(msg: str) -> None:
+    log.info(msg)
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _owner(fd: int) -> str:
+    """Who holds (or last held) the lock, as its holder wrote it: "process PID on HOST"."""
+    try:
+        text = os.pread(fd, 200, 0).decode(errors="replace").split()
+    except OSError:
+        text = []
+    if len(text) >= 2 and text[0].isdigit():
+        return f"process {text[0]} on {text[1]}"
+    return "another process"
+
+
+@contextlib.contextmanager
+def build_lock(bdir: pathlib.Path):
+    """Exclusive use of the build folder BDIR by this process, for building and loading the extension.
+
+    Waits (saying so) while another process holds it.  Once held, no other process of ours is inside
+    torch's ``cpp_extension.load`` for this folder, so a torch lock file found there was left by a killed
+    build and is removed.
+    """
+    fd = None
+    try:
+        if fcntl is not None:
+            try:
+                fd = os.open(bdir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+                _acquire(fd, bdir)
+            except OSError as e:   # read-only folder, a file system without flock: torch's lock alone
+                log.warning("exl2: no build lock in %s (%s)", bdir, e)
+                if fd is not None:
+                    os.close(fd)
+                    fd = None
+        if fd is not None:
+            last = _owner(fd)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {platform.node() or '?'}\n".encode(), 0)
+            stale = bdir / TORCH_LOCK_NAME
+            if stale.exists():
+                with contextlib.suppress(FileNotFoundError):
+                    stale.unlink()
+                _say(f"exl2: removed {stale}, a lock left by an interrupted build of the native kernels "
+                     f"(the last process to use this folder: {last})")
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)           # releases the flock
+
+
+def _acquire(fd: int, bdir: pathlib.Path) -> None:
+    """flock(LOCK_EX) on fd, polling, with a line on stderr after WAIT_FIRST_REPORT_S and every WAIT_REPORT_S."""
+    t0 = time.monotonic()
+    report_at = WAIT_FIRST_REPORT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        waited = time.monotonic() - t0
+        if waited >= report_at:
+            _say(f"exl2: waiting for {_owner(fd)}, which is building the native kernels in {bdir} "
+                 f"(waited {waited:.0f} s; it holds {bdir / LOCK_NAME})")
+            report_at = waited + WAIT_REPORT_S
+        time.sleep(0.2)
+
+
 def _build():
     from torch.utils import cpp_extension
 
@@ -113,23 +200,23 @@ def _build():
     if cuda and os.environ.get("EXL2_CUDA_ARCHS"):
         archs = [a.strip() for a in os.environ["EXL2_CUDA_ARCHS"].split(";") if a.strip()]
         os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(_torch_arch(a) for a in archs)
-    fresh = not any(bdir.glob(f"{name}*.so"))
-    if fresh:
-        msg = f"exl2: compiling the native kernels ({'CPU+CUDA' if cuda else 'CPU'}) into {bdir}; first use only, about 30 s"
-        log.info(msg)
-        print(msg, file=sys.stderr, flush=True)
-    t0 = time.time()
-    mod = cpp_extension.load(
-        name=name,
-        sources=[str(p) for p in sources(cuda)],
-        extra_cflags=cflags,
-        extra_cuda_cflags=CUDA_FLAGS + ["-DEXL2_WITH_CUDA"],
-        extra_ldflags=["-fopenmp"],
-        extra_include_paths=[str(CSRC)],
-        build_directory=str(bdir),
-        with_cuda=cuda,
-        verbose=os.environ.get("EXL2_EXT_VERBOSE", "") not in ("", "0"),
-    )
+    with build_lock(bdir):
+        fresh = not any(bdir.glob(f"{name}*.so"))     # looked at under the lock: a build we waited for counts
+        if fresh:
+            _say(f"exl2: compiling the native kernels ({'CPU+CUDA' if cuda else 'CPU'}) into {bdir}; "
+                 "first use only, about 30 s")
+        t0 = time.time()
+        mod = cpp_extension.load(
+            name=name,
+            sources=[str(p) for p in sources(cuda)],
+            extra_cflags=cflags,
+            extra_cuda_cflags=CUDA_FLAGS + ["-DEXL2_WITH_CUDA"],
+            extra_ldflags=["-fopenmp"],
+            extra_include_paths=[str(CSRC)],
+            build_directory=str(bdir),
+            with_cuda=cuda,
+            verbose=os.environ.get("EXL2_EXT_VERBOSE", "") not in ("", "0"),
+        )
     if fresh:
         log.info("exl2: native kernels built in %.0f s", time.time() - t0)
     return mod

@@ -217,13 +217,60 @@ def test_unreachable_address_fails_fast(tmp_path):
     assert r.output.startswith("error: --address 127.0.0.1:1: no Ray head node answers there")
 
 
+def fake_model(path: Path, *, files=("config.json", "tokenizer.json", "model.safetensors")) -> Path:
+    """A folder that has a model's file names (empty files: --dry-run looks at names only)."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        (path / name).write_text("{}")
+    return path
+
+
 def test_dry_run_prints_the_plan(tmp_path):
+    fake_model(tmp_path / "a")
     f = write_spec(tmp_path / "s.toml", "out", [{"path": "a"}], defaults={"bpw": [4.0]})
     r = CliRunner().invoke(batch.main, [str(f), "--dry-run"])
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
     assert lines[0].split()[:2] == ["todo", "a/measure"]
     assert lines[1].split()[:2] == ["todo", "a/4bpw"] and "(after a/measure)" in lines[1]
+
+
+def test_dry_run_checks_model_folders(tmp_path):
+    """One `error:` line per unusable model folder, exit 2, no plan; finished models are not looked at."""
+    fake_model(tmp_path / "good")
+    (tmp_path / "file").write_text("not a folder")
+    fake_model(tmp_path / "notok", files=("config.json",))
+    fake_model(tmp_path / "pickled", files=("config.json", "tokenizer.json", "pytorch_model.bin"))
+    sharded = fake_model(tmp_path / "sharded",
+                         files=("config.json", "tokenizer.json", "model-00001-of-00002.safetensors"))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    models = [{"path": n} for n in ("good", "missing", "file", "notok", "pickled", "sharded")]
+    models.append({"path": "gone", "bpw": [4.0]})                  # its outputs are finished: not read again
+    f = write_spec(tmp_path / "s.toml", str(tmp_path / "out"), models, defaults={"bpw": [3.0]})
+    _fake_outputs([t for t in plan(load_spec(f)) if t.model == "gone"])
+    r = CliRunner().invoke(batch.main, [str(f), "--dry-run"])
+    assert r.exit_code == 2
+    assert r.stdout == ""                                          # no plan when a model cannot run
+    assert r.stderr.splitlines() == [
+        f"error: {f}: [[model]] 'missing': {tmp_path / 'missing'}: not found",
+        f"error: {f}: [[model]] 'file': {tmp_path / 'file'}: not a directory (a model folder holds config.json, "
+        "tokenizer.json and *.safetensors)",
+        f"error: {f}: [[model]] 'notok': {tmp_path / 'notok'}: no tokenizer.json, no *.safetensors",
+        f"error: {f}: [[model]] 'pickled': {tmp_path / 'pickled'}: no *.safetensors (only pickle checkpoints: "
+        "pytorch_model.bin)",
+        f"error: {f}: [[model]] 'sharded': {sharded / 'model.safetensors.index.json'}: lists "
+        "model-00002-of-00002.safetensors, which does not exist"]
+    # fixed: the plan, with the finished model marked done
+    for name in ("missing", "notok", "pickled"):
+        fake_model(tmp_path / name)
+    (tmp_path / "file").unlink()
+    fake_model(tmp_path / "file")
+    (sharded / "model-00002-of-00002.safetensors").write_text("{}")
+    r = CliRunner().invoke(batch.main, [str(f), "--dry-run"])
+    assert r.exit_code == 0 and r.stderr == "", r.output
+    assert [line.split()[:2] for line in r.stdout.splitlines() if "gone/" in line] == [
+        ["done", "gone/measure"], ["done", "gone/4bpw"]]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -336,7 +383,7 @@ def test_killed_worker_is_retried_and_resumes(first_run, cluster):
     # The retry found the first attempt's work: strategy done, one layer quantized, not yet finished.
     stages = retry["resume"]["finished_stages"]
     assert "optimize:3.00" in stages and "quant:3.00" not in stages
-    assert retry["resume"]["bpw-3.00/quant.progress.json"] == {"next_layer": 1}
+    assert retry["resume"]["bpw-3.00/quant.checkpoint.safetensors"] == {"next_layer": 1}
     assert by_task(summary)[KILLED]["state"] == "finished"
     # And the converter did resume: layer 0's packed tensors are the first attempt's (written before the
     # kill), layer 1's were written by the retry.
@@ -403,3 +450,178 @@ def test_worker_death_without_retries_fails_that_model(cluster, models, tmp_path
     assert err.startswith("WorkerCrashedError: ") and err.endswith("(after 0 retries; rerun to resume)")
     assert "\n" not in err, err
     assert recs["doomed/4bpw"]["state"] == "skipped" and recs["doomed/4bpw"]["reason"].startswith("doomed/measure failed")
+
+
+# ------------------------------------------------------------------------------------------------
+# A local Ray instance talks to nobody else
+# ------------------------------------------------------------------------------------------------
+
+def test_local_ray_settings_leave_user_settings_alone(monkeypatch, tmp_path):
+    """The settings applied around ray.init of a local instance, what a user set explicitly, and the undo."""
+    pytest.importorskip("ray")
+    from ray._private import ray_constants, services
+
+    monkeypatch.setenv("RAY_USAGE_STATS_CONFIG_PATH", str(tmp_path / "absent.json"))
+    for key in batch.LOCAL_RAY_ENV:
+        monkeypatch.delenv(key, raising=False)
+    api_server, cluster_flag = services.start_api_server, ray_constants.ENABLE_RAY_CLUSTER
+    with batch.local_ray_settings():
+        assert {k: os.environ.get(k) for k in batch.LOCAL_RAY_ENV} == {
+            "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        assert ray_constants.ENABLE_RAY_CLUSTER is False
+        assert services.start_api_server(None, False, "127.0.0.1", "", "", "", "", "", "") == ("", None)
+    assert not any(k in os.environ for k in batch.LOCAL_RAY_ENV)
+    assert services.start_api_server is api_server and ray_constants.ENABLE_RAY_CLUSTER == cluster_flag
+
+    # Set by the user: kept, and usage stats on keep Ray's API server (the process that reports them).
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "1")
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")
+    with batch.local_ray_settings():
+        assert (os.environ["RAY_USAGE_STATS_ENABLED"], os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]) == ("1", "1")
+        assert services.start_api_server is api_server and ray_constants.ENABLE_RAY_CLUSTER == cluster_flag
+
+    # Usage stats turned on in Ray's config file (`ray enable-usage-stats`) count as explicit too.
+    for key in batch.LOCAL_RAY_ENV:
+        monkeypatch.delenv(key)
+    (tmp_path / "config.json").write_text('{"usage_stats": true}')
+    monkeypatch.setenv("RAY_USAGE_STATS_CONFIG_PATH", str(tmp_path / "config.json"))
+    with batch.local_ray_settings():
+        assert "RAY_USAGE_STATS_ENABLED" not in os.environ and services.start_api_server is api_server
+        assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+
+
+# Installed as sitecustomize (through PYTHONPATH) in every Python process of the watched run: Ray passes the
+# environment on to everything it starts.  It logs socket connects/sends to IP addresses and name lookups.
+AUDIT_SITECUSTOMIZE = '''
+import os
+import sys
+
+
+def _exl2_program():
+    argv = list(getattr(sys, "orig_argv", None) or [sys.executable] + sys.argv)     # the interpreter first
+    for i, a in enumerate(argv[1:], 1):
+        if a == "-m" and i + 1 < len(argv):
+            return argv[i + 1]                                    # python -m MODULE
+        if a == "-c" or not a.startswith("-"):
+            return os.path.basename(a)                            # python [options] SCRIPT
+    return os.path.basename(argv[0]) if argv else ""
+
+
+def _exl2_net_audit(event, args, _log=os.environ.get("EXL2_NET_AUDIT_LOG")):
+    if not _log or not event.startswith("socket."):
+        return
+    if event in ("socket.connect", "socket.sendto", "socket.sendmsg"):
+        if args[0].family not in (2, 10) or not isinstance(args[1], tuple):     # AF_INET, AF_INET6
+            return
+        host, port = args[1][0], args[1][1]
+    elif event == "socket.getaddrinfo":
+        host, port = args[0], args[1]
+    elif event in ("socket.gethostbyname", "socket.gethostbyname_ex", "socket.gethostbyaddr"):
+        host, port = args[0], None
+    else:
+        return
+    host = host.decode() if isinstance(host, bytes) else str(host)
+    with open(_log, "a") as f:
+        f.write(f"{os.getpid()}\\t{event}\\t{host}\\t{port}\\t{_exl2_program()}\\n")
+
+
+if os.environ.get("EXL2_NET_AUDIT_LOG"):
+    with open(os.environ["EXL2_NET_AUDIT_LOG"], "a") as f:      # this process is watched
+        f.write(f"{os.getpid()}\\tstart\\t\\t\\t{_exl2_program()}\\n")
+    sys.addaudithook(_exl2_net_audit)
+'''
+
+
+def _is_local(host: str) -> bool:
+    import ipaddress
+
+    if host in ("localhost", "", "None"):
+        return True
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False                                     # a name: resolving it may ask a DNS server
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    return ip.is_loopback
+
+
+def _strace_usable() -> str | None:
+    """Why strace cannot watch a run here (None if it can)."""
+    exe = shutil.which("strace")
+    if exe is None:
+        return "strace is not installed (apt-get install strace); the Python-level audit still ran"
+    p = subprocess.run([exe, "-f", "-qq", "-o", os.devnull, "true"], capture_output=True, text=True)
+    if p.returncode != 0:
+        return f"strace cannot trace here (ptrace not permitted?): {p.stderr.strip()[:200]}"
+    return None
+
+
+def _strace_events(trace: Path) -> list[tuple[str, str, int, str]]:
+    """(syscall, address, port, line) for every IPv4/IPv6 socket address in the trace."""
+    import re
+
+    call = re.compile(r"^\d+\s+(connect|sendto|sendmsg|sendmmsg|bind)\(")
+    addr = re.compile(r'sa_family=AF_INET6?, sin6?_port=htons\((\d+)\).*?'
+                      r'(?:inet_addr\("([^"]+)"\)|inet_pton\(AF_INET6, "([^"]+)")')
+    out = []
+    for line in trace.read_text(errors="replace").splitlines():
+        m = call.match(line)
+        if m:
+            for port, v4, v6 in addr.findall(line):
+                out.append((m.group(1), v4 or v6, int(port), line[:300]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def watched_local_batch(models, tmp_path_factory):
+    """`python -m exl2.convert.batch` without --address (a local Ray instance), one tiny model, one target:
+    every Python process audited; the whole process tree also under strace when strace works here."""
+    pytest.importorskip("ray")
+    root = tmp_path_factory.mktemp("watched")
+    (root / "site").mkdir()
+    (root / "site" / "sitecustomize.py").write_text(AUDIT_SITECUSTOMIZE)
+    spec = write_spec(root / "spec.toml", str(root / "out"), [{"path": str(models / "qwen"), "bpw": [4.0]}],
+                      defaults=SMALL)
+    env = {k: v for k, v in os.environ.items()
+           if k != "EXL2_BATCH_FAULT" and not k.startswith("RAY_")}     # a user's Ray settings are not ours to test
+    env.update(EXL2_NET_AUDIT_LOG=str(root / "audit.tsv"),
+               PYTHONPATH=os.pathsep.join([str(root / "site")] + [p for p in [env.get("PYTHONPATH")] if p]))
+    cmd = [sys.executable, "-m", "exl2.convert.batch", str(spec), "--num-cpus", "1", "--object-store-mb", "80",
+           "--status-json"]
+    why_not = _strace_usable()
+    trace = root / "strace.txt"
+    if why_not is None:
+        cmd = [shutil.which("strace"), "-f", "-qq", "-e", "trace=connect,sendto,sendmsg,sendmmsg,bind",
+               "-o", str(trace)] + cmd
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout.splitlines()[-1]) == {"state": "done", "succeeded": 2, "skipped": 0, "failed": 0}
+    return root / "audit.tsv", (trace if why_not is None else why_not)
+
+
+def test_local_batch_python_sockets_stay_on_loopback(watched_local_batch):
+    """Python-level audit (runs wherever Ray does): no Python code of the driver, the Ray agents, the
+    API server or the workers connects to, sends to, or looks up a name or address other than loopback.
+    It sees what Python's socket module does (the cloud-metadata probe is Python: requests), not what
+    the C++ parts (GCS, raylet, gRPC, the node-address probe in _raylet.so) do: see the strace test."""
+    audit, _ = watched_local_batch
+    rows = [line.split("\t") for line in audit.read_text().splitlines()]
+    watched = {r[4] for r in rows if r[1] == "start"}
+    assert {"exl2.convert.batch", "default_worker.py", "agent.py", "main.py"} <= watched, watched  # driver, workers, agents
+    outside = [r for r in rows if r[1] != "start" and not _is_local(r[2])]
+    assert outside == [], outside
+
+
+def test_local_batch_opens_no_outside_connection(watched_local_batch):
+    """strace -f over the whole run (driver, GCS, raylet, agents, workers, compilers if any): every
+    connect/sendto/sendmsg/sendmmsg to an IPv4/IPv6 address goes to loopback, nothing goes to a DNS port
+    (53, even on loopback), and every bind is on loopback.  It sees system calls of the processes this
+    run starts, not what an already running Ray cluster or another machine does; and only the code
+    paths of this run (CPU tasks; no TPU host, no --address)."""
+    _, trace = watched_local_batch
+    if isinstance(trace, str):
+        pytest.skip(trace)
+    events = _strace_events(trace)
+    assert any(call == "connect" for call, *_ in events)                 # the trace did see Ray's own traffic
+    bad = [e for e in events if not _is_local(e[1]) or e[2] == 53]
+    assert bad == [], "\n".join(e[3] for e in bad[:20])
