@@ -99,6 +99,9 @@ def test_memory_limit(problem):
 
 
 def test_os_system_cannot_create_a_file_outside_the_sandbox(problem, tmp_path):
+    rep = he.sandbox_report()
+    if not (rep["readonly"] or rep["separate_uid"]):
+        pytest.skip(f"neither a read-only file system nor a uid of its own for the sample here: {rep['degraded']}")
     target = tmp_path / "touched"
     code = f"    import os\n    os.system('touch {target}')\n    open({str(target)!r} + '2', 'w').write('x')\n"
     r = he.run_sample(problem, code)
