@@ -282,6 +282,10 @@ def _parse_rope(r: _Reader, arch: Arch, max_pos: int) -> tuple[float, dict | Non
         if d.get(key) is not None and not isinstance(d[key], dict):
             raise ConfigError(f"{where}: {key} must be an object, found {type(d[key]).__name__}")
     src = rope_source(d)
+    nested = [k for k, v in src.items() if isinstance(v, dict)]
+    if nested:      # transformers 5 nests RoPE settings by layer type for models that mix them (Gemma 3)
+        raise ConfigError(f"{where}: RoPE settings per layer type ({', '.join(nested)}) are not supported for "
+                          f"{arch.name}")
     if "rope_theta" in src and src["rope_theta"] is not None:
         theta = r.float("rope_theta", source=src)
     else:

@@ -80,6 +80,8 @@ BAD_CONFIGS = [
     ({"num_hidden_layers": 3}, "model.layers.1"),
     ({"architectures": "Qwen2ForCausalLM", "rope_scaling": [1, 2]}, "rope_scaling"),
     ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}, "per layer type"),
     ({"eos_token_id": [1, "2"]}, "eos_token_id"),
     ({"bos_token_id": 100000}, "bos_token_id"),
     ({"tie_word_embeddings": "yes"}, "tie_word_embeddings"),
