@@ -75,6 +75,7 @@ class ConvertOptions:
     norm: float | None = None             # allocation: one fixed norm p, or None for ExLlamaV2's min-max sweep
     asym: float | None = None             # asymmetric calibration's alpha (0: off, GPTQ as ExLlamaV2 runs it;
                                           # None: auto_asym of the quantization tokens)
+    plan_check: bool = True               # refuse a job the plan predicts will not fit this machine
 
 
 # Parameters whose change invalidates finished work, by what they invalidate.
@@ -193,6 +194,7 @@ class Job:
         self.work = Path(opts.work_dir)
         self.job_file = self.work / "job.json"
         self.asym = auto_asym(opts.rows, opts.length) if opts.asym is None else opts.asym
+        self.peaks: dict[str, dict] = {}
 
     # -- set-up -----------------------------------------------------------------------------------
 
@@ -309,6 +311,47 @@ class Job:
         return (any(s.startswith("quant:") for s in done)
                 or any(checkpoint_path(d, "quant").exists() for d in self.work.glob("bpw-*")))
 
+    def make_plan(self):
+        from .plan import make_plan
+
+        o = self.o
+        return make_plan(self.in_dir, bits=[] if o.measure_only else o.bits, head_bits=o.head_bits, rows=o.rows,
+                         length=o.length, measurement_rows=o.measurement_rows,
+                         measurement_length=o.measurement_length, tables=o.tables, asym=self.asym, device=o.device,
+                         measure=o.measurement is None, validation_rows=o.validation_rows if o.validate else 0,
+                         validation_length=min(o.length, 512), work_dir=self.work,
+                         out_dir=o.compile_dir)
+
+    def _check_plan(self) -> None:
+        """Print the plan; refuse, before any work, a target the tables cannot reach, and (unless plan_check is
+        off) a job the plan predicts will not fit this machine's memory or disk."""
+        from .plan import format_plan
+
+        self.plan = self.make_plan()
+        self.status({"stage": "plan", "message": format_plan(self.plan), **self.plan.to_dict()})
+        for problem in self.plan.problems:
+            certain = problem.startswith("--bits")
+            if certain or self.o.plan_check:
+                hint = "" if certain else "; use fewer rows (-r/-mr) or --no-plan-check to try anyway"
+                raise ConvertError(f"the plan says this does not fit: {problem}{hint}")
+
+    def _peak(self, stage: str):
+        """Measure a stage's peak memory; reported with the plan's prediction beside it."""
+        from exl2.runtime.memory import PeakMemory
+
+        job = self
+
+        class _Stage(PeakMemory):
+            def __exit__(self, *exc):
+                super().__exit__(*exc)
+                if exc[0] is None:
+                    key = stage.split(":")[0]
+                    est = job.plan.ram.get(key) if getattr(job, "plan", None) else None
+                    job.peaks[stage] = {**self.as_dict(), "predicted_bytes": est.bytes if est else None}
+                    job.status({"stage": "memory", "of": stage, **job.peaks[stage]})
+
+        return _Stage()
+
     def _check_weights(self) -> list:
         """Every weight finite (each tensor read once); skipped when an earlier run of this job checked the same
         files (names, sizes and times, kept in job.json).  Returns that file list."""
@@ -381,9 +424,10 @@ class Job:
                     "length": int(rows.input_ids.shape[1]),
                     "calibration": "(default)" if not o.cal_dataset else Path(o.cal_dataset).name,
                     "tables": o.tables}
-            data = run_measurement(self.in_dir, rows.input_ids, self.work / "measure", device=o.device,
-                                   provenance=prov, status=self.status, progress=self._progress("measure"),
-                                   modules=module_specs(o.tables))
+            with self._peak("measure"):
+                data = run_measurement(self.in_dir, rows.input_ids, self.work / "measure", device=o.device,
+                                       provenance=prov, status=self.status, progress=self._progress("measure"),
+                                       modules=module_specs(o.tables))
             shutil.copyfile(self.work / "measure" / "measurement.json", self.work / "measurement.json")
             self._finish("measure")
         text = json.dumps(data, indent=4)
@@ -433,10 +477,11 @@ class Job:
         self.status({"stage": "optimize", "bpw_target": bpw, "bpw": strat["bpw"]})
         if not self._done(f"quant:{tag}"):
             rows = self._rows("quant")
-            report = qpass.run_quantization(self.in_dir, rows.input_ids, strat["strategy"], o.head_bits, tdir,
-                                            device=o.device, status=self.status,
-                                            progress=self._progress(f"quantize {bpw} bpw"),
-                                            ppl_rows=min(4, rows.input_ids.shape[0]), asym=self.asym)
+            with self._peak(f"quantize:{tag}"):
+                report = qpass.run_quantization(self.in_dir, rows.input_ids, strat["strategy"], o.head_bits, tdir,
+                                                device=o.device, status=self.status,
+                                                progress=self._progress(f"quantize {bpw} bpw"),
+                                                ppl_rows=min(4, rows.input_ids.shape[0]), asym=self.asym)
             _write_json(tdir / "quant_report.json", report)
             self._finish(f"quant:{tag}")
         report = json.loads((tdir / "quant_report.json").read_text())
@@ -462,7 +507,9 @@ class Job:
                 rows = self._rows("quant")
                 vrows = val.held_out_rows(self.in_dir / "tokenizer.json", rows.input_ids, o.validation_rows,
                                           min(o.length, 512), self.cfg.bos_token_id, self.cfg.vocab_size)
-                v = val.compare(self.in_dir, out, vrows, device=o.device)
+                with self._peak(f"validate:{tag}"):
+                    v = val.compare(self.in_dir, out, vrows, device=o.device,
+                                    progress=self._progress(f"validate {bpw} bpw"))
                 val.write(vfile, v)
             result["validation"] = json.loads(vfile.read_text())
             self.status({"stage": "validate", "bpw_target": bpw, **result["validation"]})
@@ -498,12 +545,14 @@ class Job:
             raise ConvertError(str(e) if str(self.in_dir) in str(e) else f"{self.in_dir / 'config.json'}: {e}") from None
         self.parts = ModelParts(self.in_dir, device=self.o.device)      # checks every tensor's shape
         self._check_folders()
+        self._check_plan()
         finite = self._check_weights()      # before the job folder is made: a refused checkpoint leaves nothing
         self._load_job()
         self.job["weights_finite"] = finite
         self._save()
         data = self.measure()
-        results = {"work_dir": str(self.work), "measurement": str(self.work / "measurement.json"), "targets": []}
+        results = {"work_dir": str(self.work), "measurement": str(self.work / "measurement.json"), "targets": [],
+                   "memory": self.peaks}
         if self.o.measure_only:
             return results
         for bpw in self.o.bits:

@@ -79,10 +79,12 @@ directory -o holds the job; rerunning the same command resumes it."""
 @click.option("--norm", type=click.FloatRange(1.0, 4.0), default=None, help="Allocate by minimising the sum of module errors to this power (2: squared errors). Default: ExLlamaV2's sweep of norms 1.5-3.5, keeping the one with the smallest maximum module error.")
 @click.option("--asym", default="auto", show_default=True, callback=_asym, metavar="ALPHA|auto", help="Asymmetric calibration: GPTQ toward the full-precision model's output instead of the output of the layer's own, already perturbed inputs, the correction scaled by ALPHA (0: off, GPTQ as ExLlamaV2 runs it). auto: 1 with at least 50,000 quantization tokens (-r x -l; the defaults give 204,800), else 0.25. With 100 x 512 tokens (alpha 1) it lowered KL divergence at 4.0 bpw on SmolLM2-135M by 20-29 % (BENCHMARKS.md). Costs one more copy of the calibration states and extra forward passes.")
 @click.option("--no-validate", is_flag=True, help="Skip the perplexity/KL check of the written model.")
+@click.option("--plan", "plan_only", is_flag=True, help="Print the plan (reachable bpw, memory and disk per stage, model and KV-cache sizes) from config.json and the tensor headers, and exit: status 0 if it fits this machine, 2 if not.")
+@click.option("--no-plan-check", is_flag=True, help="Run even where the plan predicts that memory or disk will not suffice.")
 @click.option("--status-json", is_flag=True, help="Print one JSON object per line for batch systems (no progress bars).")
 def convert_main(in_dir, out_dir, compile_full, bits, head_bits, measurement, output_measurement, cal_dataset, rows,
                  length, measurement_rows, measurement_length, shard_size, fresh, force_measurement, device, seed,
-                 tables, norm, asym, no_validate, status_json):
+                 tables, norm, asym, no_validate, plan_only, no_plan_check, status_json):
     from exl2.convert.api import ConvertOptions, convert
 
     opts = ConvertOptions(in_dir=in_dir, work_dir=out_dir, bits=bits, head_bits=int(head_bits),
@@ -91,7 +93,10 @@ def convert_main(in_dir, out_dir, compile_full, bits, head_bits, measurement, ou
                           shard_mib=shard_size, measurement=measurement, force_measurement=force_measurement,
                           measure_only=output_measurement is not None, output_measurement=output_measurement,
                           fresh=fresh, device=device, seed=seed, validate=not no_validate, tables=tables, norm=norm,
-                          asym=asym)
+                          asym=asym, plan_check=not no_plan_check)
+    if plan_only:
+        _print_plan(opts, status_json)
+        return
     if device == "cuda":
         import torch
 
@@ -105,8 +110,22 @@ def convert_main(in_dir, out_dir, compile_full, bits, head_bits, measurement, ou
         _print_summary(result)
 
 
+def _print_plan(opts, as_json: bool) -> None:
+    from exl2.convert.api import Job
+    from exl2.convert.plan import format_plan
+
+    def plan():
+        job = Job(opts)
+        job._check_inputs()
+        return job.make_plan()
+
+    p = _run(plan)
+    click.echo(json.dumps({"stage": "plan", **p.to_dict()}, default=str) if as_json else format_plan(p))
+    sys.exit(2 if p.problems else 0)
+
+
 def _log_status(d: dict) -> None:
-    if d.get("stage") == "preflight" or (d.get("stage") == "quant" and d.get("module") == "lm_head"):
+    if d.get("stage") in ("preflight", "plan") or (d.get("stage") == "quant" and d.get("module") == "lm_head"):
         click.echo(d.get("message") or f"head: {d.get('option')} (calibration perplexity {d['calibration_ppl']:.3f})",
                    err=True)
     elif d.get("stage") == "optimize":

@@ -3,6 +3,11 @@
 Perplexity of both models and the KL divergence of the EXL2 model's next-token distribution from the
 source's, on calibration-style rows the quantizer never saw (:func:`held_out_rows`); then a cache check:
 the EXL2 model decoding token by token with each KV cache mode, to recommend one (:func:`recommend_cache`).
+
+Any size: the FP16 source is never loaded whole. It runs one decoder layer at a time over the held-out rows
+and the cache check's rows together (runtime/stream.py), keeping only the rows' final states and its head.
+The EXL2 model is loaded whole when it fits in free memory (the cache check needs it so); when it does not,
+its full-mode scoring is streamed the same way and the cache check is skipped, saying why.
 """
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ import torch
 from exl2.calibration import default_rows
 from exl2.runtime.cache import bytes_per_token
 from exl2.runtime.evaluate import EvalConfig, evaluate_rows
-from exl2.runtime.loader import load_model
+from exl2.runtime.loader import ModelParts, load_model
+from exl2.runtime.stream import STREAM_CHOICES, LayerProgress, fits, fmt_bytes, head_bytes, stream_forward
 
 CACHE_MODES = ("fp16", "q8", "q6", "q4")
 # A cache mode is recommended when the KL divergence it adds on top of the FP16 cache is at most this share
@@ -46,26 +52,49 @@ def held_out_rows(tokenizer_json: Path, used: torch.Tensor, n: int, length: int,
 
 
 def compare(fp_dir: str | Path, q_dir: str | Path, rows: torch.Tensor, device="cpu", *,
-            cache_rows: int = 1, cache_length: int = 256) -> dict:
+            cache_rows: int = 1, cache_length: int = 256, stream: str = "auto",
+            available: int | None = None, progress: LayerProgress | None = None) -> dict:
     """Perplexity of both models, KL(fp || quantized) per predicted token (mean, median, p99, quantiles) and
     top-1 agreement on ``rows``; then the cache check on the first ``cache_rows`` rows cut to
-    ``cache_length`` tokens (``cache_rows=0`` skips it)."""
-    fp = load_model(fp_dir, device=device)
-    q = load_model(q_dir, device=device)
-    full = evaluate_rows(q, rows, [EvalConfig("full")], ref_model=fp)[0]     # the FP16 model runs once per row
+    ``cache_length`` tokens (``cache_rows=0`` skips it).
+
+    The FP16 model is streamed (one decoder layer resident). ``stream`` decides the EXL2 model's full-mode
+    scoring: ``auto`` streams it only when it does not fit (``available``: free bytes, default measured),
+    ``always``/``never`` force it (``exl2_streamed`` is true when it was streamed); the cache check loads it
+    whole (skipped, with ``cache_skipped`` saying why, when ``auto`` found that it does not fit).
+    ``progress(layers done, layers)`` follows the streamed passes."""
+    if stream not in STREAM_CHOICES:
+        raise ValueError(f"stream mode {stream!r}: use one of {', '.join(STREAM_CHOICES)}")
+    fp_parts = ModelParts(fp_dir, device=device)
+    q_parts = ModelParts(q_dir, device=device)
+    crow = rows[:cache_rows, :cache_length]
+    sets = [rows] + ([crow] if cache_rows > 0 else [])
+    q_fits, q_bytes, avail = fits(q_parts, rows.shape[1], beside=head_bytes(fp_parts), available=available)
+    q_stream = stream == "always" or (stream == "auto" and not q_fits)
+    # the FP16 source: the held-out rows and the cache rows in one pass over its layers
+    ref_full, *ref_cache = stream_forward(fp_parts, sets, progress=progress)
+    del fp_parts
+    q = None if q_stream and (cache_rows == 0 or stream == "auto") else load_model(q_dir, device=device)
+    scored = stream_forward(q_parts, [rows], progress=progress)[0] if q_stream else q
+    full = evaluate_rows(scored, rows, [EvalConfig("full")], ref_model=ref_full)[0]
+    del scored, ref_full
     kl = torch.tensor(full.kld, dtype=torch.float64)
     out = {"rows": int(rows.shape[0]), "length": int(rows.shape[1]), "tokens": full.tokens,
            "ppl_fp16": full.ref_ppl, "ppl_exl2": full.ppl, "kld_mean": full.kld_mean,
            "kld_median": full.kld_median, "kld_p99": full.kld_p99, "top1_agreement": full.top1,
            "kld_quantiles": torch.quantile(kl, torch.linspace(0, 1, KLD_QUANTILES + 1, dtype=torch.float64)).tolist()}
-    if cache_rows > 0:
-        crow = rows[:cache_rows, :cache_length]
+    if q_stream:                  # absent when the EXL2 model was loaded whole, as before streaming existed
+        out["exl2_streamed"] = True
+    if cache_rows > 0 and q is None:
+        out["cache_skipped"] = (f"the EXL2 model needs about {fmt_bytes(q_bytes)} loaded whole and "
+                                f"{fmt_bytes(avail)} is free; the cache check decodes with it resident")
+    elif cache_rows > 0:
         out["cache"] = {}
         for m in CACHE_MODES:
             rec = {"bytes_per_token": bytes_per_token(q.cfg, m), "rows": int(crow.shape[0]),
                    "length": int(crow.shape[1])}
             try:
-                r = evaluate_rows(q, crow, [EvalConfig("cache", m, 1)], ref_model=fp)[0]
+                r = evaluate_rows(q, crow, [EvalConfig("cache", m, 1)], ref_model=ref_cache[0])[0]
                 rec.update(ppl=r.ppl, kld_mean=r.kld_mean, kld_p99=r.kld_p99, top1=r.top1)
             except ValueError as e:   # the mode cannot hold this model (head size, fp16 range): say so
                 rec["error"] = str(e)

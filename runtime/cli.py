@@ -133,6 +133,31 @@ def _load(model_dir: Path, device: str, flag: str = "MODEL_DIR"):
         raise UserError(f"{flag} {model_dir}: {e}") from None
 
 
+def _parts(model_dir: Path, device: str, flag: str = "MODEL_DIR"):
+    """The checkpoint's ModelParts (config and every tensor's header checked; nothing loaded yet)."""
+    from .loader import CheckpointError, ModelParts
+
+    try:
+        return ModelParts(model_dir, device=device)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        raise UserError(f"{flag} {model_dir}: {e}") from None
+
+
+def _stream(parts, rows, flag: str, progress: bool):
+    """rows through the checkpoint one decoder layer at a time (stream.stream_forward), with a progress bar."""
+    from tqdm import tqdm
+
+    from .loader import CheckpointError
+    from .stream import stream_forward
+
+    with tqdm(total=parts.cfg.num_layers, unit="layer", desc=f"{flag} streamed", disable=not progress or None,
+              file=sys.stderr) as bar:
+        try:
+            return stream_forward(parts, [rows], progress=lambda done, n: bar.update(1))[0]
+        except (CheckpointError, ValueError) as e:
+            raise UserError(f"{flag} {parts.dir}: {e}") from None
+
+
 # ---------------------------------------------------------------------------------------------- exl2-eval
 
 
@@ -156,6 +181,7 @@ class EvalArgs:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    stream: str = "auto"  # full-mode passes layer by layer: auto (when a model would not fit), always, never
 
 
 def run_eval(a: EvalArgs) -> list[dict]:
@@ -165,43 +191,91 @@ def run_eval(a: EvalArgs) -> list[dict]:
 
     Full mode involves no cache: one record with cache "none". Cache mode: one record per cache. HumanEval
     (which always generates through a cache) adds its numbers to the per-cache records, with mode None when
-    no cache-mode perplexity was asked for."""
+    no cache-mode perplexity was asked for.
+
+    Models larger than memory (``a.stream``, see stream.plan): the reference, and the model's full-mode
+    scoring, run one decoder layer at a time; cache mode and HumanEval need the model resident. Every record
+    also says how the model (``model_run``) and the reference (``ref_run``) ran, and the peak memory so far
+    (``peak_rss_bytes``; ``peak_cuda_bytes`` on CUDA)."""
     from tqdm import tqdm
 
     from exl2.calibration.rows import CalibrationError
 
     from .cache import bytes_per_token
     from .evaluate import EvalConfig, evaluate_rows, load_data_rows
+    from .loader import CheckpointError
+    from .stream import fmt_bytes, peak_memory
+    from .stream import plan as stream_plan
 
-    model = _load(a.model_dir, a.device)
+    parts = _parts(a.model_dir, a.device)
+    cfg = parts.cfg
+    needs_resident = a.humaneval or (a.data is not None and "cache" in a.modes)
+    model = None
     scores: dict[tuple[str, str], object] = {}
+    runs: dict[tuple[str, str], tuple[str, str | None]] = {}
     if a.data is not None:
         try:
             rows = load_data_rows(a.model_dir, a.data, a.rows, a.length, bos=a.bos, text_column=a.text_column)
         except (CalibrationError, ValueError) as e:
             raise UserError(f"--data {a.data}: {e}") from None
-        ref = _load(a.kld_ref, a.device, "--kld-ref") if a.kld_ref is not None else None
-        if ref is not None and ref.cfg.vocab_size != model.cfg.vocab_size:
-            raise UserError(f"--kld-ref {a.kld_ref}: vocabulary {ref.cfg.vocab_size} != the model's "
-                            f"{model.cfg.vocab_size}")
+        ref_parts = _parts(a.kld_ref, a.device, "--kld-ref") if a.kld_ref is not None else None
+        if ref_parts is not None and ref_parts.cfg.vocab_size != cfg.vocab_size:
+            raise UserError(f"--kld-ref {a.kld_ref}: vocabulary {ref_parts.cfg.vocab_size} != the model's "
+                            f"{cfg.vocab_size}")
+        try:
+            pl = stream_plan(parts, ref_parts, rows.shape[1], a.stream)
+        except (CheckpointError, ValueError) as e:     # a layer probed for its loaded size
+            raise UserError(str(e)) from None
+        if pl.mode == "auto" and pl.model and needs_resident:
+            what = "--humaneval" if a.humaneval else "--mode cache"
+            raise UserError(f"MODEL_DIR {a.model_dir}: needs about {fmt_bytes(pl.model_bytes)} loaded whole and "
+                            f"{fmt_bytes(pl.available)} is free; {what} needs the model loaded whole (full mode "
+                            f"streams it layer by layer: --mode full)")
+        if a.progress and (pl.model or pl.ref):
+            click.echo(pl.describe(), err=True)
+        # the reference first, before the model is loaded: a streamed one holds one layer at a time
+        ref = None
+        if ref_parts is not None:
+            ref = _stream(ref_parts, rows, "--kld-ref", a.progress) if pl.ref else _load(a.kld_ref, a.device,
+                                                                                          "--kld-ref")
+        del ref_parts
         keys = [("none", "full")] if "full" in a.modes else []
         keys += [(c, "cache") for c in a.caches] if "cache" in a.modes else []
         configs = [EvalConfig(mode, "fp16" if cache == "none" else cache, a.chunk) for cache, mode in keys]
+        ref_run = None if ref is None else ("streamed" if pl.ref else "resident")
+        # passes: (model, the keys it scores); a streamed model scores full mode, cache mode needs it resident
+        passes = []
+        if pl.model and ("none", "full") in keys:
+            passes.append((_stream(parts, rows, "MODEL_DIR", a.progress), [("none", "full")]))
+        rest = [k for k in keys if not (pl.model and k == ("none", "full"))]
+        if rest or needs_resident:
+            model = _load(a.model_dir, a.device)
+        if rest:
+            passes.append((model, rest))
         total = rows.shape[0] * (rows.shape[1] - 1) * len(configs)
         with tqdm(total=total, unit="tok", desc="perplexity", disable=not a.progress or None,
                   file=sys.stderr) as bar:
-            results = evaluate_rows(model, rows, configs, ref_model=ref, progress=bar.update)
-        scores = dict(zip(keys, results))
-        del ref
+            for m, ks in passes:
+                res = evaluate_rows(m, rows, [configs[keys.index(k)] for k in ks], ref_model=ref,
+                                    progress=bar.update)
+                run = "resident" if m is model else "streamed"
+                for k, r in zip(ks, res):
+                    scores[k], runs[k] = r, (run, ref_run)
+        del ref, passes
+    elif a.humaneval:
+        model = _load(a.model_dir, a.device)
     he = {}
     if a.humaneval:
         he = _humaneval(model, a)
+    peak = peak_memory(a.device)
     records = []
 
     def record(cache: str, mode: str | None) -> dict:
         rec = {"cache": cache, "mode": mode, "rows": a.rows if a.data else None,
                "length": a.length if a.data else None, "ppl": None}
         res = scores.get((cache, mode))
+        rec["model_run"], rec["ref_run"] = runs.get((cache, mode), ("resident" if model is not None else None,
+                                                                   None))
         if res is not None:
             rec["ppl"] = res.ppl
             rec["tokens"] = res.tokens
@@ -211,7 +285,8 @@ def run_eval(a: EvalArgs) -> list[dict]:
             r = he[cache]
             rec.update({"pass@1": r.pass_at(1), "pass@10": r.pass_at(10), "problems": r.problems,
                         "samples": r.samples})
-        rec["bytes_per_token"] = bytes_per_token(model.cfg, cache) if cache in CACHE_MODES else None
+        rec["bytes_per_token"] = bytes_per_token(cfg, cache) if cache in CACHE_MODES else None
+        rec.update(peak)
         return rec
 
     if a.data is not None and "full" in a.modes:
@@ -290,6 +365,11 @@ _CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
               help="Cache mode: tokens per forward pass (1 = token by token, as ExLlamaV2's -eq4/-eq8).")
 @click.option("--kld-ref", type=click.Path(), default=None,
               help="Reference model directory (e.g. the FP16 original): adds KL(ref || model) and top-1.")
+@click.option("--stream", "stream", type=click.Choice(["auto", "always", "never"]), default="auto",
+              show_default=True,
+              help="Run the --kld-ref model, and the model's full mode, one decoder layer at a time (rows' "
+                   "states carried between layers) instead of loading them whole; auto: when a model would "
+                   "not fit in free memory. Cache mode and --humaneval need the model loaded whole.")
 @click.option("--bos", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="Start each row with BOS (auto: when the architecture requires it, e.g. Llama).")
 @click.option("--text-column", default=None, help="Column/field holding the text (parquet, jsonl).")
@@ -308,13 +388,14 @@ _CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch  [default: torch's choice]")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def eval_main(model_dir, data, rows, length, cache, mode, chunk, kld_ref, bos, text_column, humaneval, samples,
-              problems, max_tokens, batch_size, seed, json_out, device, threads, quiet):
+def eval_main(model_dir, data, rows, length, cache, mode, chunk, kld_ref, stream, bos, text_column, humaneval,
+              samples, problems, max_tokens, batch_size, seed, json_out, device, threads, quiet):
     """Measure perplexity, KL divergence and HumanEval of MODEL_DIR (FP16 or EXL2) under KV-cache modes.
 
     Prints a table with one row per cache mode (and scoring mode); --json writes the same as a list of
     objects with cache, mode, rows, length, ppl and, when measured, kld_mean, kld_median, kld_p99, top1,
-    pass@1, pass@10."""
+    pass@1, pass@10; also model_run/ref_run (resident or streamed) and peak_rss_bytes (peak_cuda_bytes on
+    CUDA)."""
     d = Path(model_dir)
     caches = _cache_list(cache)
     _caches_fit(_model_config(model_dir), caches)
@@ -336,7 +417,7 @@ def eval_main(model_dir, data, rows, length, cache, mode, chunk, kld_ref, bos, t
                     caches=tuple(caches), modes=modes, chunk=chunk, kld_ref=ref,
                     bos={"auto": None, "yes": True, "no": False}[bos], text_column=text_column,
                     humaneval=humaneval, samples=samples, problems=problems, max_tokens=max_tokens,
-                    batch_size=batch_size, seed=seed, device=_device(device), progress=not quiet)
+                    batch_size=batch_size, seed=seed, device=_device(device), progress=not quiet, stream=stream)
     out = _out_file(json_out, "--json")
     _threads(threads)
     records = run_eval(args)

@@ -16,6 +16,10 @@ never ``[R, L, V]``.
 
 ``evaluate_rows`` scores several (mode, cache) configurations in one sweep over the rows, so the reference
 logits of a row are computed once for all of them.
+
+Models larger than memory: the reference, and the model itself in full mode, can be a
+:class:`~exl2.runtime.stream.StreamedModel` (the rows run through the checkpoint one decoder layer at a time
+beforehand, see stream.py); its logits are the resident model's. Cache mode needs the model resident.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import torch
 from .cache import MODES as CACHE_MODES
 from .cache import KVCache
 from .model import Model
+from .stream import StreamedModel
 
 MODES = ("full", "cache")
 
@@ -110,7 +115,7 @@ class EvalConfig:
             raise ValueError(f"cache mode {self.cache_mode!r} not supported; use one of {', '.join(CACHE_MODES)}")
 
 
-def _check_rows(rows: torch.Tensor, model: Model) -> torch.Tensor:
+def _check_rows(rows: torch.Tensor, model: Model | StreamedModel) -> torch.Tensor:
     if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"rows must be an integer tensor [R, L], got "
                          f"{getattr(rows, 'dtype', type(rows).__name__)} {tuple(getattr(rows, 'shape', ()))}")
@@ -145,9 +150,16 @@ def _make_cache(model: Model, cfg: EvalConfig, length: int) -> KVCache:
                    storage_dtype=store)
 
 
+def _full_logits(model: Model | StreamedModel, r: int, row: torch.Tensor) -> torch.Tensor:
+    """Row r's full-mode logits [L, V] (fp32): a resident model's forward, or a streamed model's stored row."""
+    if isinstance(model, StreamedModel):
+        return model.logits(r)
+    return model(row.to(model.device))[0]
+
+
 @torch.inference_mode()
-def evaluate_rows(model: Model, rows: torch.Tensor, configs: Sequence[EvalConfig] = (EvalConfig(),), *,
-                  ref_model: Model | None = None, ref_lps: list[torch.Tensor] | None = None,
+def evaluate_rows(model: Model | StreamedModel, rows: torch.Tensor, configs: Sequence[EvalConfig] = (EvalConfig(),),
+                  *, ref_model: Model | StreamedModel | None = None, ref_lps: list[torch.Tensor] | None = None,
                   progress: Progress | None = None) -> list[EvalResult]:
     """Score rows [R, L] under each configuration; with ref_model also KL(ref || model) and top-1 agreement.
 
@@ -155,11 +167,17 @@ def evaluate_rows(model: Model, rows: torch.Tensor, configs: Sequence[EvalConfig
     all configurations. ``ref_lps``: the reference's log-probs per row ([L-1, V] each, fp32) from an earlier
     call; an empty list is filled with them (so a caller can score several models, or the reference's own
     perplexity, without running the reference again); a full one replaces ``ref_model``.
-    Returns one EvalResult per configuration, in order."""
+    ``model`` and ``ref_model`` may be :class:`StreamedModel` s of these very rows (the model only for
+    full-mode configurations). Returns one EvalResult per configuration, in order."""
     rows = _check_rows(rows, model)
     configs = list(configs)
     for c in configs:
         c.check()
+    if isinstance(model, StreamedModel):
+        model.check_rows(rows, "model")
+        if any(c.mode == "cache" for c in configs):
+            raise ValueError("cache mode needs the model resident (loaded whole); a streamed model scores full "
+                             "mode only")
     given = bool(ref_lps)
     if given:
         if len(ref_lps) != rows.shape[0] or any(t.shape[0] != rows.shape[1] - 1 for t in ref_lps):
@@ -170,6 +188,8 @@ def evaluate_rows(model: Model, rows: torch.Tensor, configs: Sequence[EvalConfig
         ref_model = None
     elif ref_model is not None:
         _check_rows(rows, ref_model)
+        if isinstance(ref_model, StreamedModel):
+            ref_model.check_rows(rows, "reference")
         if ref_model.cfg.vocab_size != model.cfg.vocab_size:
             raise ValueError(f"reference vocabulary {ref_model.cfg.vocab_size} != model vocabulary "
                              f"{model.cfg.vocab_size}")
@@ -183,7 +203,7 @@ def evaluate_rows(model: Model, rows: torch.Tensor, configs: Sequence[EvalConfig
         targets = rows[r, 1:]  # [L-1]
         ref_lp = ref_lps[r] if given else None
         if ref_model is not None:
-            ref_lp = torch.log_softmax(ref_model(row.to(ref_model.device))[0, :-1].float(), dim=-1)  # [L-1, V]
+            ref_lp = torch.log_softmax(_full_logits(ref_model, r, row)[:-1].float(), dim=-1)  # [L-1, V]
             if ref_lps is not None:
                 ref_lps.append(ref_lp)
         if ref_lp is not None:
@@ -192,7 +212,7 @@ def evaluate_rows(model: Model, rows: torch.Tensor, configs: Sequence[EvalConfig
                 res.ref_nll_sum += ref_nll
         for c, res in zip(configs, results):
             if c.mode == "full":
-                logits = model(row)[0, :-1]  # [L-1, V]
+                logits = _full_logits(model, r, row)[:-1]  # [L-1, V]
                 _score(res, logits, targets, ref_lp)
                 del logits
             else:
@@ -211,15 +231,16 @@ def evaluate_rows(model: Model, rows: torch.Tensor, configs: Sequence[EvalConfig
     return results
 
 
-def perplexity(model: Model, rows: torch.Tensor, mode: str = "full", cache_mode: str = "fp16",
+def perplexity(model: Model | StreamedModel, rows: torch.Tensor, mode: str = "full", cache_mode: str = "fp16",
                chunk: int = 1, *, progress: Progress | None = None) -> EvalResult:
     """Perplexity of rows [R, L]: exp of the mean NLL of tokens 1..L-1 over all rows (result.ppl,
     result.nll_sum, result.tokens)."""
     return evaluate_rows(model, rows, [EvalConfig(mode, cache_mode, chunk)], progress=progress)[0]
 
 
-def kl_divergence(model: Model, ref_model: Model, rows: torch.Tensor, mode: str = "full",
-                  cache_mode: str = "fp16", chunk: int = 1, *, progress: Progress | None = None) -> EvalResult:
+def kl_divergence(model: Model | StreamedModel, ref_model: Model | StreamedModel, rows: torch.Tensor,
+                  mode: str = "full", cache_mode: str = "fp16", chunk: int = 1, *,
+                  progress: Progress | None = None) -> EvalResult:
     """KL(ref || model) per predicted token (result.kld_mean / kld_median / kld_p99), top-1 agreement
     (result.top1) and the model's perplexity, from one pass of the model (the reference runs in full mode)."""
     return evaluate_rows(model, rows, [EvalConfig(mode, cache_mode, chunk)], ref_model=ref_model,

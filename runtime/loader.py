@@ -82,6 +82,12 @@ class TensorSource:
                 raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
         return self._handles[path]
 
+    def release(self) -> None:
+        """Close the open files; later reads open them again.  Reading maps file pages into this process, and
+        they count as resident until the file is closed, so a pass that reads a checkpoint layer by layer
+        calls this between layers to keep its resident size at one layer."""
+        self._handles.clear()
+
     def __contains__(self, key: str) -> bool:
         return key in self._files
 

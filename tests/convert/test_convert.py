@@ -390,7 +390,7 @@ def test_nan_in_weights(qwen_tied, tmp_path):
 
 
 @pytest.mark.parametrize("bits, message", [("1.0", "outside any model's feasible range"),
-                                           ("2.05", "below what the measured options allow")])
+                                           ("2.05", "outside what the option tables reach")])
 def test_bpw_out_of_range(qwen_tied, qwen_job, bits, message):
     work, _, _ = qwen_job
     code, out = run_cli("-i", str(qwen_tied), "-o", str(work), "-b", bits, "-mr", "4", "-ml", "64", "-r", "4",
