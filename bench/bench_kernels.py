@@ -5,10 +5,12 @@
 Shapes are Qwen2-7B's linear layers as K x N (in_features x out_features; the EXL2 orientation
 W [K, N]): 3584x3584 (q/o_proj), 3584x18944 (gate/up_proj), 18944x3584 (down_proj).  ``--quick`` uses
 512x512, 512x1536, 1536x512.  For each shape: pack (4-bit codes), dequantize a whole layer, matmul
-y = x @ W for M = 1 and M = 16, and GPTQ of the whole matrix with a 4-bit, 128-row-group option
-(``gptq.quantize`` native vs ``reference=True``; both share the trailing torch matmul
-``W[b:] -= Hinv^T @ err``).  Hinv is a synthetic well-conditioned upper-triangular factor (the
-Cholesky preparation is not part of either path and would take minutes at K = 18944).
+y = x @ W for M = 1 and M = 16 (both on a layer prepared once by ``codec.prepare_layer``, so neither side
+validates or decodes the format per call; ``reference.<op>`` against ``ops.<op>``), and GPTQ of the whole
+matrix with a 4-bit, 128-row-group option (``gptq.quantize`` as it is vs inside ``ops.reference_only()``;
+both share the trailing torch matmul ``W[b:] -= Hinv^T @ err``).  Hinv is a synthetic well-conditioned
+upper-triangular factor (the Cholesky preparation is not part of either path and would take minutes at
+K = 18944).
 ``--write`` replaces this benchmark's section of BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from bench.report import write_section  # noqa: E402
-from exl2.quant_kernels import codec, ext, gptq, ops  # noqa: E402
+from exl2.quant_kernels import codec, ext, gptq, ops, reference  # noqa: E402
 from exl2.quant_kernels.qparams import QParams  # noqa: E402
 
 FULL = [(3584, 3584), (3584, 18944), (18944, 3584)]
@@ -55,21 +57,24 @@ def bench_shape(k: int, n: int, repeat: int, skip_ref_gptq: bool) -> list[tuple[
     g = torch.Generator().manual_seed(0)
     rows = []
     q = torch.randint(0, 16, (k, n), generator=g)
-    rows.append(("pack 4-bit", timeit(lambda: codec.pack_bits(q, 4), repeat), timeit(lambda: ops.pack_bits(q, 4), repeat)))
+    if ops.backend(q) != "cpu":
+        raise RuntimeError(f"ops would take the {ops.backend(q)!r} path, not the native CPU kernels")
+    rows.append(("pack 4-bit", timeit(lambda: reference.pack_bits(q, 4), repeat),
+                 timeit(lambda: ops.pack_bits(q, 4), repeat)))
 
     qp = QParams.make(128, [4], [1])
     w = torch.randn(n, k, generator=g) * 0.02
-    layer = gptq.quantize(w, qp, gptq.Prepared(torch.randperm(k, generator=g), None)).tensors
-    rows.append(("dequantize layer", timeit(lambda: codec.dequantize_layer(layer, reference=True), repeat),
+    layer = codec.prepare_layer(gptq.quantize(w, qp, gptq.Prepared(torch.randperm(k, generator=g), None)).tensors)
+    rows.append(("dequantize layer", timeit(lambda: reference.dequantize_layer(layer), repeat),
                  timeit(lambda: ops.dequantize_layer(layer), repeat)))
     for m in (1, 16):
         x = torch.randn(m, k, generator=g)
-        ref = lambda: x @ codec.dequantize_layer(layer, reference=True).to(torch.float32).t()   # noqa: E731
-        rows.append((f"matmul M={m}", timeit(ref, repeat), timeit(lambda: ops.matmul(x, layer), repeat)))
+        rows.append((f"matmul M={m}", timeit(lambda: reference.matmul(x, layer), repeat),
+                     timeit(lambda: ops.matmul(x, layer), repeat)))
 
     prep = synthetic_prepared(k, g)
     t_nat = timeit(lambda: gptq.quantize(w, qp, prep), 1)
-    t_ref = float("nan") if skip_ref_gptq else timeit(lambda: gptq.quantize(w, qp, prep, reference=True), 1)
+    t_ref = float("nan") if skip_ref_gptq else timeit(ops.reference_only()(lambda: gptq.quantize(w, qp, prep)), 1)
     rows.append(("GPTQ 4-bit 128g", t_ref, t_nat))
     return rows
 

@@ -1,4 +1,4 @@
-"""GPTQ for EXL2 layers: act-order, damping, mixed widths per matrix, searched scales (reference, torch).
+"""GPTQ for EXL2 layers: act-order, damping, mixed widths per matrix, searched scales.
 
 Names follow the GPTQ paper (Frantar et al., 2022): ``H`` is the Hessian proxy ``2 X^T X`` of the layer's
 input (the factor 2 drops out), ``Hinv`` the upper Cholesky factor of ``H^-1``, ``W`` the weight in EXL2
@@ -12,11 +12,15 @@ The procedure (EXL2-SPEC.md 1.6 and 3.7):
    fails or yields NaN (at most 10 times).  ``Hinv = cholesky(cholesky_inverse(cholesky(H)), upper)``.
 4. Rows are split into groups by the option (widths descending, so the most active inputs get the most
    bits).  For each group ``[a, b)``: choose scales from the current, already error-compensated rows
-   (:func:`find_scales`, then :func:`refine_codes`); then for each row ``c``: quantize, ``err_c = (W_c - Q_c) / Hinv[c, c]``, and
-   ``W[c:b] -= Hinv[c, c:b]^T (x) err_c``; after the group, ``W[b:] -= Hinv[a:b, b:]^T @ err[a:b]``.
+   (``find_scales``, then :func:`refine_codes`); then for each row ``c``: quantize,
+   ``err_c = (W_c - Q_c) / Hinv[c, c]``, and ``W[c:b] -= Hinv[c, c:b]^T (x) err_c``; after the group,
+   ``W[b:] -= Hinv[a:b, b:]^T @ err[a:b]``.
 5. ``Q`` is the exact fp16 value the loader dequantizes, so the error feedback sees the real weight.
 
-This is the reference path; native kernels implement the same steps and are tested against it.
+The per-group kernels (the scale search and the row loop of step 4) are called through ``ops``
+(``ops.find_scales``, ``ops.gptq_group``): native when the extension is loaded, the torch twins in
+``reference.py`` otherwise or under ``ops.reference_only()``.  The rest (Hessians, act-order, damping,
+:func:`refine_codes`, :func:`polish`, the update after each group) is torch here, the same on either path.
 """
 from __future__ import annotations
 
@@ -25,10 +29,10 @@ from dataclasses import dataclass
 import torch
 
 from . import codec, ops
+from .layout import decode_scales
 from .qparams import QParams
+from .reference import GroupScales, quantize_rows  # noqa: F401  (GroupScales: ops.find_scales' result)
 
-P_MIN, P_MAX, P_GRID = 0.70, 1.20, 96   # scale multiplier search: 97 values from 0.70 to 1.20
-ERR_NORM = 3.5                          # the search minimises sum |error|^3.5
 REFINE_SPAN = 2                         # refine_codes tries each column's scale code +- this many steps
 PERCDAMP = 0.12
 DAMP_TRIES = 10
@@ -174,48 +178,10 @@ def prepare(H: torch.Tensor | None, k: int | None = None, percdamp: float = PERC
     raise HessianError(f"prepare: Hessian not positive definite after {DAMP_TRIES} damping steps")
 
 
-@dataclass
-class GroupScales:
-    codes: torch.Tensor      # [N] int64, stored nibble = multiplier - 1 (0..15)
-    scale_max: torch.Tensor  # [] fp16, the stored q_scale_max
-    scale: torch.Tensor      # [N] fp32 holding the exact fp16 scale the loader uses
-
-
-def find_scales(w: torch.Tensor, bits: int) -> GroupScales:
-    """Scales of one group ``w [rows, N]`` (EXL2-SPEC.md 1.6).
-
-    Per column a base scale ``max|w| / ((2^b - 1) / 2)``; a 4-bit code per column on a quadratic grid
-    relative to the group maximum; then a common multiplier ``p`` in [0.70, 1.20] chosen to minimise
-    ``sum |dequant(quant(w)) - w|^3.5`` over the group.
-    """
-    maxq = 2**bits - 1
-    zero = 2 ** (bits - 1)
-    w = w.to(torch.float32)
-    xmax = w.abs().amax(dim=0) + 1e-12                        # [N]
-    base = xmax / (maxq / 2)
-    smax = base.max()
-    mult = torch.clamp(torch.round(torch.sqrt(base / smax) * 16), 1, 16)   # [N] 1..16
-    s0 = (mult / 16) ** 2 * smax                              # working scale before the multiplier
-    best_i, best_err = 0, None
-    for i in range(P_GRID + 1):
-        pi = i / P_GRID
-        p = P_MIN * (1 - pi) + P_MAX * pi
-        s = s0 * p
-        err = (torch.clamp(torch.round(w / s), -zero, maxq - zero) * s - w).abs().pow(ERR_NORM).sum()
-        if best_err is None or err < best_err:
-            best_i, best_err = i, err
-    pif = best_i / P_GRID
-    p = P_MAX * pif + P_MIN * (1 - pif)
-    scale_max = (smax * p).to(torch.float16)
-    codes = (mult - 1).to(torch.int64)
-    scale = codec.group_scales(codes.unsqueeze(0), scale_max.reshape(1))[0].to(torch.float32)
-    return GroupScales(codes, scale_max, scale)
-
-
 def refine_codes(w: torch.Tensor, gs: GroupScales, bits: int, span: int = REFINE_SPAN,
                  row_weight: torch.Tensor | None = None) -> GroupScales:
-    """Per column, the scale code within ``span`` steps of :func:`find_scales`' choice (same ``scale_max``)
-    whose rounded column has the least squared error ``sum_rows (Q - w)^2``, Q the loader's fp16 value
+    """Per column, the scale code within ``span`` steps of ``find_scales``' choice (same ``scale_max``) whose
+    rounded column has the least squared error ``sum_rows (Q - w)^2``, Q the loader's fp16 value
     (``row_weight [rows]``: ``sum_rows row_weight * (Q - w)^2``).
 
     ``find_scales`` rounds every column's scale from its own maximum on a coarse quadratic grid (neighbouring
@@ -234,7 +200,7 @@ def refine_codes(w: torch.Tensor, gs: GroupScales, bits: int, span: int = REFINE
     codes = scale = best = None
     for d in range(-span, span + 1):                                   # smallest scale first
         cand = (gs.codes + d).clamp(0, 15)
-        s = codec.group_scales(cand.unsqueeze(0), gs.scale_max.reshape(1))[0].to(torch.float32)
+        s = decode_scales(cand.unsqueeze(0), gs.scale_max.reshape(1))[0].to(torch.float32)
         e2 = (quantize_rows(w, s, bits)[1] - w).pow(2)
         err = (e2 if row_weight is None else e2 * row_weight[:, None]).sum(0)          # [N]
         if best is None:
@@ -245,21 +211,6 @@ def refine_codes(w: torch.Tensor, gs: GroupScales, bits: int, span: int = REFINE
         codes = torch.where(better, cand, codes)
         scale = torch.where(better, s, scale)
     return GroupScales(codes, gs.scale_max, scale)
-
-
-def quantize_rows(w: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round rows ``w [..., N]`` to codes with per-column ``scale``; returns (codes int64, fp16-exact values).
-
-    ``q = clamp(rint(w / s) + 2^(b-1), 0, 2^b - 1)``; the value is ``fp16((q - 2^(b-1)) * s)``, the
-    loader's reconstruction.  A zero scale (an all-zero group) gives the zero code.
-    """
-    maxq = 2**bits - 1
-    zero = 2 ** (bits - 1)
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = torch.clamp(torch.round(w / safe) + zero, 0, maxq)
-    q = torch.where(scale == 0, torch.full_like(q, zero), q)
-    deq = ((q - zero) * scale).to(torch.float16).to(torch.float32)
-    return q.to(torch.int64), deq
 
 
 def polish(W0: torch.Tensor, Q: torch.Tensor, codes: torch.Tensor, H: torch.Tensor, row_scale: torch.Tensor,
@@ -305,7 +256,6 @@ def quantize(
     qparams: QParams,
     prepared: Prepared,
     bias: torch.Tensor | None = None,
-    reference: bool = False,
     refine_span: int = REFINE_SPAN,
     polish_sweeps: int = 0,
     refine_weighted: bool = False,
@@ -313,9 +263,10 @@ def quantize(
     """Quantize ``weight [N, K]`` (``nn.Linear`` orientation) to an EXL2 layer.
 
     With ``prepared.hinv`` None this is round-to-nearest (act-order kept, no error feedback).
-    The scale search and the per-group row loop run in the native kernels when they are available
-    (``ops.find_scales``, ``ops.gptq_group``; same codes and values bit for bit); ``reference=True``
-    runs the pure-torch loop below, the specification.  ``refine_span`` 0 keeps :func:`find_scales`' codes
+    Per group: ``ops.find_scales``, :func:`refine_codes`, ``ops.gptq_group`` (the row loop), then one matmul
+    carries the group's errors to the later rows; the layer is packed by :func:`codec.pack_layer`.  Which
+    kernels run is ``ops``' choice (``ops.reference_only()`` forces the torch twins; the codes and values are
+    the same bit for bit).  ``refine_span`` 0 keeps :func:`reference.find_scales`' codes
     as they are (ExLlamaV2's choice); see :func:`refine_codes`.  Benchmark levers, off in the converter:
     ``refine_weighted`` weighs each row's squared error in :func:`refine_codes` by GPTQ's row weight
     ``1 / Hinv[r, r]^2``; ``polish_sweeps`` runs :func:`polish` afterwards (needs ``prepare(keep_h=True)``).
@@ -336,42 +287,29 @@ def quantize(
     err = torch.empty_like(W) if Hinv is not None else None
     groups = qparams.row_groups(k)
     scale_codes, scale_max, scales_rows = [], [], []
-    native = not reference and ops.backend(W) != "reference"
     a = 0
     for bits, rows in groups:
         b = a + rows
         rw = Hinv.diagonal()[a:b].pow(-2) if refine_weighted and Hinv is not None else None
-        gs = refine_codes(W[a:b], ops.find_scales(W[a:b], bits) if native else find_scales(W[a:b], bits), bits,
-                          refine_span, rw)
+        gs = refine_codes(W[a:b], ops.find_scales(W[a:b], bits), bits, refine_span, rw)
         scale_codes.append(gs.codes)
         scale_max.append(gs.scale_max)
         scales_rows.append(gs.scale)
-        if native:
-            ops.gptq_group(W[a:b], Hinv, a, gs.scale, bits, codes[a:b], Q[a:b], None if err is None else err[a:b])
-            if Hinv is not None and b < k:
-                W[b:] -= Hinv[a:b, b:].t() @ err[a:b]                                 # [K-b, N]
-        elif Hinv is None:
-            codes[a:b], Q[a:b] = quantize_rows(W[a:b], gs.scale, bits)
-        else:
-            for c in range(a, b):
-                codes[c], Q[c] = quantize_rows(W[c], gs.scale, bits)
-                err[c] = (W[c] - Q[c]) / Hinv[c, c]
-                W[c + 1:b] -= Hinv[c, c + 1:b].unsqueeze(1) * err[c].unsqueeze(0)    # [b-c-1, N]
-            if b < k:
-                W[b:] -= Hinv[a:b, b:].t() @ err[a:b]                                 # [K-b, N]
+        ops.gptq_group(W[a:b], Hinv, a, gs.scale, bits, codes[a:b], Q[a:b], None if err is None else err[a:b])
+        if Hinv is not None and b < k:
+            W[b:] -= Hinv[a:b, b:].t() @ err[a:b]                                     # [K-b, N]
         a = b
     if W0 is not None:
         row_scale = torch.cat([sc.unsqueeze(0).expand(r, -1) for sc, (_, r) in zip(scales_rows, groups)])
         row_bits = torch.cat([torch.full((r,), bt) for bt, r in groups])
         polish(W0, Q, codes, prepared.h, row_scale, row_bits, polish_sweeps)
-    tensors = codec.pack_layer(codes, groups, torch.stack(scale_codes), torch.stack(scale_max), perm, bias,
-                               reference=reference)
+    tensors = codec.pack_layer(codes, groups, torch.stack(scale_codes), torch.stack(scale_max), perm, bias)
     w_out = torch.empty_like(Q)
     w_out[perm] = Q
     return QuantResult(tensors, w_out.t().to(torch.float16).contiguous(), groups)
 
 
 def quantize_linear(weight: torch.Tensor, qparams: QParams, H: torch.Tensor | None = None,
-                    bias: torch.Tensor | None = None, reference: bool = False) -> QuantResult:
+                    bias: torch.Tensor | None = None) -> QuantResult:
     """Convenience: :func:`prepare` then :func:`quantize` for one matrix."""
-    return quantize(weight, qparams, prepare(H, k=weight.shape[1]), bias, reference=reference)
+    return quantize(weight, qparams, prepare(H, k=weight.shape[1]), bias)

@@ -1,32 +1,107 @@
-"""Front doors of the native kernels: one function per op.
+"""The one dispatcher of the quantization kernels: one function per op, native when it can be, else torch.
 
-Each checks its tensors (dtype, device, shape, contiguity, alignment) and raises ``TypeError`` /
-``ValueError`` naming the offending tensor -- never ``assert`` -- then dispatches:
+Each function checks its arguments (dtype, device, shape, contiguity, alignment) and raises ``TypeError`` /
+``ValueError`` naming the offending tensor -- never ``assert`` -- then runs one of two twins with the same
+signature::
 
-    CUDA tensor and an extension built with CUDA  ->  CUDA kernel
-    CPU tensor and the extension loaded            ->  C++ (OpenMP) kernel
-    otherwise (EXL2_NO_EXT=1, build failed, ...)   ->  the torch reference (codec.py, gptq.py, kv_quant.py)
+    CUDA tensor and an extension built with CUDA  ->  the CUDA kernel
+    CPU tensor and the extension loaded            ->  the C++ (OpenMP) kernel
+    otherwise                                      ->  ``reference.<op>``, the pure-torch twin
 
-Every native result equals the reference bit for bit, except :func:`matmul`, whose fp32 sums run in
-another order (tolerance in tests/quant_kernels/test_native.py).  ``backend(t)`` says which path a
-tensor would take.
+"Otherwise" is: the reference path is forced (below), ``EXL2_NO_EXT=1`` is set, or the extension did not
+build.  Every native result equals the reference bit for bit, except :func:`matmul`, whose fp32 sums run in
+another order (tolerance in tests/quant_kernels/test_native.py).  :func:`backend` says which path a call on
+a given tensor or layer takes, at the moment it is asked.
+
+Forcing the reference path.  ``EXL2_NO_EXT=1`` in the environment (never builds or loads the extension), or
+in code ``with ops.reference_only(): ...`` (also usable as a decorator) or ``ops.force_reference(True)``,
+which returns the previous setting.  The switch is process-wide, not per thread, and it decides every op
+here, so code that calls only ``ops`` (``codec.pack_layer``, ``codec.dequantize_layer``, ``gptq.quantize``)
+runs entirely on the reference inside it.
+
+Layers.  :func:`matmul` and :func:`dequantize_layer` take a :class:`layout.PreparedLayer`, made once per
+layer by ``codec.prepare_layer(tensors, prescale=..., name=...)``: that call validates the stored tensors
+(``codec.validate_layer``) and decodes the group table, the permutation and the fp32 scales (through
+:func:`group_scales`, i.e. natively when it can), so a call here checks only ``x`` against the layer.  A
+runtime linear layer keeps the prepared layer and calls, per forward::
+
+    layer = codec.prepare_layer(tensors, name=prefix).to(device)     # at load: validates once
+    y = ops.matmul(x2d, layer)[:, :out_features]                      # x2d [M, K] fp16/fp32 -> [M, Np]
+    if layer.bias is not None: y = y + layer.bias[:out_features]      # matmul adds no bias
+
+On the reference path ``matmul`` rebuilds the whole fp16 weight on every call; a caller that runs there for
+long (``backend(layer) == "reference"``) does better to keep ``dequantize_layer(layer)`` once instead.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from . import codec, ext
-from .codec import EXL2FormatError
+from . import ext, reference
+from .layout import EXL2FormatError, PreparedLayer
 from .qparams import VALID_BITS
+from .reference import GroupScales
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+_forced_reference = False
+
+
+# ------------------------------------------------------------------------------------------------
+# The switch and the query
+# ------------------------------------------------------------------------------------------------
+
+def force_reference(on: bool = True) -> bool:
+    """Route every op to its torch reference (``on``) or back to the native kernels; returns the setting
+    it replaces.  Process-wide."""
+    global _forced_reference
+    prev, _forced_reference = _forced_reference, bool(on)
+    return prev
+
+
+@contextlib.contextmanager
+def reference_only():
+    """``with ops.reference_only(): ...`` runs every op inside on the torch reference (then restores the
+    previous setting; nests)."""
+    prev = force_reference(True)
+    try:
+        yield
+    finally:
+        force_reference(prev)
+
+
+def backend(t) -> str:
+    """The path an op on ``t`` (a tensor or a :class:`PreparedLayer`) takes now: ``'cuda'``, ``'cpu'``
+    (the native C++ kernels) or ``'reference'``.  Builds the extension on first use unless forced off."""
+    if isinstance(t, PreparedLayer):
+        t = t.q_weight
+    if _forced_reference:
+        return "reference"
+    m = ext.get()
+    if m is None:
+        return "reference"
+    if t.device.type == "cuda":
+        return "cuda" if getattr(m, "has_cuda", False) else "reference"
+    return "cpu"
+
+
+def _native(t: torch.Tensor):
+    """(module, prefix) for the native op on t's device, or (None, None) for the reference."""
+    b = backend(t)
+    if b == "reference":
+        return None, None
+    return ext.get(), ("" if b == "cpu" else "cuda_")
 
 
 # ------------------------------------------------------------------------------------------------
 # Checks
 # ------------------------------------------------------------------------------------------------
 
-def _tensor(t, name: str, dtypes=None, dim: int | None = None, contiguous: bool = False):
+def check_tensor(t, name: str, dtypes=None, dim: int | None = None, contiguous: bool = False):
+    """``t`` itself if it is a tensor the kernels can read (dtype among ``dtypes``, ``dim`` dimensions, on a
+    CPU or CUDA device, contiguous if asked, aligned to its element size); else TypeError/ValueError naming
+    ``name``."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None:
@@ -58,22 +133,11 @@ def _bits(bits, allowed=VALID_BITS) -> int:
     return bits
 
 
-def backend(t: torch.Tensor) -> str:
-    """'cuda', 'cpu' (native C++) or 'reference': the path an op on ``t`` takes."""
-    m = ext.get()
-    if m is None:
-        return "reference"
-    if t.device.type == "cuda":
-        return "cuda" if getattr(m, "has_cuda", False) else "reference"
-    return "cpu"
-
-
-def _native(t: torch.Tensor):
-    """(module, prefix) for the native op on t's device, or (None, None)."""
-    b = backend(t)
-    if b == "reference":
-        return None, None
-    return ext.get(), ("" if b == "cpu" else "cuda_")
+def _layer(layer) -> PreparedLayer:
+    if not isinstance(layer, PreparedLayer):
+        raise TypeError(f"layer must be a PreparedLayer (codec.prepare_layer(tensors) makes one), "
+                        f"got {type(layer).__name__}")
+    return layer
 
 
 # ------------------------------------------------------------------------------------------------
@@ -82,7 +146,7 @@ def _native(t: torch.Tensor):
 
 def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes ``q [rows, N]`` (any integer dtype, values < 2^bits) -> int32 words ``[rows*bits/32, N]``."""
-    _tensor(q, "q", _INT_DTYPES, dim=2)
+    check_tensor(q, "q", _INT_DTYPES, dim=2)
     _bits(bits)
     rows, n = q.shape
     if (rows * bits) % 32:
@@ -91,13 +155,13 @@ def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
         raise EXL2FormatError(f"q: codes must lie in [0, {2**bits - 1}] for {bits}-bit rows")
     m, pre = _native(q)
     if m is None:
-        return codec.pack_bits(q.cpu(), bits).to(q.device)
+        return reference.pack_bits(q, bits)
     return getattr(m, pre + "pack_bits")(q.to(torch.int32).contiguous(), bits)
 
 
 def unpack_bits(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
     """int32 ``words [W, N]`` -> int64 codes ``[rows, N]`` (inverse of :func:`pack_bits`)."""
-    _tensor(words, "words", torch.int32, dim=2)
+    check_tensor(words, "words", torch.int32, dim=2)
     _bits(bits)
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
         raise ValueError(f"rows must be a non-negative int, got {rows!r}")
@@ -105,7 +169,7 @@ def unpack_bits(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
         raise EXL2FormatError(f"words: {words.shape[0]} words cannot hold {rows} codes of {bits} bits")
     m, pre = _native(words)
     if m is None:
-        return codec.unpack_bits(words.cpu(), bits, rows).to(words.device)
+        return reference.unpack_bits(words, bits, rows)
     return getattr(m, pre + "unpack_bits")(words.contiguous(), bits, rows)
 
 
@@ -113,98 +177,74 @@ def unpack_bits(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
 # Layers
 # ------------------------------------------------------------------------------------------------
 
-def _layer_parts(t: dict, prescale: float):
-    """Validated layer -> (q_weight, scales fp32 [G, Np], groups int64 [G, 3], perm int64 [K])."""
-    if not isinstance(t, dict):
-        raise TypeError(f"layer must be a dict of tensors, got {type(t).__name__}")
-    for key in ("q_weight", "q_invperm", "q_scale", "q_scale_max", "q_groups"):
-        if key in t:
-            _tensor(t[key], key)
-    cpu_view = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in t.items()}
-    codec.validate_layer(cpu_view)   # names the tensor and the rule broken
-    qw = t["q_weight"]
-    dev = qw.device
-    for key in ("q_invperm", "q_scale", "q_scale_max", "q_groups"):
-        if t[key].device != dev:
-            raise ValueError(f"{key} is on {t[key].device}, q_weight on {dev}")
-    glist = codec.decode_groups(cpu_view["q_groups"], qw.shape[0])
-    groups = torch.tensor([[g.bits, g.rows, g.qrow] for g in glist], dtype=torch.int64, device=dev)
-    perm = torch.argsort(t["q_invperm"].to(torch.int64))
-    smax_mul = float(torch.tensor(prescale / 256.0, dtype=torch.float32))
-    return qw.contiguous(), groups, perm, smax_mul
-
-
 def group_scales(q_scale: torch.Tensor, q_scale_max: torch.Tensor, prescale: float = 1.0) -> torch.Tensor:
-    """Loader scales ``[G, Np]`` as fp32 holding fp16 values (see :func:`codec.group_scales`)."""
-    _tensor(q_scale, "q_scale", torch.int32, dim=2)
-    _tensor(q_scale_max, "q_scale_max", torch.float16, dim=1)
+    """Loader scales ``[G, Np]`` as fp32 holding fp16 values, from the stored ``q_scale`` (int32
+    ``[G, Np/8]``) and ``q_scale_max`` (fp16 ``[G]``), ``prescale`` applied (:func:`layout.decode_scales`)."""
+    check_tensor(q_scale, "q_scale", torch.int32, dim=2)
+    check_tensor(q_scale_max, "q_scale_max", torch.float16, dim=1)
     _same_device(q_scale=q_scale, q_scale_max=q_scale_max)
     if q_scale_max.shape[0] != q_scale.shape[0]:
         raise ValueError(f"q_scale_max has {q_scale_max.shape[0]} groups, q_scale {q_scale.shape[0]}")
     m, pre = _native(q_scale)
     if m is None:
-        return codec.group_scales(codec.unpack_scale_codes(q_scale), q_scale_max, prescale).to(torch.float32)
+        return reference.group_scales(q_scale, q_scale_max, prescale)
     smax_mul = float(torch.tensor(prescale / 256.0, dtype=torch.float32))
     return getattr(m, pre + "group_scales")(q_scale.contiguous(), q_scale_max.contiguous(), smax_mul)
 
 
-def dequantize_layer(t: dict, prescale: float = 1.0) -> torch.Tensor:
-    """fp16 weight ``[Np, K]`` exactly as the loader reconstructs it (:func:`codec.dequantize_layer`)."""
-    qw, groups, perm, _ = _layer_parts(t, prescale)
-    m, pre = _native(qw)
+def dequantize_layer(layer: PreparedLayer) -> torch.Tensor:
+    """fp16 weight ``[Np, K]`` exactly as the loader reconstructs it, for a prepared layer."""
+    _layer(layer)
+    m, pre = _native(layer.q_weight)
     if m is None:
-        return codec.dequantize_layer({k: v.cpu() for k, v in t.items()}, prescale, reference=True).to(qw.device)
-    scales = group_scales(t["q_scale"], t["q_scale_max"], prescale)
-    return getattr(m, pre + "dequantize")(qw, scales, groups, perm)
+        return reference.dequantize_layer(layer)
+    return getattr(m, pre + "dequantize")(layer.q_weight, layer.scales, layer.groups, layer.perm)
 
 
-def matmul(x: torch.Tensor, t: dict, prescale: float = 1.0) -> torch.Tensor:
-    """``y = x @ W`` for ``x [M, K]`` (fp16 or fp32) and an EXL2 layer: ``[M, Np]`` in x's dtype.
+def matmul(x: torch.Tensor, layer: PreparedLayer) -> torch.Tensor:
+    """``y = x @ W`` for ``x [M, K]`` (fp16 or fp32) and a prepared layer: ``[M, Np]`` in x's dtype.
 
     The native kernels gather x by the permutation and dequantize 32 rows of W at a time (never the
     whole weight), accumulating in fp32.  Padded columns are exactly 0; no bias is added.
     """
-    _tensor(x, "x", (torch.float16, torch.float32), dim=2)
-    qw, groups, perm, _ = _layer_parts(t, prescale)
-    if x.shape[1] != perm.shape[0]:
-        raise ValueError(f"x has {x.shape[1]} features, the layer has K = {perm.shape[0]}")
-    _same_device(x=x, q_weight=qw)
-    m, pre = _native(qw)
+    check_tensor(x, "x", (torch.float16, torch.float32), dim=2)
+    _layer(layer)
+    if x.shape[1] != layer.perm.shape[0]:
+        raise ValueError(f"x has {x.shape[1]} features, the layer has K = {layer.perm.shape[0]}")
+    _same_device(x=x, q_weight=layer.q_weight)
+    m, pre = _native(layer.q_weight)
     if m is None:
-        w = codec.dequantize_layer({k: v.cpu() for k, v in t.items()}, prescale, reference=True).to(qw.device)
-        return (x.to(torch.float32) @ w.t().to(torch.float32)).to(x.dtype)
-    scales = group_scales(t["q_scale"], t["q_scale_max"], prescale)
-    return getattr(m, pre + "matmul")(x.contiguous(), qw, scales, groups, perm).to(x.dtype)
+        return reference.matmul(x, layer)
+    return getattr(m, pre + "matmul")(x.contiguous(), layer.q_weight, layer.scales, layer.groups,
+                                      layer.perm).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------------
 # GPTQ
 # ------------------------------------------------------------------------------------------------
 
-def find_scales(w: torch.Tensor, bits: int):
-    """Scales of one group ``w [rows, N]`` fp32 (:func:`gptq.find_scales`); returns ``gptq.GroupScales``.
+def find_scales(w: torch.Tensor, bits: int) -> GroupScales:
+    """Scales of one group ``w [rows, N]`` fp32 (:func:`reference.find_scales`).
 
     The native search sums the 97 error totals in double (torch sums fp32 in its own order), so the two
     could pick different grid points only if two totals agree to ~1e-7 relative; no such tie has been
     seen in the tests (every width, shapes up to 128 x 257, whole GPTQ runs).  Everything else (base
     scales, codes, the fp16 scale_max and scales) is computed exactly as the reference does.
     """
-    from . import gptq
-
-    _tensor(w, "w", torch.float32, dim=2)
+    check_tensor(w, "w", torch.float32, dim=2)
     _bits(bits)
     if w.shape[0] == 0 or w.shape[1] == 0:
         raise ValueError(f"w must be non-empty, got shape {tuple(w.shape)}")
     m, pre = _native(w)
     if m is None:
-        return gptq.find_scales(w, bits)
+        return reference.find_scales(w, bits)
     codes, smax, scale = getattr(m, pre + "find_scales")(w.contiguous(), bits)
-    return gptq.GroupScales(codes, smax, scale)
+    return GroupScales(codes, smax, scale)
 
 
 def gptq_group(W: torch.Tensor, Hinv: torch.Tensor | None, a: int, scale: torch.Tensor, bits: int,
                codes: torch.Tensor, Q: torch.Tensor, err: torch.Tensor | None) -> None:
-    """GPTQ of the group of rows ``[a, a + rows)``, in place, as ``gptq.quantize``'s row loop.
+    """GPTQ's row loop over the group of rows ``[a, a + rows)``, in place (:func:`reference.gptq_group`).
 
     ``W [rows, N]`` fp32 (those rows of the permuted weight; updated in place), ``Hinv [K, K]`` fp32
     (None: round to nearest), ``scale [N]`` fp32 (fp16-exact), outputs ``codes [rows, N]`` int64,
@@ -212,11 +252,11 @@ def gptq_group(W: torch.Tensor, Hinv: torch.Tensor | None, a: int, scale: torch.
     err must be contiguous (row slices of contiguous [K, N] tensors are).  The update of the rows after
     the group stays with the caller (a matmul).
     """
-    _tensor(W, "W", torch.float32, dim=2, contiguous=True)
+    check_tensor(W, "W", torch.float32, dim=2, contiguous=True)
     rows, n = W.shape
-    _tensor(scale, "scale", torch.float32, dim=1, contiguous=True)
-    _tensor(codes, "codes", torch.int64, dim=2, contiguous=True)
-    _tensor(Q, "Q", torch.float32, dim=2, contiguous=True)
+    check_tensor(scale, "scale", torch.float32, dim=1, contiguous=True)
+    check_tensor(codes, "codes", torch.int64, dim=2, contiguous=True)
+    check_tensor(Q, "Q", torch.float32, dim=2, contiguous=True)
     _bits(bits)
     if scale.shape[0] != n:
         raise ValueError(f"scale has {scale.shape[0]} columns, W has {n}")
@@ -224,8 +264,8 @@ def gptq_group(W: torch.Tensor, Hinv: torch.Tensor | None, a: int, scale: torch.
         if t.shape != W.shape:
             raise ValueError(f"{name} must have W's shape {tuple(W.shape)}, got {tuple(t.shape)}")
     if Hinv is not None:
-        _tensor(Hinv, "Hinv", torch.float32, dim=2, contiguous=True)
-        _tensor(err, "err", torch.float32, dim=2, contiguous=True)
+        check_tensor(Hinv, "Hinv", torch.float32, dim=2, contiguous=True)
+        check_tensor(err, "err", torch.float32, dim=2, contiguous=True)
         if Hinv.shape[0] != Hinv.shape[1]:
             raise ValueError(f"Hinv must be square, got shape {tuple(Hinv.shape)}")
         if isinstance(a, bool) or not isinstance(a, int) or a < 0 or a + rows > Hinv.shape[0]:
@@ -235,15 +275,7 @@ def gptq_group(W: torch.Tensor, Hinv: torch.Tensor | None, a: int, scale: torch.
     _same_device(W=W, Hinv=Hinv, scale=scale, codes=codes, Q=Q, err=err)
     m, pre = _native(W)
     if m is None:
-        from .gptq import quantize_rows
-        if Hinv is None:
-            codes[:], Q[:] = quantize_rows(W, scale, bits)
-            return
-        for i in range(rows):
-            c = a + i
-            codes[i], Q[i] = quantize_rows(W[i], scale, bits)
-            err[i] = (W[i] - Q[i]) / Hinv[c, c]
-            W[i + 1:] -= Hinv[c, c + 1:a + rows].unsqueeze(1) * err[i].unsqueeze(0)    # [rows-i-1, N]
+        reference.gptq_group(W, Hinv, a, scale, bits, codes, Q, err)
         return
     empty = torch.empty(0, dtype=torch.float32, device=W.device)
     getattr(m, pre + "gptq_group")(W, empty if Hinv is None else Hinv, a if Hinv is not None else 0, scale, bits,
@@ -254,18 +286,21 @@ def gptq_group(W: torch.Tensor, Hinv: torch.Tensor | None, a: int, scale: torch.
 # KV cache
 # ------------------------------------------------------------------------------------------------
 
+def _kv_bits(bits) -> int:
+    if isinstance(bits, bool) or bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    return bits
+
+
 def kv_quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """fp16 ``x [..., D]`` -> (uint8 codes, fp16 scales), as :func:`kv_quant.kv_quantize`."""
-    from . import kv_quant
-
-    _tensor(x, "x", torch.float16)
-    if bits not in (4, 8) or isinstance(bits, bool):
-        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    check_tensor(x, "x", torch.float16)
+    _kv_bits(bits)
     if x.dim() < 1 or x.shape[-1] % 64:
         raise ValueError(f"x must have a last dimension that is a multiple of 64, got shape {tuple(x.shape)}")
     m, pre = _native(x)
     if m is None:
-        return kv_quant.kv_quantize(x, bits)
+        return reference.kv_quantize(x, bits)
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x holds inf or NaN")
     D = x.shape[-1]
@@ -279,15 +314,9 @@ def kv_quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]
 
 def kv_dequantize(q: torch.Tensor, scales: torch.Tensor, bits: int, D: int) -> torch.Tensor:
     """Inverse of :func:`kv_quantize` (as :func:`kv_quant.kv_dequantize`)."""
-    from . import kv_quant
-
-    _tensor(q, "q", torch.uint8)
-    _tensor(scales, "scales", torch.float16)
-    m, pre = _native(q)
-    if m is None:
-        return kv_quant.kv_dequantize(q, scales, bits, D)
-    if bits not in (4, 8) or isinstance(bits, bool):
-        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    check_tensor(q, "q", torch.uint8)
+    check_tensor(scales, "scales", torch.float16)
+    _kv_bits(bits)
     if isinstance(D, bool) or not isinstance(D, int) or D <= 0 or D % 64:
         raise ValueError(f"D must be a positive multiple of 64, got {D!r}")
     if q.dim() < 1 or q.shape[-1] != D * bits // 8:
@@ -297,6 +326,9 @@ def kv_dequantize(q: torch.Tensor, scales: torch.Tensor, bits: int, D: int) -> t
     if scales.shape[:-1] != q.shape[:-1]:
         raise ValueError(f"scales leading shape {tuple(scales.shape[:-1])} does not match q's {tuple(q.shape[:-1])}")
     _same_device(q=q, scales=scales)
+    m, pre = _native(q)
+    if m is None:
+        return reference.kv_dequantize(q, scales, bits, D)
     if not bool(torch.isfinite(scales).all()):
         raise ValueError("scales holds inf or NaN")
     lead = q.shape[:-1]

@@ -21,7 +21,7 @@ def layer(seed: int, bias: bool) -> dict[str, torch.Tensor]:
     codes = torch.randint(0, 16, (len(groups), 64), generator=g)
     smax = torch.rand(len(groups), generator=g) * 0.1 + 1e-3
     b = torch.randn(64, generator=g) if bias else None
-    return codec.pack_layer(q, groups, codes, smax, torch.randperm(256, generator=g), b, reference=True)
+    return codec.pack_layer(q, groups, codes, smax, torch.randperm(256, generator=g), b)
 
 
 def write_model(d, changes: dict[str, torch.Tensor]):

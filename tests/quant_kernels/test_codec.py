@@ -1,4 +1,10 @@
-"""The EXL2 codec against data it did not write: golden layers, hand-computed words, the spec's formula."""
+"""The EXL2 codec on the torch reference, against data it did not write: golden layers, hand-computed words,
+the spec's formula.
+
+Every test here runs on the forced reference path (``on_reference`` in conftest.py: ``ops`` routed to
+``reference.py`` and the native extension never looked up); test_native.py compares ``ops`` on the native
+kernels with this reference.
+"""
 from __future__ import annotations
 
 import json
@@ -9,9 +15,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from exl2.quant_kernels import codec
+from exl2.quant_kernels import codec, ops, reference
 from exl2.quant_kernels.codec import EXL2FormatError
 from exl2.quant_kernels.qparams import QParams, unique_options
+
+pytestmark = pytest.mark.usefixtures("on_reference")
 
 GOLDEN = Path(__file__).resolve().parents[2].parent / "shared" / "golden" / "exl2_layers.safetensors"
 
@@ -51,9 +59,12 @@ def test_golden_dequantize_bit_exact(case):
     info, t = cases[case]
     expected = t.pop("expected_weight")
     codec.validate_layer(t, name=case, expect_bias=info["bias"])
-    w = codec.dequantize_layer(t)
+    layer = codec.prepare_layer(t, name=case, expect_bias=info["bias"])
+    assert ops.backend(layer) == "reference"
+    w = reference.dequantize_layer(layer)
     assert w.shape == (info["padded_out"], info["in_features"])
     assert torch.equal(w.view(torch.int16), expected.view(torch.int16))
+    assert torch.equal(codec.dequantize_layer(t).view(torch.int16), expected.view(torch.int16))   # via ops
 
 
 @pytest.mark.parametrize("case", ["w4_g128_k576", "mix_8_4_3", "mix_6_5_bias_pad", "mix_3_2"])
@@ -95,7 +106,7 @@ def column(rows: int, values: dict[int, int]) -> torch.Tensor:
 def test_pack_2bit_by_hand():
     # 16 rows -> 1 word, row p at bits 2p. Codes 0,1,2,3 repeating: each byte is 0b11_10_01_00 = 0xE4.
     q = torch.tensor([0, 1, 2, 3] * 4).reshape(16, 1)
-    assert u32(codec.pack_bits(q, 2)) == [0xE4E4E4E4]
+    assert u32(reference.pack_bits(q, 2)) == [0xE4E4E4E4]
 
 
 def test_pack_3bit_by_hand():
@@ -103,13 +114,13 @@ def test_pack_3bit_by_hand():
     # Row 21 = 0b101: low bit at word1 bit 31, upper bits 0b10 at word2 bits 0..1.
     # Row 31 = 0b011 at word2 bits 3*(31-22)+2 = 29..31.  Row 0 = 0b110 at word0 bits 0..2.
     q = column(32, {0: 0b110, 10: 0b111, 21: 0b101, 31: 0b011})
-    assert u32(codec.pack_bits(q, 3)) == [0xC0000006, 0x80000001, 0x60000002]
+    assert u32(reference.pack_bits(q, 3)) == [0xC0000006, 0x80000001, 0x60000002]
 
 
 def test_pack_4bit_by_hand():
     # 8 rows -> 1 word, row p at bits 4p.
     q = torch.arange(8).reshape(8, 1) + 8
-    assert u32(codec.pack_bits(q, 4)) == [0xFEDCBA98]
+    assert u32(reference.pack_bits(q, 4)) == [0xFEDCBA98]
 
 
 def test_pack_5bit_by_hand():
@@ -120,7 +131,7 @@ def test_pack_5bit_by_hand():
     # row 25 = 0b10101: low 3 (0b101) word3 29..31 -> 0xA0000000; high 2 (0b10) word4 0..1 -> 0x2
     # row 31 = 0b00001: word4 bit 5*(31-26)+2 = 27 -> 0x08000000
     q = column(32, {6: 0b10110, 12: 0b11111, 19: 0b00011, 25: 0b10101, 31: 0b00001})
-    assert u32(codec.pack_bits(q, 5)) == [0x80000000, 0xF0000005, 0x80000001, 0xA0000001, 0x08000002]
+    assert u32(reference.pack_bits(q, 5)) == [0x80000000, 0xF0000005, 0x80000001, 0xA0000001, 0x08000002]
 
 
 def test_pack_6bit_by_hand():
@@ -130,12 +141,12 @@ def test_pack_6bit_by_hand():
     # row 10 = 0b100111: low 4 (0b0111) word1 28..31 -> 0x70000000; high 2 (0b10) word2 0..1 -> 0x2
     # row 15 = 0b111111: word2 bits 6*(15-11)+2 = 26..31 -> 0xFC000000
     q = column(16, {0: 1, 5: 0b110101, 10: 0b100111, 15: 0b111111})
-    assert u32(codec.pack_bits(q, 6)) == [0x40000001, 0x7000000D, 0xFC000002]
+    assert u32(reference.pack_bits(q, 6)) == [0x40000001, 0x7000000D, 0xFC000002]
 
 
 def test_pack_8bit_by_hand():
     q = torch.tensor([0x12, 0x34, 0x56, 0xF8]).reshape(4, 1)
-    assert u32(codec.pack_bits(q, 8)) == [0xF8563412]
+    assert u32(reference.pack_bits(q, 8)) == [0xF8563412]
 
 
 def test_scale_codes_by_hand():
@@ -163,9 +174,9 @@ def test_bitstream_round_trip(bits):
     g = torch.Generator().manual_seed(bits)
     rows = 96 if bits != 8 else 100
     q = torch.randint(0, 2**bits, (rows, 40), generator=g)
-    words = codec.pack_bits(q, bits)
+    words = reference.pack_bits(q, bits)
     assert words.shape == (rows * bits // 32, 40) and words.dtype == torch.int32
-    assert torch.equal(codec.unpack_bits(words, bits, rows), q)
+    assert torch.equal(reference.unpack_bits(words, bits, rows), q)
 
 
 def random_layer(qp: QParams, k: int, n: int, bias: bool, seed: int):
@@ -309,6 +320,59 @@ def test_validation_bias_expectation(good_layer):
 
 def test_pack_rejects_out_of_range_codes():
     with pytest.raises(EXL2FormatError, match=r"codes must lie in \[0, 7\]"):
-        codec.pack_bits(torch.full((32, 1), 8), 3)
+        reference.pack_bits(torch.full((32, 1), 8), 3)
     with pytest.raises(EXL2FormatError, match="not a whole number of 32-bit words"):
-        codec.pack_bits(torch.zeros(20, 1, dtype=torch.int64), 3)
+        reference.pack_bits(torch.zeros(20, 1, dtype=torch.int64), 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# The prepared layer: validated once, decoded once
+# ------------------------------------------------------------------------------------------------
+
+def test_prepared_layer_holds_the_decoded_format(good_layer):
+    layer = codec.prepare_layer(good_layer, prescale=0.5)
+    groups = codec.decode_groups(good_layer["q_groups"], good_layer["q_weight"].shape[0])
+    assert layer.group_list() == [(g.bits, g.rows, g.qrow) for g in groups]
+    assert layer.groups.dtype == torch.int64 and layer.perm.dtype == torch.int64
+    assert torch.equal(layer.perm, codec.unpack_layer(good_layer)[2])
+    scales16 = codec.decode_scales(codec.unpack_scale_codes(good_layer["q_scale"]), good_layer["q_scale_max"], 0.5)
+    assert layer.scales.dtype == torch.float32 and torch.equal(layer.scales, scales16.float())
+    assert layer.bias is good_layer["bias"] and layer.prescale == 0.5
+    assert (layer.in_features, layer.padded_out_features) == codec.layer_shape(good_layer) == (256, 64)
+    moved = layer.to("cpu")
+    for f in ("q_weight", "groups", "perm", "scales", "bias"):
+        assert torch.equal(getattr(moved, f), getattr(layer, f)), f
+
+
+def test_prepare_validates_and_names_the_layer(good_layer):
+    with pytest.raises(EXL2FormatError, match=r"blk\.q_scale_max: dtype must be torch\.float16"):
+        codec.prepare_layer({**good_layer, "q_scale_max": good_layer["q_scale_max"].float()}, name="blk")
+    with pytest.raises(EXL2FormatError, match=r"blk\.bias: present but the architecture has no bias here"):
+        codec.prepare_layer(good_layer, name="blk", expect_bias=False)
+    with pytest.raises(TypeError, match="blk.q_weight must be a torch.Tensor"):
+        codec.prepare_layer({**good_layer, "q_weight": good_layer["q_weight"].numpy()}, name="blk")
+    with pytest.raises(TypeError, match="layer must be a dict"):
+        codec.prepare_layer([good_layer])
+
+
+def test_calls_on_a_prepared_layer_neither_validate_nor_decode_again(good_layer, monkeypatch):
+    calls = {"validate_layer": 0, "decode_groups": 0}
+    for name in calls:
+        real = getattr(codec, name)
+
+        def counted(*a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*a, **kw)
+        monkeypatch.setattr(codec, name, counted)
+    layer = codec.prepare_layer(good_layer)
+    assert calls == {"validate_layer": 1, "decode_groups": 1}
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0))
+    w = ops.dequantize_layer(layer)
+    for _ in range(3):
+        y = ops.matmul(x, layer)
+    assert calls == {"validate_layer": 1, "decode_groups": 1}
+    assert torch.equal(y, x @ w.float().t())           # the reference matmul: the fp16 weight, one fp32 matmul
+    with pytest.raises(TypeError, match="layer must be a PreparedLayer"):
+        ops.matmul(x, good_layer)
+    with pytest.raises(TypeError, match="layer must be a PreparedLayer"):
+        ops.dequantize_layer(good_layer)

@@ -1,11 +1,18 @@
-"""GPTQ reference: output error vs round-to-nearest, monotone in bits, exact loader values, determinism."""
+"""GPTQ on the torch reference: output error vs round-to-nearest, monotone in bits, exact loader values,
+determinism.
+
+Every test runs on the forced reference path (``on_reference`` in conftest.py); test_native.py checks that
+the native kernels give the same codes and scales.
+"""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from exl2.quant_kernels import codec, gptq
+from exl2.quant_kernels import codec, gptq, reference
 from exl2.quant_kernels.qparams import QParams
+
+pytestmark = pytest.mark.usefixtures("on_reference")
 
 
 @pytest.fixture(scope="module")
@@ -84,13 +91,13 @@ def test_scale_search_picks_best_multiplier():
     """find_scales' multiplier is the grid point with the least |error|^3.5 (checked by brute force)."""
     g = torch.Generator().manual_seed(1)
     w = torch.randn(64, 32, generator=g)
-    s = gptq.find_scales(w, 4)
+    s = reference.find_scales(w, 4)
     assert s.codes.min() >= 0 and s.codes.max() <= 15
     # The column with the largest |w| has the largest code (15: multiplier 16).
     assert int(s.codes[w.abs().amax(0).argmax()]) == 15
 
     def err(scale):
-        q, deq = gptq.quantize_rows(w, scale, 4)
+        q, deq = reference.quantize_rows(w, scale, 4)
         return float((deq - w).abs().pow(3.5).sum())
 
     e_best = err(s.scale)
@@ -138,21 +145,21 @@ def test_refine_codes_is_the_least_squared_error_nearby(bits):
     g = torch.Generator().manual_seed(bits)
     w = torch.randn(64, 48, generator=g) * torch.linspace(0.05, 1.0, 48)      # columns of unequal range
     w[:, 0] = 0.0                                                             # an all-zero column
-    gs = gptq.find_scales(w, bits)
+    gs = reference.find_scales(w, bits)
     r = gptq.refine_codes(w, gs, bits, span=2)
     assert torch.equal(r.scale_max, gs.scale_max) and r.codes.min() >= 0 and r.codes.max() <= 15
-    torch.testing.assert_close(r.scale, codec.group_scales(r.codes[None], r.scale_max.reshape(1))[0].float(),
+    torch.testing.assert_close(r.scale, codec.decode_scales(r.codes[None], r.scale_max.reshape(1))[0].float(),
                                rtol=0, atol=0)
 
     def col_err(scale):
-        return (gptq.quantize_rows(w, scale, bits)[1] - w).pow(2).sum(0)
+        return (reference.quantize_rows(w, scale, bits)[1] - w).pow(2).sum(0)
 
     before, after = col_err(gs.scale), col_err(r.scale)
     assert bool((after <= before).all())
     assert float(after.sum()) < float(before.sum())          # it finds something on such columns
     for c in range(w.shape[1]):
         cands = sorted({min(15, max(0, int(gs.codes[c]) + d)) for d in range(-2, 3)})
-        errs = [float(col_err(codec.group_scales(torch.full((1, w.shape[1]), k), gs.scale_max.reshape(1))[0]
+        errs = [float(col_err(codec.decode_scales(torch.full((1, w.shape[1]), k), gs.scale_max.reshape(1))[0]
                               .float())[c]) for k in cands]
         best = min(errs)
         assert int(r.codes[c]) == cands[errs.index(best)], f"column {c}"
@@ -161,10 +168,10 @@ def test_refine_codes_is_the_least_squared_error_nearby(bits):
 def test_refine_codes_span_zero_and_zero_group_keep_codes():
     g = torch.Generator().manual_seed(5)
     w = torch.randn(32, 16, generator=g)
-    gs = gptq.find_scales(w, 3)
+    gs = reference.find_scales(w, 3)
     assert gptq.refine_codes(w, gs, 3, span=0) is gs
     z = torch.zeros(32, 16)
-    gz = gptq.find_scales(z, 3)
+    gz = reference.find_scales(z, 3)
     assert gptq.refine_codes(z, gz, 3) is gz
 
 
@@ -187,15 +194,15 @@ def test_refine_codes_row_weight_is_the_weighted_least_error_nearby():
     g = torch.Generator().manual_seed(11)
     w = torch.randn(64, 40, generator=g) * torch.linspace(0.05, 1.0, 40)
     rw = torch.rand(64, generator=g) * 10 + 0.1
-    gs = gptq.find_scales(w, 3)
+    gs = reference.find_scales(w, 3)
     assert torch.equal(gptq.refine_codes(w, gs, 3, row_weight=torch.ones(64)).codes, gptq.refine_codes(w, gs, 3).codes)
     r = gptq.refine_codes(w, gs, 3, span=2, row_weight=rw)
     for c in range(w.shape[1]):
         cands = sorted({min(15, max(0, int(gs.codes[c]) + d)) for d in range(-2, 3)})
         errs = []
         for k in cands:
-            s = codec.group_scales(torch.full((1, w.shape[1]), k), gs.scale_max.reshape(1))[0].float()
-            errs.append(float((rw * (gptq.quantize_rows(w, s, 3)[1] - w).pow(2)[:, c]).sum()))
+            s = codec.decode_scales(torch.full((1, w.shape[1]), k), gs.scale_max.reshape(1))[0].float()
+            errs.append(float((rw * (reference.quantize_rows(w, s, 3)[1] - w).pow(2)[:, c]).sum()))
         assert int(r.codes[c]) == cands[errs.index(min(errs))], f"column {c}"
 
 

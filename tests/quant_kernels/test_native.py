@@ -1,22 +1,29 @@
-"""Native kernels (quant_kernels/csrc via ops.py) against the torch reference: bit for bit.
+"""``ops`` on the native kernels (quant_kernels/csrc) against ``reference.py``: bit for bit.
 
-The extension is built once per session by the ``native`` fixture (first build about 30 s on two
-cores, then loaded from the cache in ~1 s).  CUDA tests at the end run only with a device.
+Expected values come from ``reference.<op>`` called directly, or from composers run inside
+``paths.reference()``; the calls under test run inside ``paths.native()``, where an op that fell back to its
+torch twin would raise (conftest.py), so a pass means the native kernel ran.  The extension is built once per
+session by the ``native`` fixture (first build about 30 s on two cores, then loaded from the cache in ~1 s);
+without it these tests are skipped with the reason.  CUDA tests at the end run only with a device.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
-from exl2.quant_kernels import codec, ext, gptq, kv_quant, ops
+from exl2.quant_kernels import codec, ext, gptq, ops, reference
 from exl2.quant_kernels.codec import EXL2FormatError
 from exl2.quant_kernels.qparams import QParams
 
 WIDTHS = (2, 3, 4, 5, 6, 8)
+GOLDEN = Path(__file__).resolve().parents[2].parent / "shared" / "golden" / "exl2_layers.safetensors"
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +54,8 @@ def make_layer(k, n, groups, seed=0, bias=False):
     smax = torch.rand(len(groups), generator=g) * 0.1 + 1e-3
     perm = torch.randperm(k, generator=g)
     b = torch.randn(n, generator=g) if bias else None
-    return codec.pack_layer(q, groups, codes, smax, perm, b, reference=True)
+    with ops.reference_only():
+        return codec.pack_layer(q, groups, codes, smax, perm, b)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -86,15 +94,19 @@ def test_float_to_half_exhaustive(native):
 
 @pytest.mark.parametrize("bits", WIDTHS)
 @pytest.mark.parametrize("rows_mult,n", [(1, 1), (1, 33), (3, 70), (4, 256)])
-def test_pack_unpack_bit_exact(native, bits, rows_mult, n):
+def test_pack_unpack_bit_exact(native, paths, bits, rows_mult, n):
     rows = rows_mult * 32 // {2: 2, 3: 1, 4: 4, 5: 1, 6: 2, 8: 8}[bits]   # includes minimal whole-word runs
     g = torch.Generator().manual_seed(bits * 100 + n)
     q = torch.randint(0, 2**bits, (rows, n), generator=g)
     q[0] = 2**bits - 1                                                     # all ones crossing word edges
-    words = ops.pack_bits(q, bits)
-    assert same(words, codec.pack_bits(q, bits))
-    assert same(ops.unpack_bits(words, bits, rows), codec.unpack_bits(words, bits, rows))
-    assert torch.equal(ops.unpack_bits(words, bits, rows), q)
+    ref = reference.pack_bits(q, bits)
+    with paths.native():
+        assert ops.backend(q) == "cpu"
+        words = ops.pack_bits(q, bits)
+        back = ops.unpack_bits(words, bits, rows)
+    assert same(words, ref)
+    assert same(back, reference.unpack_bits(ref, bits, rows))
+    assert torch.equal(back, q)
 
 
 LAYERS = [
@@ -107,23 +119,59 @@ LAYERS = [
 
 @pytest.mark.parametrize("k,n,groups", LAYERS)
 @pytest.mark.parametrize("prescale", [1.0, 0.7])
-def test_dequantize_layer_bit_exact(native, k, n, groups, prescale):
+def test_dequantize_layer_bit_exact(native, paths, k, n, groups, prescale):
     t = make_layer(k, n, groups, seed=k + n, bias=True)
-    ref = codec.dequantize_layer(t, prescale, reference=True)
-    assert same(ops.dequantize_layer(t, prescale), ref)
-    assert same(codec.dequantize_layer(t, prescale), ref)          # codec's default routes natively
-    scales = codec.group_scales(codec.unpack_scale_codes(t["q_scale"]), t["q_scale_max"], prescale)
-    assert same(ops.group_scales(t["q_scale"], t["q_scale_max"], prescale), scales.to(torch.float32))
+    with paths.reference():
+        ref_layer = codec.prepare_layer(t, prescale)
+    ref = reference.dequantize_layer(ref_layer)
+    ref_scales = reference.group_scales(t["q_scale"], t["q_scale_max"], prescale)
+    assert same(ref_layer.scales, ref_scales)
+    with paths.native():
+        layer = codec.prepare_layer(t, prescale)                   # scales decoded by the native kernel
+        assert ops.backend(layer) == "cpu"
+        got = ops.dequantize_layer(layer)
+        via_codec = codec.dequantize_layer(t, prescale)
+        scales = ops.group_scales(t["q_scale"], t["q_scale_max"], prescale)
+    assert same(layer.scales, ref_scales) and same(scales, ref_scales)
+    assert same(got, ref) and same(via_codec, ref)
+
+
+def golden_layers():
+    if not GOLDEN.exists():
+        pytest.skip(f"golden file not found at {GOLDEN}")
+    f = safe_open(str(GOLDEN), "pt")
+    for name in json.loads(f.metadata()["cases"]):
+        t = {k.split(".", 1)[1]: f.get_tensor(k) for k in f.keys() if k.startswith(name + ".")}
+        yield name, t
+
+
+def test_golden_layers_native_equals_reference(native, paths):
+    """The golden layers (another writer's) through the native dequantize and matmul: equal to the reference
+    (test_codec.py checks the reference against the loader's expected weights)."""
+    for name, t in golden_layers():
+        expected = t.pop("expected_weight")
+        with paths.reference():
+            ref = reference.dequantize_layer(codec.prepare_layer(t))
+        with paths.native():
+            layer = codec.prepare_layer(t)
+            got = ops.dequantize_layer(layer)
+            x = torch.randn(4, layer.in_features, generator=torch.Generator().manual_seed(1))
+            y = ops.matmul(x, layer)
+        assert same(got, ref) and same(got, expected), name
+        r = x @ ref.float().t()
+        assert bool(((y - r).abs() <= 1.5e-6 * (x.abs() @ ref.float().abs().t()) + 1e-30).all()), name
 
 
 @pytest.mark.parametrize("k,n,groups", LAYERS)
 @pytest.mark.parametrize("m", [1, 5, 33])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_matmul_within_tolerance(native, k, n, groups, m, dtype):
+def test_matmul_within_tolerance(native, paths, k, n, groups, m, dtype):
     t = make_layer(k, n, groups, seed=7)
-    w = codec.dequantize_layer(t, reference=True).to(torch.float32)        # [Np, K]
+    with paths.reference():
+        w = reference.dequantize_layer(codec.prepare_layer(t)).to(torch.float32)   # [Np, K]
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
-    y = ops.matmul(x, t)
+    with paths.native():
+        y = ops.matmul(x, codec.prepare_layer(t))
     assert y.dtype == dtype and y.shape == (m, w.shape[0])
     ref = x.to(torch.float32) @ w.t()
     mag = x.to(torch.float32).abs() @ w.abs().t()
@@ -141,21 +189,24 @@ def test_matmul_within_tolerance(native, k, n, groups, m, dtype):
 
 @pytest.mark.parametrize("bits", WIDTHS)
 @pytest.mark.parametrize("rows,n", [(32, 1), (128, 70), (64, 257)])
-def test_find_scales_bit_exact(native, bits, rows, n):
+def test_find_scales_bit_exact(native, paths, bits, rows, n):
     g = torch.Generator().manual_seed(bits + rows + n)
     w = torch.randn(rows, n, generator=g) * torch.rand(n, generator=g) * 0.05
     if n > 2:
         w[:, 1] = 0.0                                                      # an all-zero column
-    ref = gptq.find_scales(w, bits)
-    got = ops.find_scales(w, bits)
+    ref = reference.find_scales(w, bits)
+    with paths.native():
+        got = ops.find_scales(w, bits)
     assert same(got.codes, ref.codes)
     assert same(got.scale_max, ref.scale_max)
     assert same(got.scale, ref.scale)
 
 
-def test_find_scales_all_zero_group(native):
+def test_find_scales_all_zero_group(native, paths):
     w = torch.zeros(32, 40)
-    ref, got = gptq.find_scales(w, 4), ops.find_scales(w, 4)
+    ref = reference.find_scales(w, 4)
+    with paths.native():
+        got = ops.find_scales(w, 4)
     assert same(got.codes, ref.codes) and same(got.scale_max, ref.scale_max) and same(got.scale, ref.scale)
 
 
@@ -167,25 +218,38 @@ def _hinv(k, seed):
 
 
 @pytest.mark.parametrize("bits", WIDTHS)
-def test_gptq_group_step_bit_exact(native, bits):
-    """One group [a, b) of a K=256 matrix, given scales: same codes, values, errors and updated rows."""
+def test_gptq_group_step_bit_exact(native, paths, bits):
+    """One group [a, b) of a K=256 matrix, given scales: same codes, values, errors and updated rows from
+    the loop written out here, reference.gptq_group and the native kernel (and, without Hinv, rounding)."""
     k, n, a, b = 256, 70, 64, 192
     prep = _hinv(k, bits)
     g = torch.Generator().manual_seed(bits)
     W0 = torch.randn(k, n, generator=g) * 0.02
-    scale = gptq.find_scales(W0[a:b], bits).scale
+    scale = reference.find_scales(W0[a:b], bits).scale
     W_ref = W0.clone()
     codes_ref, Q_ref, err_ref = (torch.empty(b - a, n, dtype=torch.int64), torch.empty(b - a, n), torch.empty(b - a, n))
     Hinv = prep.hinv
-    for c in range(a, b):                    # the reference loop of gptq.quantize
+    for c in range(a, b):                    # GPTQ's row loop, EXL2-SPEC.md 1.6
         i = c - a
-        codes_ref[i], Q_ref[i] = gptq.quantize_rows(W_ref[c], scale, bits)
+        codes_ref[i], Q_ref[i] = reference.quantize_rows(W_ref[c], scale, bits)
         err_ref[i] = (W_ref[c] - Q_ref[i]) / Hinv[c, c]
         W_ref[c + 1:b] -= Hinv[c, c + 1:b].unsqueeze(1) * err_ref[i].unsqueeze(0)
-    W = W0.clone()
-    codes, Q, err = torch.empty_like(codes_ref), torch.empty_like(Q_ref), torch.empty_like(err_ref)
-    ops.gptq_group(W[a:b], Hinv, a, scale, bits, codes, Q, err)
+
+    def run(fn, hinv):
+        W = W0.clone()
+        codes, Q, err = torch.empty_like(codes_ref), torch.empty_like(Q_ref), torch.empty_like(err_ref)
+        fn(W[a:b], hinv, a, scale, bits, codes, Q, None if hinv is None else err)
+        return W, codes, Q, err
+
+    W, codes, Q, err = run(reference.gptq_group, Hinv)
     assert same(codes, codes_ref) and same(Q, Q_ref) and same(err, err_ref) and same(W, W_ref)
+    with paths.native():
+        W, codes, Q, err = run(ops.gptq_group, Hinv)
+        rtn = run(ops.gptq_group, None)
+    assert same(codes, codes_ref) and same(Q, Q_ref) and same(err, err_ref) and same(W, W_ref)
+    rtn_ref = run(reference.gptq_group, None)
+    assert all(same(x, y) for x, y in zip(rtn[:3], rtn_ref[:3]))
+    assert same(rtn[0], W0)                  # round to nearest leaves W as it was
 
 
 RUNS = [   # (option, K, N): mixed widths and group sizes, K % 128 != 0, N needing padding
@@ -197,16 +261,19 @@ RUNS = [   # (option, K, N): mixed widths and group sizes, K % 128 != 0, N needi
 
 
 @pytest.mark.parametrize("qp,k,n", RUNS, ids=lambda v: v.desc() if isinstance(v, QParams) else str(v))
-def test_whole_gptq_run_bit_exact(native, qp, k, n):
-    """gptq.quantize native vs reference=True: same tensors (codes, scales, groups) and same weight."""
+def test_whole_gptq_run_bit_exact(native, paths, qp, k, n):
+    """gptq.quantize on the native kernels vs on the reference: same tensors (codes, scales, groups) and
+    the same weight."""
     if any(b == 2 for b, r in qp.row_groups(k) if r % 16) or any(b != 2 and r % 32 for b, r in qp.row_groups(k)):
         pytest.skip("option cannot cut this K into whole words")
     prep = _hinv(k, k)
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(n)) * 0.02
     bias = torch.randn(n)
     for p in (prep, gptq.Prepared(prep.perm, None)):                     # GPTQ and round-to-nearest
-        ref = gptq.quantize(w, qp, p, bias, reference=True)
-        got = gptq.quantize(w, qp, p, bias)
+        with paths.reference():
+            ref = gptq.quantize(w, qp, p, bias)
+        with paths.native():
+            got = gptq.quantize(w, qp, p, bias)
         assert ref.tensors.keys() == got.tensors.keys()
         for key in ref.tensors:
             assert same(got.tensors[key], ref.tensors[key]), key
@@ -219,22 +286,24 @@ def test_whole_gptq_run_bit_exact(native, qp, k, n):
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("shape", [(1, 64), (3, 5, 128), (7, 512)])
-def test_kv_bit_exact(native, bits, shape):
+def test_kv_bit_exact(native, paths, bits, shape):
     g = torch.Generator().manual_seed(bits + shape[-1])
     x = (torch.randn(shape, generator=g) * torch.logspace(-3, 1.5, shape[-1])).to(torch.float16)
     x.reshape(-1, shape[-1])[0, :32] = 0                                  # zero inputs
     x.reshape(-1, 64)[-1] = 0                                             # an all-zero chunk (m = 0 groups)
-    q_ref, s_ref = kv_quant.kv_quantize(x, bits)
-    q, s = ops.kv_quantize(x, bits)
+    q_ref, s_ref = reference.kv_quantize(x, bits)
+    with paths.native():
+        q, s = ops.kv_quantize(x, bits)
+        back = ops.kv_dequantize(q, s, bits, shape[-1])
     assert same(q, q_ref) and same(s, s_ref)
-    assert same(ops.kv_dequantize(q, s, bits, shape[-1]), kv_quant.kv_dequantize(q_ref, s_ref, bits, shape[-1]))
+    assert same(back, reference.kv_dequantize(q_ref, s_ref, bits, shape[-1]))
 
 
-def test_kv_overflow_raises_like_reference(native):
+def test_kv_overflow_raises_like_reference(native, paths):
     x = torch.full((1, 64), 3000.0, dtype=torch.float16)
     with pytest.raises(ValueError, match="overflows"):
-        kv_quant.kv_quantize(x, 4)
-    with pytest.raises(ValueError, match="overflows"):
+        reference.kv_quantize(x, 4)
+    with paths.native(), pytest.raises(ValueError, match="overflows"):
         ops.kv_quantize(x, 4)
 
 
@@ -242,7 +311,15 @@ def test_kv_overflow_raises_like_reference(native):
 # Front doors, fallback, lazy build
 # ------------------------------------------------------------------------------------------------
 
-def test_front_doors_name_bad_tensors(native):
+@pytest.mark.parametrize("path", ["native", "reference"])
+def test_front_doors_name_bad_tensors(native, paths, path):
+    """The same checks, and messages, whichever path the op would then take."""
+    t = make_layer(128, 32, [(4, 128)])
+    with getattr(paths, path)():
+        _bad_tensors(t)
+
+
+def _bad_tensors(t):
     q = torch.zeros(32, 8, dtype=torch.int64)
     with pytest.raises(TypeError, match="q must have dtype"):
         ops.pack_bits(q.float(), 4)
@@ -275,25 +352,83 @@ def test_front_doors_name_bad_tensors(native):
         ops.kv_quantize(torch.zeros(1, 48, dtype=torch.float16), 4)
     with pytest.raises(ValueError, match="scales must have last dimension"):
         ops.kv_dequantize(torch.zeros(1, 32, dtype=torch.uint8), torch.zeros(1, 3, dtype=torch.float16), 4, 64)
-    t = make_layer(128, 32, [(4, 128)])
+    layer = codec.prepare_layer(t)
     with pytest.raises(ValueError, match="x has 100 features"):
-        ops.matmul(torch.zeros(1, 100), t)
+        ops.matmul(torch.zeros(1, 100), layer)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        ops.matmul(torch.zeros(1, 128, dtype=torch.float64), layer)
+    with pytest.raises(TypeError, match="layer must be a PreparedLayer"):
+        ops.matmul(torch.zeros(1, 128), t)
     with pytest.raises(EXL2FormatError, match="q_scale_max"):
-        ops.dequantize_layer({**t, "q_scale_max": t["q_scale_max"].float()})
+        codec.prepare_layer({**t, "q_scale_max": t["q_scale_max"].float()})
+    with pytest.raises(ValueError, match="q_weight is not aligned"):
+        codec.prepare_layer({**t, "q_weight": _misaligned(t["q_weight"])})
 
 
-def test_no_ext_forces_reference(native, monkeypatch):
+def _misaligned(x: torch.Tensor) -> torch.Tensor:
+    """A copy of int32 ``x`` whose data starts 2 bytes past a 4-byte boundary."""
+    buf = bytearray(x.numel() * 4 + 2)
+    y = torch.frombuffer(buf, dtype=torch.int32, offset=2, count=x.numel()).reshape(x.shape)
+    y.copy_(x)
+    return y
+
+
+class Recorder:
+    """Stands in for ``ops.reference`` and notes which torch twins ops called."""
+
+    def __init__(self):
+        self.called = []
+
+    def __getattr__(self, name):
+        self.called.append(name)
+        return getattr(reference, name)
+
+
+def test_no_ext_env_forces_reference(native, paths, monkeypatch):
     t = make_layer(304, 70, LAYERS[1][2], seed=3)
     x = torch.randn(3, 304)
     w = torch.randn(128, 70) * 0.02
-    native_out = (ops.dequantize_layer(t), ops.find_scales(w, 4).scale_max)
+    with paths.native():
+        layer = codec.prepare_layer(t)
+        native_out = (ops.dequantize_layer(layer), ops.find_scales(w, 4).scale_max)
     monkeypatch.setenv("EXL2_NO_EXT", "1")
-    assert ops.backend(x) == "reference" and ext.get() is None
-    assert same(ops.dequantize_layer(t), native_out[0])
+    rec = Recorder()
+    monkeypatch.setattr(ops, "reference", rec)
+    assert ops.backend(x) == "reference" and ops.backend(layer) == "reference" and ext.get() is None
+    assert same(ops.dequantize_layer(layer), native_out[0])
     assert same(ops.find_scales(w, 4).scale_max, native_out[1])
-    assert same(ops.matmul(x, t), x @ codec.dequantize_layer(t, reference=True).float().t())
+    assert same(ops.matmul(x, layer), x @ native_out[0].float().t())
     q, s = ops.kv_quantize(torch.ones(2, 64, dtype=torch.float16), 8)
     assert q.shape == (2, 64)
+    assert rec.called == ["dequantize_layer", "find_scales", "matmul", "kv_quantize"]
+
+
+def test_reference_only_switch(native, monkeypatch):
+    x = torch.zeros(2, 8, dtype=torch.int64)
+    assert ops.backend(x) == "cpu"
+    rec = Recorder()
+    monkeypatch.setattr(ops, "reference", rec)
+    with ops.reference_only():
+        assert ops.backend(x) == "reference"
+        with ops.reference_only():
+            words = ops.pack_bits(torch.ones(8, 3, dtype=torch.int64), 4)
+        assert ops.backend(x) == "reference"                  # the inner block restored the outer setting
+    assert ops.backend(x) == "cpu" and rec.called == ["pack_bits"]
+    assert same(words, ops.pack_bits(torch.ones(8, 3, dtype=torch.int64), 4)) and rec.called == ["pack_bits"]
+    assert ops.force_reference(True) is False
+    try:
+        assert ops.backend(x) == "reference"
+    finally:
+        assert ops.force_reference(False) is True
+    assert ops.backend(x) == "cpu"
+
+    @ops.reference_only()
+    def decorated():
+        return ops.backend(x)
+    assert decorated() == "reference" and ops.backend(x) == "cpu"
+    with pytest.raises(RuntimeError), ops.reference_only():
+        raise RuntimeError("an error inside still restores the setting")
+    assert ops.backend(x) == "cpu"
 
 
 def test_build_failure_falls_back_with_one_line(monkeypatch, capsys):
@@ -307,13 +442,15 @@ def test_build_failure_falls_back_with_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no compiler here" in err[0] and "reference" in err[0]
     assert ops.backend(torch.zeros(1)) == "reference"
-    assert same(ops.pack_bits(torch.ones(8, 3, dtype=torch.int64), 4), codec.pack_bits(torch.ones(8, 3, dtype=torch.int64), 4))
+    ones = torch.ones(8, 3, dtype=torch.int64)
+    assert same(ops.pack_bits(ones, 4), reference.pack_bits(ones, 4))
 
 
 def test_import_never_builds(tmp_path):
     env = {**os.environ, "EXL2_EXT_DIR": str(tmp_path / "ext")}
     env.pop("EXL2_NO_EXT", None)
-    code = "import exl2.quant_kernels.ops, exl2.quant_kernels.gptq, exl2.quant_kernels.codec, exl2.quant_kernels.ext"
+    code = ("import exl2.quant_kernels.ops, exl2.quant_kernels.gptq, exl2.quant_kernels.codec, exl2.quant_kernels.ext, "
+            "exl2.quant_kernels.reference, exl2.quant_kernels.layout")
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
     assert not (tmp_path / "ext").exists()
 
@@ -332,56 +469,70 @@ def _cuda(native):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("bits", WIDTHS)
-def test_cuda_pack_unpack(native, bits):
+def test_cuda_pack_unpack(native, paths, bits):
     dev = _cuda(native)
     q = torch.randint(0, 2**bits, (96, 70), generator=torch.Generator().manual_seed(bits))
-    words = ops.pack_bits(q.to(dev), bits)
-    assert same(words.cpu(), codec.pack_bits(q, bits))
-    assert torch.equal(ops.unpack_bits(words, bits, 96).cpu(), q)
+    with paths.native():
+        assert ops.backend(q.to(dev)) == "cuda"
+        words = ops.pack_bits(q.to(dev), bits)
+        back = ops.unpack_bits(words, bits, 96).cpu()
+    assert same(words.cpu(), reference.pack_bits(q, bits))
+    assert torch.equal(back, q)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("k,n,groups", LAYERS)
-def test_cuda_dequantize_and_matmul(native, k, n, groups):
+def test_cuda_dequantize_and_matmul(native, paths, k, n, groups):
     dev = _cuda(native)
     t = make_layer(k, n, groups, seed=1)
-    ref = codec.dequantize_layer(t, reference=True)
+    with paths.reference():
+        ref_layer = codec.prepare_layer(t)
+    ref = reference.dequantize_layer(ref_layer)
     td = {key: v.to(dev) for key, v in t.items()}
-    assert same(ops.dequantize_layer(td).cpu(), ref)
-    for m in (1, 8, 32, 40):                     # fused small-M kernel and the large-M path
-        x = torch.randn(m, k)
-        y = ops.matmul(x.to(dev), td).cpu()
-        r = x @ ref.float().t()
-        assert bool(((y - r).abs() <= 1.5e-6 * (x.abs() @ ref.float().abs().t()) + 1e-30).all())
+    with paths.native():
+        layer = codec.prepare_layer(td)                    # validated and decoded on the device
+        assert ops.backend(layer) == "cuda"
+        assert same(layer.scales.cpu(), ref_layer.scales)
+        assert same(ops.dequantize_layer(layer).cpu(), ref)
+        moved = ref_layer.to(dev)                          # prepared on the CPU, then moved
+        assert ops.backend(moved) == "cuda" and same(ops.dequantize_layer(moved).cpu(), ref)
+        for m in (1, 8, 32, 40):                           # fused small-M kernel and the large-M path
+            x = torch.randn(m, k)
+            y = ops.matmul(x.to(dev), layer).cpu()
+            r = x @ ref.float().t()
+            assert bool(((y - r).abs() <= 1.5e-6 * (x.abs() @ ref.float().abs().t()) + 1e-30).all())
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("bits", WIDTHS)
-def test_cuda_find_scales_and_group_step(native, bits):
+def test_cuda_find_scales_and_group_step(native, paths, bits):
     dev = _cuda(native)
     k, n, a, b = 256, 70, 64, 192
     prep = _hinv(k, bits)
     W0 = torch.randn(k, n, generator=torch.Generator().manual_seed(bits)) * 0.02
-    ref = gptq.find_scales(W0[a:b], bits)
-    got = ops.find_scales(W0[a:b].to(dev), bits)
+    ref = reference.find_scales(W0[a:b], bits)
+    outs = []
+    with paths.native():
+        got = ops.find_scales(W0[a:b].to(dev), bits)
+        for d in ("cpu", dev):
+            W = W0.clone().to(d)
+            codes = torch.empty(b - a, n, dtype=torch.int64, device=d)
+            Q, err = torch.empty(b - a, n, device=d), torch.empty(b - a, n, device=d)
+            ops.gptq_group(W[a:b], prep.hinv.to(d), a, ref.scale.to(d), bits, codes, Q, err)
+            outs.append([t.cpu() for t in (W, codes, Q, err)])
     assert same(got.codes.cpu(), ref.codes) and same(got.scale_max.cpu(), ref.scale_max)
     assert same(got.scale.cpu(), ref.scale)
-    outs = []
-    for d in ("cpu", dev):
-        W = W0.clone().to(d)
-        codes = torch.empty(b - a, n, dtype=torch.int64, device=d)
-        Q, err = torch.empty(b - a, n, device=d), torch.empty(b - a, n, device=d)
-        ops.gptq_group(W[a:b], prep.hinv.to(d), a, ref.scale.to(d), bits, codes, Q, err)
-        outs.append([t.cpu() for t in (W, codes, Q, err)])
     assert all(same(x, y) for x, y in zip(*outs))
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("bits", [4, 8])
-def test_cuda_kv(native, bits):
+def test_cuda_kv(native, paths, bits):
     dev = _cuda(native)
     x = (torch.randn(9, 256, generator=torch.Generator().manual_seed(bits)) * 5).to(torch.float16)
-    q_ref, s_ref = kv_quant.kv_quantize(x, bits)
-    q, s = ops.kv_quantize(x.to(dev), bits)
+    q_ref, s_ref = reference.kv_quantize(x, bits)
+    with paths.native():
+        q, s = ops.kv_quantize(x.to(dev), bits)
+        back = ops.kv_dequantize(q, s, bits, 256).cpu()
     assert same(q.cpu(), q_ref) and same(s.cpu(), s_ref)
-    assert same(ops.kv_dequantize(q, s, bits, 256).cpu(), kv_quant.kv_dequantize(q_ref, s_ref, bits, 256))
+    assert same(back, reference.kv_dequantize(q_ref, s_ref, bits, 256))
