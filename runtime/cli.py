@@ -124,21 +124,21 @@ def _out_file(path: str | None, flag: str) -> Path | None:
     return p
 
 
-def _load(model_dir: Path, device: str, flag: str = "MODEL_DIR"):
+def _load(model_dir: Path, device: str, flag: str = "MODEL_DIR", exl2: str = "packed"):
     from .loader import CheckpointError, load_model
 
     try:
-        return load_model(model_dir, device=device)
+        return load_model(model_dir, device=device, exl2=exl2)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         raise UserError(f"{flag} {model_dir}: {e}") from None
 
 
-def _parts(model_dir: Path, device: str, flag: str = "MODEL_DIR"):
+def _parts(model_dir: Path, device: str, flag: str = "MODEL_DIR", exl2: str = "packed"):
     """The checkpoint's ModelParts (config and every tensor's header checked; nothing loaded yet)."""
     from .loader import CheckpointError, ModelParts
 
     try:
-        return ModelParts(model_dir, device=device)
+        return ModelParts(model_dir, device=device, exl2=exl2)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         raise UserError(f"{flag} {model_dir}: {e}") from None
 
@@ -182,6 +182,7 @@ class EvalArgs:
     device: str = "cpu"
     progress: bool = True
     stream: str = "auto"  # full-mode passes layer by layer: auto (when a model would not fit), always, never
+    exl2: str = "packed"  # EXL2 layers kept packed (computed by the EXL2 kernels) or rebuilt dense at load
 
 
 def run_eval(a: EvalArgs) -> list[dict]:
@@ -207,7 +208,7 @@ def run_eval(a: EvalArgs) -> list[dict]:
     from .stream import fmt_bytes, peak_memory
     from .stream import plan as stream_plan
 
-    parts = _parts(a.model_dir, a.device)
+    parts = _parts(a.model_dir, a.device, exl2=a.exl2)
     cfg = parts.cfg
     needs_resident = a.humaneval or (a.data is not None and "cache" in a.modes)
     model = None
@@ -218,7 +219,7 @@ def run_eval(a: EvalArgs) -> list[dict]:
             rows = load_data_rows(a.model_dir, a.data, a.rows, a.length, bos=a.bos, text_column=a.text_column)
         except (CalibrationError, ValueError) as e:
             raise UserError(f"--data {a.data}: {e}") from None
-        ref_parts = _parts(a.kld_ref, a.device, "--kld-ref") if a.kld_ref is not None else None
+        ref_parts = _parts(a.kld_ref, a.device, "--kld-ref", a.exl2) if a.kld_ref is not None else None
         if ref_parts is not None and ref_parts.cfg.vocab_size != cfg.vocab_size:
             raise UserError(f"--kld-ref {a.kld_ref}: vocabulary {ref_parts.cfg.vocab_size} != the model's "
                             f"{cfg.vocab_size}")
@@ -237,7 +238,7 @@ def run_eval(a: EvalArgs) -> list[dict]:
         ref = None
         if ref_parts is not None:
             ref = _stream(ref_parts, rows, "--kld-ref", a.progress) if pl.ref else _load(a.kld_ref, a.device,
-                                                                                          "--kld-ref")
+                                                                                          "--kld-ref", a.exl2)
         del ref_parts
         keys = [("none", "full")] if "full" in a.modes else []
         keys += [(c, "cache") for c in a.caches] if "cache" in a.modes else []
@@ -249,7 +250,7 @@ def run_eval(a: EvalArgs) -> list[dict]:
             passes.append((_stream(parts, rows, "MODEL_DIR", a.progress), [("none", "full")]))
         rest = [k for k in keys if not (pl.model and k == ("none", "full"))]
         if rest or needs_resident:
-            model = _load(a.model_dir, a.device)
+            model = _load(a.model_dir, a.device, exl2=a.exl2)
         if rest:
             passes.append((model, rest))
         total = rows.shape[0] * (rows.shape[1] - 1) * len(configs)
@@ -263,7 +264,7 @@ def run_eval(a: EvalArgs) -> list[dict]:
                     scores[k], runs[k] = r, (run, ref_run)
         del ref, passes
     elif a.humaneval:
-        model = _load(a.model_dir, a.device)
+        model = _load(a.model_dir, a.device, exl2=a.exl2)
     he = {}
     if a.humaneval:
         he = _humaneval(model, a)
@@ -384,12 +385,16 @@ _CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
               help="HumanEval: samples generated together.")
 @click.option("--seed", type=int, default=0, show_default=True, help="HumanEval sampling seed.")
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Also write the records to this file.")
+@click.option("--exl2", "exl2", type=click.Choice(["packed", "dense"]), default="packed", show_default=True,
+              help="How EXL2 layers are held: packed (about their stored size, computed by the EXL2 kernels) or "
+                   "dense (the weight rebuilt once at load in the compute dtype, 4-8x the memory; the same "
+                   "weights, the sums in another order).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch  [default: torch's choice]")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def eval_main(model_dir, data, rows, length, cache, mode, chunk, kld_ref, stream, bos, text_column, humaneval,
-              samples, problems, max_tokens, batch_size, seed, json_out, device, threads, quiet):
+              samples, problems, max_tokens, batch_size, seed, json_out, exl2, device, threads, quiet):
     """Measure perplexity, KL divergence and HumanEval of MODEL_DIR (FP16 or EXL2) under KV-cache modes.
 
     Prints a table with one row per cache mode (and scoring mode); --json writes the same as a list of
@@ -417,7 +422,8 @@ def eval_main(model_dir, data, rows, length, cache, mode, chunk, kld_ref, stream
                     caches=tuple(caches), modes=modes, chunk=chunk, kld_ref=ref,
                     bos={"auto": None, "yes": True, "no": False}[bos], text_column=text_column,
                     humaneval=humaneval, samples=samples, problems=problems, max_tokens=max_tokens,
-                    batch_size=batch_size, seed=seed, device=_device(device), progress=not quiet, stream=stream)
+                    batch_size=batch_size, seed=seed, device=_device(device), progress=not quiet, stream=stream,
+                    exl2=exl2)
     out = _out_file(json_out, "--json")
     _threads(threads)
     records = run_eval(args)
@@ -446,13 +452,14 @@ class GenerateArgs:
     repetition_penalty: float = 1.0
     seed: int | None = None
     device: str = "cpu"
+    exl2: str = "packed"
 
 
 def run_generate(a: GenerateArgs, write=None) -> list[int]:
     """Generate from a.prompt, calling write(text_piece) as text becomes decodable; returns the new ids."""
     from .generate import SamplingParams, TextTokenizer, generate
 
-    model = _load(a.model_dir, a.device)
+    model = _load(a.model_dir, a.device, exl2=a.exl2)
     tok = TextTokenizer(a.model_dir)
     if a.chat:
         msgs = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
@@ -494,9 +501,13 @@ def run_generate(a: GenerateArgs, write=None) -> list[int]:
 @click.option("--repetition-penalty", type=click.FloatRange(min=0.0, min_open=True), default=1.0,
               show_default=True, help="1 = off.")
 @click.option("--seed", type=int, default=None, help="Sampling seed  [default: none]")
+@click.option("--exl2", "exl2", type=click.Choice(["packed", "dense"]), default="packed", show_default=True,
+              help="How EXL2 layers are held: packed (about their stored size, computed by the EXL2 kernels) or "
+                   "dense (the weight rebuilt once at load in the compute dtype, 4-8x the memory; the same "
+                   "weights, the sums in another order).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 def generate_main(model_dir, prompt, chat, system, cache, max_tokens, temperature, top_k, top_p,
-                  repetition_penalty, seed, device):
+                  repetition_penalty, seed, exl2, device):
     """Generate text with MODEL_DIR (FP16 or EXL2), streaming it to stdout."""
     d = Path(model_dir)
     cfg = _model_config(model_dir)
@@ -511,7 +522,7 @@ def generate_main(model_dir, prompt, chat, system, cache, max_tokens, temperatur
         raise UserError("--prompt: empty")
     args = GenerateArgs(model_dir=d, prompt=prompt, chat=chat, system=system, cache=cache, max_tokens=max_tokens,
                         temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                        seed=seed, device=_device(device))
+                        seed=seed, device=_device(device), exl2=exl2)
 
     def write(piece):
         sys.stdout.write(piece)

@@ -38,38 +38,97 @@ EXL2_REQUIRED = ("q_weight", "q_invperm", "q_scale", "q_scale_max", "q_groups")
 EXL2_OPTIONAL = ("q_perm", "bias")
 
 
-class EXL2Linear(nn.Module):
-    """An EXL2 layer: keeps the packed tensors and computes with the weight the ExLlamaV2 loader rebuilds.
+# Rows of input from which a packed layer computes by rebuilding its weight for the call (one layer's weight
+# alive at a time) and running a dense matmul, instead of the packed kernel: the kernel reads the packed codes
+# once per row block, the dense path once per call, so it wins for decode and loses for long prefills.
+# Measured crossover on this machine: bench/bench_kernels.py, "packed matmul vs dense".
+DENSE_FROM_ROWS = 32
 
-    The fp16 reconstruction (exact, see quant_kernels/codec.py) is made once at load time and held in the
-    compute dtype; fp16 values are exact in fp32, so a float32 CPU run sees the very same weights.
+# How EXL2 layers are held: "packed" (the stored tensors, computed through ops.matmul; about the file's size
+# in memory) or "dense" (the weight the loader reconstructs, rebuilt once at load in the compute dtype; exact,
+# for tests and tiny models).
+EXL2_MODES = ("packed", "dense")
+
+
+class EXL2Linear(nn.Module):
+    """An EXL2 layer: the weight ExLlamaV2's loader rebuilds from the stored tensors, computed one of two ways.
+
+    packed  the stored tensors stay (validated and decoded once by ``codec.prepare_layer``) and each call runs
+            ``ops.matmul`` (native C++ or CUDA kernel: x gathered by the act-order permutation, 32 rows of W
+            dequantized at a time, fp32 sums), or for inputs of ``DENSE_FROM_ROWS`` rows and more rebuilds the
+            weight for the call and runs a dense matmul;
+    dense   the fp16 reconstruction (exact, see quant_kernels/codec.py) is made once at load time and held in
+            the compute dtype; fp16 values are exact in fp32, so a float32 CPU run sees the very same weights.
+
+    Both compute y = x W^T + b with the same W; they differ only in the order of the fp32 sums.  For one output
+    value, a sum of K products in fp32 in any order is within K u sum_i |x_i w_i| of the exact value
+    (u = 2^-24; the standard bound for recursive summation), so packed and dense agree within twice that
+    (tests/runtime/test_runtime_exl2.py checks this bound).
     """
 
     def __init__(self, prefix: str, tensors: dict[str, torch.Tensor], in_features: int, out_features: int,
-                 dtype: torch.dtype, device):
+                 dtype: torch.dtype, device, mode: str = "packed"):
         super().__init__()
-        from exl2.quant_kernels import codec
+        from exl2.quant_kernels import codec, ops
 
+        if mode not in EXL2_MODES:
+            raise ValueError(f"EXL2 mode {mode!r}: use one of {', '.join(EXL2_MODES)}")
         try:
-            codec.validate_layer(tensors, name=prefix)
+            layer = codec.prepare_layer(tensors, name=prefix)
         except codec.EXL2FormatError as e:
             raise ValueError(str(e)) from None
-        k, np_ = codec.layer_shape(tensors)
+        k, np_ = layer.in_features, layer.padded_out_features
         if k != in_features or np_ != codec.padded_columns(out_features):
             raise ValueError(f"{prefix}: EXL2 layer is {k} x {np_}, config expects {in_features} x "
                              f"{out_features} (padded to {codec.padded_columns(out_features)})")
-        self.in_features, self.out_features = in_features, out_features
-        w = codec.dequantize_layer(tensors)[:out_features]                    # [N, K] fp16
-        self.weight = nn.Parameter(w.to(device=device, dtype=dtype), requires_grad=False)
+        self.in_features, self.out_features, self.mode, self.dtype = in_features, out_features, mode, dtype
+        self.bits = sorted({g[0] for g in layer.group_list()}, reverse=True)
         b = tensors.get("bias")
-        self.bias = None if b is None else nn.Parameter(b[:out_features].to(device=device, dtype=dtype), requires_grad=False)
-        self.bits = sorted({int(x) for x in tensors["q_groups"][0::2].tolist()}, reverse=True)
+        self.bias = None if b is None else nn.Parameter(b[:out_features].to(device=device, dtype=dtype),
+                                                        requires_grad=False)
+        if mode == "dense":
+            w = ops.dequantize_layer(layer)[:out_features]                      # [N, K] fp16
+            self.weight = nn.Parameter(w.to(device=device, dtype=dtype), requires_grad=False)
+            return
+        self.weight = None
+        layer = layer.to(device)
+        for name in ("q_weight", "groups", "perm", "scales"):
+            self.register_buffer(name, getattr(layer, name), persistent=False)
+
+    def prepared(self):
+        from exl2.quant_kernels.layout import PreparedLayer
+
+        return PreparedLayer(self.q_weight, self.groups, self.perm, self.scales)
+
+    def dequantized(self) -> torch.Tensor:
+        """The layer's weight [N, K] in the compute dtype (a copy rebuilt from the packed tensors when packed)."""
+        if self.weight is not None:
+            return self.weight
+        from exl2.quant_kernels import ops
+
+        return ops.dequantize_layer(self.prepared())[:self.out_features].to(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
+        if self.weight is not None:
+            return nn.functional.linear(x, self.weight, self.bias)
+        from exl2.quant_kernels import ops
+
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        layer = self.prepared()
+        if x2.shape[0] >= DENSE_FROM_ROWS or ops.backend(layer) == "reference":
+            # the reference kernel rebuilds W anyway: do it once per call and let torch's matmul run
+            y = nn.functional.linear(x2, ops.dequantize_layer(layer)[:self.out_features].to(x2.dtype))
+        else:
+            xs = x2 if x2.dtype in (torch.float16, torch.float32) else x2.float()
+            y = ops.matmul(xs.contiguous(), layer)[:, :self.out_features].to(x2.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, bias={self.bias is not None}"
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, bias={self.bias is not None}, "
+                f"{self.mode}")
 
 
 def load_exl2_linear(
@@ -80,6 +139,7 @@ def load_exl2_linear(
     out_features: int,
     dtype: torch.dtype,
     device: torch.device | str,
+    mode: str = "packed",
 ) -> nn.Module:
     """Build a linear module from one EXL2 layer. THE SWAP POINT for quantized weights.
 
@@ -88,7 +148,8 @@ def load_exl2_linear(
                 plus "bias" and/or "q_perm" when present (q_perm is ignored: the loader derives it)
     in_features, out_features
                 the layer's true K and N from config.json (q_weight may carry N padded to 32)
+    mode        "packed" (default) or "dense", see EXL2Linear
     Returns a module obeying this file's contract.
     """
     tensors = {k: v for k, v in tensors.items() if k != "q_perm"}
-    return EXL2Linear(prefix, tensors, in_features, out_features, dtype, device)
+    return EXL2Linear(prefix, tensors, in_features, out_features, dtype, device, mode)

@@ -6,6 +6,7 @@ whose `<prefix>.q_weight` exists is routed to linear.load_exl2_linear (the EXL2 
 """
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -148,7 +149,7 @@ def is_exl2(prefix: str, source: TensorSource) -> bool:
 
 
 def make_linear(prefix: str, source: TensorSource, *, in_features: int, out_features: int, bias: bool,
-                dtype: torch.dtype, device) -> torch.nn.Module:
+                dtype: torch.dtype, device, exl2_mode: str = "packed") -> torch.nn.Module:
     """Build one linear layer: EXL2 when `<prefix>.q_weight` exists, FP (`<prefix>.weight`) otherwise.
 
     bias: whether the architecture expects one; presence must match exactly (as ExLlamaV2's loader)."""
@@ -165,7 +166,7 @@ def make_linear(prefix: str, source: TensorSource, *, in_features: int, out_feat
         # looked up through the module so that a later assignment to linear.load_exl2_linear is honoured
         try:
             return _linear.load_exl2_linear(prefix, tensors, in_features=in_features, out_features=out_features,
-                                            dtype=dtype, device=device)
+                                            dtype=dtype, device=device, mode=exl2_mode)
         except ValueError as e:
             raise CheckpointError(f"{source.file_of(prefix + '.q_weight')}: {e}") from None
     w = source.get_float(f"{prefix}.weight", (out_features, in_features), dtype, device)  # [N, K]
@@ -187,7 +188,7 @@ class ModelParts:
     """
 
     def __init__(self, model_dir: str | Path, *, dtype: torch.dtype | None = None, device="cpu",
-                 linear_factory: LinearFactory = make_linear):
+                 linear_factory: LinearFactory | None = None, exl2: str = "packed"):
         if dtype is None:
             dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
         if dtype not in FLOAT_DTYPES:
@@ -195,7 +196,11 @@ class ModelParts:
         self.dir = Path(model_dir)
         self.cfg = load_config(model_dir)
         self.src = TensorSource(model_dir)
-        self.dtype, self.device, self.linear_factory = dtype, device, linear_factory
+        if exl2 not in _linear.EXL2_MODES:
+            raise ValueError(f"exl2 mode {exl2!r}: use one of {', '.join(_linear.EXL2_MODES)}")
+        if linear_factory is None:
+            linear_factory = functools.partial(make_linear, exl2_mode=exl2)
+        self.dtype, self.device, self.linear_factory, self.exl2 = dtype, device, linear_factory, exl2
         self.check_shapes()
 
     # -- checks before any work ---------------------------------------------------------------------
@@ -278,9 +283,19 @@ class ModelParts:
         return RMSNorm(self.src.get_float(TENSOR_NAMES[key].format(i=i), (C,), self.dtype, self.device),
                        self.cfg.rms_norm_eps)
 
-    def embedding(self) -> torch.Tensor:
+    def embedding(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The embedding table [V, C] in ``dtype`` (default: the compute dtype)."""
         return self.src.get_float(TENSOR_NAMES["embed"], (self.cfg.vocab_size, self.cfg.hidden_size),
-                                  self.dtype, self.device)  # [V, C]
+                                  dtype or self.dtype, self.device)  # [V, C]
+
+    def embedding_storage_dtype(self) -> torch.dtype:
+        """The dtype the embedding table is kept in by a loaded model: its stored 16-bit dtype when no head
+        reads it (the rows looked up are converted to the compute dtype exactly: a 7B vocabulary table is
+        1 GB smaller than in fp32), else the compute dtype (a tied head multiplies by it)."""
+        if not self.has_head():
+            return self.dtype
+        stored = self.src.header(TENSOR_NAMES["embed"])[1]
+        return {"F16": torch.float16, "BF16": torch.bfloat16}.get(stored, self.dtype)
 
     def block(self, i: int) -> Block:
         cfg, src = self.cfg, self.src
@@ -314,11 +329,13 @@ class ModelParts:
 
 
 def load_model(model_dir: str | Path, *, dtype: torch.dtype | None = None, device="cpu",
-               linear_factory: LinearFactory = make_linear) -> Model:
+               linear_factory: LinearFactory | None = None, exl2: str = "packed") -> Model:
     """Load a model directory (HF FP or EXL2) into the runtime's Model on `device`.
 
-    dtype is the compute dtype; default float32 on CPU (the reference), float16 on CUDA."""
-    parts = ModelParts(model_dir, dtype=dtype, device=device, linear_factory=linear_factory)
-    embed = parts.embedding()
+    dtype is the compute dtype; default float32 on CPU (the reference), float16 on CUDA.  ``exl2``: how EXL2
+    layers are held, "packed" (default: at about their stored size, computed by the EXL2 kernels) or "dense"
+    (rebuilt at load in the compute dtype), see linear.EXL2Linear."""
+    parts = ModelParts(model_dir, dtype=dtype, device=device, linear_factory=linear_factory, exl2=exl2)
+    embed = parts.embedding(parts.embedding_storage_dtype())
     blocks = [parts.block(i) for i in range(parts.cfg.num_layers)]
-    return Model(parts.cfg, embed, blocks, parts.norm("norm"), parts.head(embed)).eval()
+    return Model(parts.cfg, embed, blocks, parts.norm("norm"), parts.head(embed), dtype=parts.dtype).eval()

@@ -152,10 +152,11 @@ class Model(nn.Module):
     """Embedding -> blocks -> final norm -> head. Built by loader.load_model."""
 
     def __init__(self, cfg: ModelConfig, embed: torch.Tensor, blocks: list[Block], norm: RMSNorm,
-                 head: nn.Module):
+                 head: nn.Module, dtype: torch.dtype | None = None):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Parameter(embed, requires_grad=False)  # [V, C]
+        self.embed_tokens = nn.Parameter(embed, requires_grad=False)  # [V, C], may be stored in 16 bits
+        self.compute_dtype = embed.dtype if dtype is None else dtype
         self.layers = nn.ModuleList(blocks)
         self.norm = norm
         self.lm_head = head
@@ -163,7 +164,8 @@ class Model(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.dtype
+        """The compute dtype (the embedding table may be stored in 16 bits)."""
+        return self.compute_dtype
 
     @property
     def device(self) -> torch.device:
@@ -188,7 +190,7 @@ class Model(nn.Module):
             past = cache.past_len
             cache.check_append(B, T)
         input_ids = input_ids.to(self.device)
-        x = F.embedding(input_ids, self.embed_tokens)  # [B, T, C]
+        x = F.embedding(input_ids, self.embed_tokens).to(self.compute_dtype)  # [B, T, C]
         cos, sin = self.rotary.cos_sin(past, T)  # [T, D] each
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, None if cache is None else cache.layers[i], past)

@@ -175,7 +175,8 @@ def resident_bytes(parts: ModelParts) -> int:
     headers; EXL2 layers as :func:`_exl2_rule` finds them loaded."""
     cfg = parts.cfg
     isz = torch.empty((), dtype=parts.dtype).element_size()
-    total = cfg.vocab_size * cfg.hidden_size * isz + (2 * cfg.num_layers + 1) * cfg.hidden_size * isz
+    emb = torch.empty((), dtype=parts.embedding_storage_dtype()).element_size()
+    total = cfg.vocab_size * cfg.hidden_size * emb + (2 * cfg.num_layers + 1) * cfg.hidden_size * isz
     shapes = parts.linear_shapes()
     quantized = [p for p in shapes if is_exl2(p, parts.src)]
     rule = _exl2_rule(parts, quantized, shapes) if quantized else None

@@ -165,34 +165,13 @@ def test_resident_estimate_matches_a_loaded_model(pair, exl2_pair):
 
 
 def test_resident_estimate_follows_how_exl2_layers_are_kept(exl2_pair):
-    """An EXL2 layer that keeps its packed tensors (and rebuilds its weight per call) is counted at about
-    its stored size, one that keeps a rebuilt weight at the weight's size: the estimate asks a loaded layer."""
-    from exl2.quant_kernels import codec
-    from exl2.runtime.loader import make_linear
-
-    class Packed(torch.nn.Module):
-        def __init__(self, tensors, out_features):
-            super().__init__()
-            for k, v in tensors.items():
-                self.register_buffer(k, v)
-            self.out_features = out_features
-
-        def forward(self, x):
-            t = {k: getattr(self, k) for k in ("q_weight", "q_invperm", "q_scale", "q_scale_max", "q_groups")}
-            return torch.nn.functional.linear(x, codec.dequantize_layer(t)[:self.out_features].to(x.dtype))
-
-    def packed(prefix, source, *, in_features, out_features, bias, dtype, device):
-        if f"{prefix}.q_weight" not in source:
-            return make_linear(prefix, source, in_features=in_features, out_features=out_features, bias=bias,
-                               dtype=dtype, device=device)
-        keys = [k for k in source.keys() if k.rpartition(".")[0] == prefix and k.rpartition(".")[2] != "q_perm"]
-        return Packed({k.rpartition(".")[2]: source.get(k) for k in keys}, out_features)
-
+    """An EXL2 layer that keeps its packed tensors is counted at about its stored size, one that keeps a rebuilt
+    weight at the weight's size: the estimate asks a loaded layer which it is."""
     _, q = exl2_pair
-    dense = S.resident_bytes(ModelParts(q))
-    parts = ModelParts(q, linear_factory=packed)
-    est, got = S.resident_bytes(parts), S.module_bytes(load_model(q, linear_factory=packed))
-    assert abs(est - got) <= 0.05 * got and est < 0.8 * dense, (est, got, dense)
+    for mode in ("packed", "dense"):
+        est, got = S.resident_bytes(ModelParts(q, exl2=mode)), S.module_bytes(load_model(q, exl2=mode))
+        assert abs(est - got) <= 0.05 * got, (mode, est, got)
+    assert S.resident_bytes(ModelParts(q)) < 0.8 * S.resident_bytes(ModelParts(q, exl2="dense"))
 
 
 def test_plan_decides_by_free_memory(pair):

@@ -141,7 +141,7 @@ def test_exl2_layer_routed_to_hook(tiny_checkpoint, monkeypatch):
         load_model(d)
     seen = {}
 
-    def fake_hook(prefix, tensors, *, in_features, out_features, dtype, device):
+    def fake_hook(prefix, tensors, *, in_features, out_features, dtype, device, mode):
         seen[prefix] = (sorted(tensors), in_features, out_features)
         return rt_linear.Linear(torch.zeros(out_features, in_features, dtype=dtype))
 
