@@ -204,8 +204,9 @@ def dequantize_layer(layer: PreparedLayer) -> torch.Tensor:
 def matmul(x: torch.Tensor, layer: PreparedLayer) -> torch.Tensor:
     """``y = x @ W`` for ``x [M, K]`` (fp16 or fp32) and a prepared layer: ``[M, Np]`` in x's dtype.
 
-    The native kernels gather x by the permutation and dequantize 32 rows of W at a time (never the
-    whole weight), accumulating in fp32.  Padded columns are exactly 0; no bias is added.
+    The native kernels gather x by the permutation and decode the weight piece by piece (never the whole
+    weight: on the CPU a block of rows of one column for a few rows of x, a panel of rows and columns for
+    more), accumulating in fp32.  Padded columns are exactly 0; no bias is added.
     """
     check_tensor(x, "x", (torch.float16, torch.float32), dim=2)
     _layer(layer)

@@ -39,10 +39,11 @@ EXL2_OPTIONAL = ("q_perm", "bias")
 
 
 # Rows of input from which a packed layer computes by rebuilding its weight for the call (one layer's weight
-# alive at a time) and running a dense matmul, instead of the packed kernel: the kernel reads the packed codes
-# once per row block, the dense path once per call, so it wins for decode and loses for long prefills.
-# Measured crossover on this machine: bench/bench_kernels.py, "packed matmul vs dense".
-DENSE_FROM_ROWS = 32
+# alive at a time) and running a dense matmul, instead of the packed kernel.  The packed kernel decodes panels
+# of the weight into fp32 and multiplies them for many rows, so it stays ahead up to long prefills: the
+# measured crossover lies between 256 rows (576 x 192) and 2048 rows (3584 x 3584) (BENCHMARKS.md, "Packed
+# matmul vs dense"); above it the rebuilt weight costs a transient copy of one layer.
+DENSE_FROM_ROWS = 2048
 
 # How EXL2 layers are held: "packed" (the stored tensors, computed through ops.matmul; about the file's size
 # in memory) or "dense" (the weight the loader reconstructs, rebuilt once at load in the compute dtype; exact,
@@ -54,9 +55,9 @@ class EXL2Linear(nn.Module):
     """An EXL2 layer: the weight ExLlamaV2's loader rebuilds from the stored tensors, computed one of two ways.
 
     packed  the stored tensors stay (validated and decoded once by ``codec.prepare_layer``) and each call runs
-            ``ops.matmul`` (native C++ or CUDA kernel: x gathered by the act-order permutation, 32 rows of W
-            dequantized at a time, fp32 sums), or for inputs of ``DENSE_FROM_ROWS`` rows and more rebuilds the
-            weight for the call and runs a dense matmul;
+            ``ops.matmul`` (native C++ or CUDA kernel: x gathered by the act-order permutation, the weight decoded
+            piece by piece, never whole, fp32 sums), or for inputs of ``DENSE_FROM_ROWS`` rows and more rebuilds
+            the weight for the call and runs a dense matmul;
     dense   the fp16 reconstruction (exact, see quant_kernels/codec.py) is made once at load time and held in
             the compute dtype; fp16 values are exact in fp32, so a float32 CPU run sees the very same weights.
 

@@ -183,6 +183,33 @@ def test_matmul_within_tolerance(native, paths, k, n, groups, m, dtype):
     assert bool((y[:, n:] == 0).all())                                     # padded columns
 
 
+# K x N of the layers the runtime decodes: SmolLM2-135M (q/o, k/v, gate/up, down) and Qwen2-7B (k/v; N cut
+# to 64 for down_proj's K = 18944), plus a wide one (9216 columns: several column strips per thread).
+MODEL_SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (3584, 512), (18944, 64), (576, 9216)]
+
+
+@pytest.mark.parametrize("k,n", MODEL_SHAPES)
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_matmul_every_width_model_shapes(native, paths, k, n, bits):
+    """Each width alone in 128-row groups (a short last group where K % 128), through each path of the
+    packed kernel: one row of x; 2, 7 (blocks of 4 + 3) and 9 (8 + 1) rows; the panel path from 10 rows
+    (16 = 6 + 6 + 4, 40 = 6 x 6 + 4)."""
+    groups = [(bits, 128)] * (k // 128) + ([(bits, k % 128)] if k % 128 else [])
+    t = make_layer(k, n, groups, seed=k + n + bits)
+    with paths.reference():
+        w = reference.dequantize_layer(codec.prepare_layer(t)).to(torch.float32)   # [Np, K]
+    with paths.native():
+        layer = codec.prepare_layer(t)
+        for m in (1, 2, 7, 9, 16, 40):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            y = ops.matmul(x, layer)
+            ref = x @ w.t()
+            mag = x.abs() @ w.abs().t()
+            # The bound of test_matmul_within_tolerance; measured max |y - ref| / (|x| @ |W|) here 4.1e-7.
+            assert bool(((y - ref).abs() <= 1.5e-6 * mag + 1e-30).all()), (m, float(((y - ref).abs() / mag).max()))
+            assert bool((y[:, n:] == 0).all())
+
+
 # ------------------------------------------------------------------------------------------------
 # GPTQ
 # ------------------------------------------------------------------------------------------------

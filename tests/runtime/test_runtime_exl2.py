@@ -27,14 +27,15 @@ def sum_order_bound(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) ->
     return 2 * gamma * s
 
 
-@pytest.mark.parametrize("rows", [1, 5, 40])         # packed kernel below DENSE_FROM_ROWS, rebuilt weight above
+@pytest.mark.parametrize("rows", [1, 5, 40, 2048])   # packed kernel (few rows, panels) below DENSE_FROM_ROWS,
+                                                      # rebuilt weight from it
 @pytest.mark.parametrize("option", [([32, 128], [6, 4], [0.1, 0.9]), (64, [3, 2], [0.3, 0.7]), (128, [8], [1.0]),
                                     (32, [5], [1.0])])
 def test_packed_and_dense_agree_within_the_fp32_sum_order_bound(rows, option, monkeypatch):
     from exl2.quant_kernels import ops
     from exl2.runtime import linear
 
-    assert (rows < linear.DENSE_FROM_ROWS) == (rows in (1, 5))
+    assert (rows < linear.DENSE_FROM_ROWS) == (rows < 2048)
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(200, 512, generator=g) * 0.05
     bias = torch.randn(200, generator=g)

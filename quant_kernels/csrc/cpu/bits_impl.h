@@ -5,6 +5,7 @@
 #include <vector>
 #include "../exl2_math.h"
 #include "kernels_cpu.h"
+#include "matmul_impl.h"
 
 namespace exl2 {
 namespace cpu {
@@ -145,4 +146,5 @@ void matmul_tile(const uint32_t* qw, long rows, long np, const float* scales, co
                                   uint16_t*, long);                                                  \
     template void matmul_tile<B>(const uint32_t*, long, long, const float*, const float*, long, long,  \
                                  float*, long);                                                      \
+    EXL2_MM_INSTANCES(B)                                                                             \
     } }

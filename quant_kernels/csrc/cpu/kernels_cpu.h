@@ -16,7 +16,8 @@ template <int BITS> void unpack(const uint32_t* w, long rows, long n, int64_t* q
 template <int BITS> void dequant_tile(const uint32_t* qw, long rows, long np, const float* scales,
                                       const int64_t* perm, long K, uint16_t* out, long t);
 // One group, one column tile: y[M, t:t+32] += xp[M, rows] @ Wg[rows, t:t+32]; xp points at the group's
-// first (permuted) column of x, row stride ldx.  Weights are dequantized 32 rows at a time.
+// first (permuted) column of x, row stride ldx.  Weights are dequantized 32 rows at a time.  The portable
+// scalar loop, used only by builds without AVX2 (the vector kernels are in matmul_impl.h).
 template <int BITS> void matmul_tile(const uint32_t* qw, long rows, long np, const float* scales,
                                      const float* xp, long ldx, long M, float* y, long t);
 
@@ -24,6 +25,8 @@ template <int BITS> void matmul_tile(const uint32_t* qw, long rows, long np, con
 // (bits, rows, first packed row); scales [G, np]; perm [K].
 void dequant_layer(const uint32_t* qw, const int64_t* groups, long G, long np, const float* scales,
                    const int64_t* perm, long K, uint16_t* out);
+// y [M, np] += xp [M, K] @ W, fp32; xp = x with its columns gathered by perm.  y must hold zeros or
+// partial sums.
 void matmul_layer(const uint32_t* qw, const int64_t* groups, long G, long np, const float* scales,
                   const float* xp, long K, long M, float* y);
 
