@@ -37,13 +37,14 @@ bench-peers: install
 
 # Regenerate BENCHMARKS.md (and bench/plots/) on this machine: every section with the command that made it.
 # Hours on a 2-core CPU, mostly the quality sweep (two fixture variants x 8 bpw + baselines + peers).
-bench: install bench-peers
+bench: install bench-peers demo
 	$(PIP) install -q -e '.[test,cluster,plot,bench]'
 	$(PYTHON) bench/bench_kernels.py --write
-	$(PYTHON) bench/bench_runtime.py --write
+	$(PYTHON) bench/bench_runtime.py --exl2 work/demo/bpw-4.00/model --write
 	$(PYTHON) bench/bench_allocation.py --write
 	$(PYTHON) bench/bench_scaling.py --write
 	$(PYTHON) bench/bench_scaling.py --parts layer7 --mem-rows 2 --mem-length 256 --write
 	$(PYTHON) bench/bench_scaling.py --parts layer72 --layer-restricted --mem-rows 16 --mem-length 2048 --write
+	$(PYTHON) bench/bench_scale.py --parts build7,eval7,kld7,gen7,slice72,smol --write
 	$(PYTHON) bench/quality.py --write
 	$(PYTHON) bench/levers.py --write

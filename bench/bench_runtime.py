@@ -1,11 +1,13 @@
 """Runtime throughput on SmolLM2-135M: ours vs transformers, float32, same text, same machine.
 
-    python bench/bench_runtime.py [--length 1024] [--prompt 256] [--new 128] [--repeats 3] [--write]
+    python bench/bench_runtime.py [--length 1024] [--prompt 256] [--new 128] [--repeats 3] [--exl2 DIR] [--write]
 
 Prefill: both models run a full-row forward over the same rows of fixtures/data/persuasion.txt.
 Decode: batch 1, a ``--prompt``-token prompt from the same text, then ``--new`` greedy tokens one at a time
 with a KV cache (ours: FP16-mode cache holding fp32 on CPU, and the Q4 cache; transformers: its dynamic
 cache); the time counts the decode steps only, and the greedy tokens are compared with transformers'.
+With ``--exl2 DIR`` (an EXL2 conversion of the same model, e.g. the demo's ``work/demo/bpw-4.00/model``) its
+decode runs too, with the layers packed (the runtime's default) and dense (``--exl2 dense``).
 The best of ``--repeats`` runs counts (the minimum is the least disturbed).  ``--write`` replaces this benchmark's section of
 BENCHMARKS.md.  A benchmark, not a test.
 """
@@ -87,6 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=256, help="decode: prompt tokens")
     ap.add_argument("--new", type=int, default=128, help="decode: generated tokens")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--exl2", type=Path, default=None, help="an EXL2 model of SmolLM2-135M: its decode too")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args(argv)
 
@@ -117,12 +120,16 @@ def main(argv=None) -> int:
     decode = {"ours (fp16 cache)": decode_ours(ours, prompt, args.new, "fp16"),
               "ours (q4 cache)": decode_ours(ours, prompt, args.new, "q4"),
               "transformers": decode_hf(hf, prompt, args.new)}
+    if args.exl2 is not None:
+        for how in ("packed", "dense"):
+            decode[f"ours, EXL2 {how} (fp16 cache)"] = decode_ours(load_model(args.exl2, exl2=how), prompt, args.new,
+                                                                  "fp16")
     best = {k: best_decode(run, args.repeats) for k, run in decode.items()}
     times = {k: t for k, (t, _) in best.items()}
     toks = {k: tk for k, (_, tk) in best.items()}
     ref_toks = toks["transformers"]
     lines = header("Runtime throughput (prefill, decode), SmolLM2-135M (bench/bench_runtime.py)",
-                   "python bench/bench_runtime.py --write") + [
+                   "python bench/bench_runtime.py" + (f" --exl2 {args.exl2}" if args.exl2 else "") + " --write") + [
              f"Full-row forward in float32 over {args.rows} rows x {args.length} tokens of persuasion.txt, best of "
              f"{args.repeats}.", "",
              "| runtime | seconds | tokens/s | ratio |", "|---|---:|---:|---:|",
@@ -130,7 +137,8 @@ def main(argv=None) -> int:
              f"| transformers | {t_hf:.2f} | {tokens / t_hf:.0f} | 1.00x |", "",
              f"Decode, batch 1: {args.prompt}-token prompt, {args.new} greedy tokens with a KV cache, decode steps "
              f"only (prefill excluded), best of {args.repeats}. Same tokens: greedy tokens equal to transformers' "
-             "up to the first difference.", "",
+             "up to the first difference" + (f" (the EXL2 rows: {args.exl2.name if args.exl2.name != 'model' else args.exl2.parent.name}, "
+                                             "a quantized model, so its tokens may differ)" if args.exl2 else "") + ".", "",
              "| runtime | decode seconds | tokens/s | ratio | same tokens |", "|---|---:|---:|---:|---:|"]
     for k, t in times.items():
         same = next((i for i, (a, b) in enumerate(zip(toks[k], ref_toks)) if a != b), len(ref_toks))

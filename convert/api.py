@@ -14,6 +14,7 @@ the same parameters skips it, and a rerun that changes a parameter finished work
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -33,7 +34,7 @@ from exl2.quant_kernels.codec import padded_columns
 from exl2.quant_kernels.qparams import TABLES
 from exl2.runtime.arch import ModelConfig
 from exl2.runtime.files import write_json_atomic, write_text_atomic
-from exl2.runtime.loader import CheckpointError, ModelParts
+from exl2.runtime.loader import ModelParts
 
 from . import quantize as qpass
 from . import validate as val
@@ -244,7 +245,8 @@ class Job:
             strangers = [e.name + ("/" if e.is_dir() else "") for e in entries if not _JOB_ENTRY.fullmatch(e.name)]
             if strangers and (o.fresh or not job_file.exists()):
                 shown = ", ".join(strangers[:4]) + (f" and {len(strangers) - 4} more" if len(strangers) > 4 else "")
-                what = ("-nr deletes a job folder's own files only" if o.fresh else "it is not a job folder of this tool")
+                what = ("-nr deletes a job folder's own files only" if o.fresh
+                        else "it is not a job folder of this tool")
                 raise ConvertError(f"-o {work}: holds files that are not part of a job ({shown}); {what}: move them "
                                    f"away or choose a new or empty folder")
         if o.compile_dir:
@@ -267,7 +269,8 @@ class Job:
             raise ConvertError(f"{self.work}: output directory is not writable")
         previous = json.loads(self.job_file.read_text()) if self.job_file.exists() else {}
         stat = checkpoint_stat(self.in_dir)
-        known = {"stat": previous.get("checkpoint_stat"), "sha256": (previous.get("params") or {}).get("checkpoint_sha256")}
+        known = {"stat": previous.get("checkpoint_stat"),
+                 "sha256": (previous.get("params") or {}).get("checkpoint_sha256")}
         params = {
             "checkpoint_sha256": checkpoint_sha256(self.in_dir, known),
             "cal_dataset": str(Path(self.o.cal_dataset).resolve()) if self.o.cal_dataset else None,
@@ -335,22 +338,16 @@ class Job:
                 hint = "" if certain else "; use fewer rows (-r/-mr) or --no-plan-check to try anyway"
                 raise ConvertError(f"the plan says this does not fit: {problem}{hint}")
 
+    @contextlib.contextmanager
     def _peak(self, stage: str):
         """Measure a stage's peak memory; reported with the plan's prediction beside it."""
         from exl2.runtime.memory import PeakMemory
 
-        job = self
-
-        class _Stage(PeakMemory):
-            def __exit__(self, *exc):
-                super().__exit__(*exc)
-                if exc[0] is None:
-                    key = stage.split(":")[0]
-                    est = job.plan.ram.get(key) if getattr(job, "plan", None) else None
-                    job.peaks[stage] = {**self.as_dict(), "predicted_bytes": est.bytes if est else None}
-                    job.status({"stage": "memory", "of": stage, **job.peaks[stage]})
-
-        return _Stage()
+        with PeakMemory() as m:
+            yield
+        est = self.plan.ram.get(stage.split(":")[0]) if getattr(self, "plan", None) else None
+        self.peaks[stage] = {**m.as_dict(), "predicted_bytes": est.bytes if est else None}
+        self.status({"stage": "memory", "of": stage, **self.peaks[stage]})
 
     def _check_weights(self) -> list:
         """Every weight finite (each tensor read once); skipped when an earlier run of this job checked the same
@@ -490,7 +487,8 @@ class Job:
         if not self._done(f"compile:{tag}") or not (out / "config.json").exists():
             # ExLlamaV2's "version" is the version of ExLlamaV2 that wrote the files: ours lives in our block
             qconf = {"quant_method": "exl2", "bits": bpw, "head_bits": o.head_bits, "calibration": calibration,
-                     "exl2": {"tool": "exl2", "tool_version": VERSION, "bpw": strat["bpw"], "checkpoint_sha256": self.job["params"]["checkpoint_sha256"],
+                     "exl2": {"tool": "exl2", "tool_version": VERSION, "bpw": strat["bpw"],
+                              "checkpoint_sha256": self.job["params"]["checkpoint_sha256"],
                               "tables": (data.get("exl2") or {}).get("tables", "exl2"), "norm": o.norm,
                               "asym": self.asym}}
             try:
@@ -542,7 +540,8 @@ class Job:
         try:
             self.cfg = ModelConfig.from_file(self.in_dir / "config.json")
         except (ValueError, OSError) as e:      # ConfigError names the file already
-            raise ConvertError(str(e) if str(self.in_dir) in str(e) else f"{self.in_dir / 'config.json'}: {e}") from None
+            named = str(self.in_dir) in str(e)
+            raise ConvertError(str(e) if named else f"{self.in_dir / 'config.json'}: {e}") from None
         self.parts = ModelParts(self.in_dir, device=self.o.device)      # checks every tensor's shape
         self._check_folders()
         self._check_plan()

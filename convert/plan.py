@@ -37,6 +37,7 @@ from exl2.quant_kernels.qparams import HEAD_OPTIONS, distinct_options
 from exl2.runtime.arch import ModelConfig
 from exl2.runtime.cache import MODES as CACHE_MODES
 from exl2.runtime.cache import bytes_per_token
+from exl2.runtime.evaluate import SCORE_CHUNK
 from exl2.runtime.loader import TensorSource
 
 GiB = 1 << 30
@@ -159,11 +160,17 @@ def _module_peaks(cfg: ModelConfig, length: int, *, variants: bool, tables: str,
 def make_plan(model_dir: str | Path, *, bits: list[float], head_bits: int, rows: int, length: int,
               measurement_rows: int, measurement_length: int, tables: str = "exl2", asym: float = 0.0,
               device: str = "cpu", measure: bool = True, validation_rows: int = 4, validation_length: int = 512,
-              work_dir: str | Path | None = None, out_dir: str | Path | None = None) -> Plan:
-    """The plan for converting ``model_dir`` with these options (read: config.json and tensor headers)."""
+              work_dir: str | Path | None = None, out_dir: str | Path | None = None,
+              cfg: ModelConfig | None = None) -> Plan:
+    """The plan for converting ``model_dir`` with these options (read: config.json and tensor headers).
+
+    With ``cfg`` (a model known only by its config, e.g. to project a checkpoint larger than any at hand) nothing
+    is read and the source is counted as fp16."""
     model_dir = Path(model_dir)
-    cfg = ModelConfig.from_file(model_dir / "config.json")
-    src = TensorSource(model_dir)
+    src = None
+    if cfg is None:
+        cfg = ModelConfig.from_file(model_dir / "config.json")
+        src = TensorSource(model_dir)
     C, V = cfg.hidden_size, cfg.vocab_size
     lo, hi, numel = bpw_range(cfg, tables)
     head_qp = HEAD_OPTIONS[head_bits]
@@ -211,11 +218,15 @@ def make_plan(model_dir: str | Path, *, bits: list[float], head_bits: int, rows:
     # per-row states and logits
     exl2_bytes = max(t["model_bytes"] for t in p.targets.values()) if p.targets else 0
     st_v = 4 * validation_rows * validation_length * C
-    logits = 3 * 4 * validation_length * V
+    # one row's scoring: the reference's log-probs and the model's logits for the row, and a few fp32 pieces of
+    # SCORE_CHUNK tokens (runtime/evaluate.py)
+    logits = 4 * V * (2 * validation_length + 4 * min(validation_length, SCORE_CHUNK))
     ref_layer = layer_w + 4 * V * C
-    p.ram["validate"] = Estimate(int(base + exl2_bytes + 2 * V * C + ref_layer + 2 * st_v + logits),
-                                 f"base + EXL2 model {_gib(exl2_bytes)} + its embedding in fp32 + streamed FP16 "
-                                 f"reference (one fp32 layer and the head, {_gib(ref_layer)}) + states + logits")
+    if validation_rows > 0:
+        p.ram["validate"] = Estimate(int(base + exl2_bytes + ref_layer + 2 * st_v + logits),
+                                     f"base + EXL2 model resident at its stored size {_gib(exl2_bytes)} + streamed "
+                                     f"FP16 reference (one fp32 layer and the head, {_gib(ref_layer)}) + states + "
+                                     f"one row's logits")
 
     # -- disk -----------------------------------------------------------------------------------------------
     spill = 0
@@ -230,7 +241,11 @@ def make_plan(model_dir: str | Path, *, bits: list[float], head_bits: int, rows:
     p.disk["job"] = Estimate(job, "measurement checkpoint + spilled variants of the largest module + quantization "
                                   "checkpoint + per target: packed layers and (without -cf) the compiled model")
     p.disk["output"] = Estimate(out_total, "the EXL2 model of each target")
-    p.disk["source"] = Estimate(_stored_bytes(src), "the checkpoint's tensors, read once per pass")
+    if src is not None:
+        p.disk["source"] = Estimate(_stored_bytes(src), "the checkpoint's tensors, read once per pass")
+    else:
+        n = 2 * (V * C * (1 if cfg.tie_word_embeddings else 2) + cfg.num_layers * _layer_weight_bytes(cfg) // 4)
+        p.disk["source"] = Estimate(n, "the checkpoint's parameters at 2 bytes each (no files read)")
 
     # -- limits of this machine -------------------------------------------------------------------------------
     from exl2.runtime.memory import available_memory

@@ -128,18 +128,26 @@ def _check_rows(rows: torch.Tensor, model: Model | StreamedModel) -> torch.Tenso
     return rows.long()
 
 
+# Tokens scored at a time: each token's log-softmax and KL divergence are its own, so cutting a row into
+# pieces changes no value and bounds the working set to a few [SCORE_CHUNK, V] fp32 tensors beside the row's
+# logits (at a 152,064-token vocabulary a [512, V] tensor is 311 MB).
+SCORE_CHUNK = 128
+
+
 def _score(res: EvalResult, logits: torch.Tensor, targets: torch.Tensor, ref_lp: torch.Tensor | None) -> None:
     """Accumulate logits [N, V] (fp32) predicting targets [N] into res; ref_lp [N, V] reference log-probs."""
-    lp = torch.log_softmax(logits.float(), dim=-1)  # [N, V]
-    nll = -lp.gather(-1, targets[:, None].to(lp.device))[:, 0]  # [N]
-    res.nll_sum += float(nll.double().sum())
-    res.tokens += targets.shape[0]
-    if ref_lp is not None:
-        ref_lp = ref_lp.to(lp.device)
-        # KL(ref || model) = sum_v p_ref (log p_ref - log p_model); xlogy-style: p_ref = 0 terms vanish
-        kl = (ref_lp.exp() * (ref_lp - lp)).sum(-1)  # [N]
-        res.kld.extend(kl.clamp_min(0.0).tolist())  # rounding can give -1e-9 for identical distributions
-        res.top1_hits += int((lp.argmax(-1) == ref_lp.argmax(-1)).sum())
+    for s in range(0, targets.shape[0], SCORE_CHUNK):
+        e = min(s + SCORE_CHUNK, targets.shape[0])
+        lp = torch.log_softmax(logits[s:e].float(), dim=-1)  # [n, V]
+        nll = -lp.gather(-1, targets[s:e, None].to(lp.device))[:, 0]  # [n]
+        res.nll_sum += float(nll.double().sum())
+        res.tokens += e - s
+        if ref_lp is not None:
+            rl = ref_lp[s:e].to(lp.device)
+            # KL(ref || model) = sum_v p_ref (log p_ref - log p_model); xlogy-style: p_ref = 0 terms vanish
+            kl = (rl.exp() * (rl - lp)).sum(-1)  # [n]
+            res.kld.extend(kl.clamp_min(0.0).tolist())  # rounding can give -1e-9 for identical distributions
+            res.top1_hits += int((lp.argmax(-1) == rl.argmax(-1)).sum())
 
 
 def _make_cache(model: Model, cfg: EvalConfig, length: int) -> KVCache:

@@ -45,7 +45,8 @@ def write_json_atomic(path: str | os.PathLike, data, indent: int | None = 2) -> 
     write_text_atomic(path, json.dumps(data, indent=indent))
 
 
-def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                     metadata: dict[str, str] | None = None) -> None:
     """``safetensors.torch.save_file`` to ``path`` atomically; failures raise ``OSError`` naming ``path``."""
     from safetensors.torch import save_file
 

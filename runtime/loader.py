@@ -257,7 +257,8 @@ class ModelParts:
             qw = src.header(f"{prefix}.q_weight")[0]
             if inv != (k,) or len(qw) != 2 or qw[1] != padded_columns(n):
                 raise CheckpointError(f"{src.file_of(prefix + '.q_weight')}: EXL2 layer {prefix} stores "
-                                      f"q_invperm {inv} and q_weight {qw}, expected ({k},) and [*, {padded_columns(n)}] "
+                                      f"q_invperm {inv} and q_weight {qw}, expected ({k},) and "
+                                      f"[*, {padded_columns(n)}] "
                                       f"(from {self.dir / 'config.json'})")
             if bias and f"{prefix}.bias" not in src:
                 raise CheckpointError(f"{src.dir}: tensor {prefix}.bias is missing but expected by the architecture")
