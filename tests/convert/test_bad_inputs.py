@@ -3,7 +3,6 @@ traceback, nothing half-written, and the folders involved unchanged (hashed befo
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import resource
@@ -14,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
