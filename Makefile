@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 
-.PHONY: install test demo selfcheck bench bench-peers
+.PHONY: install test demo selfcheck bench bench-peers gpu-check gpu-wheels
 
 # torch==2.13.0 is pinned first so pip takes the CPU build from local disk instead of a CUDA build.
 # exllamav2 is a test oracle only (tests read its config and optimizer code; its CUDA extension is never built):
@@ -48,3 +48,18 @@ bench: install bench-peers demo
 	$(PYTHON) bench/bench_scale.py --parts build7,eval7,kld7,gen7,slice72,smol --write
 	$(PYTHON) bench/quality.py --write
 	$(PYTHON) bench/levers.py --write
+
+# The GPU check (issue #23; README "Checking the GPU path"): build the CUDA extension, run the cuda tests, time the
+# GEMV and one Qwen2-7B layer's conversion, compare `exl2-convert --device cuda` with the CPU conversion and the real
+# ExLlamaV2 0.3.2 with our runtime; OUT/report.json + OUT/report.md.  Never depends on `install` (which pins the CPU
+# torch): it pip-installs only this checkout and the wheels in $(GPU_WHEELS), --no-deps, leaving the machine's torch.
+#   make gpu-check ARGS="--out DIR"              on a machine with an NVIDIA GPU (about 8 minutes)
+#   make gpu-check ARGS="--dry-run --out DIR"    anywhere: CPU steps, and each CUDA step's CPU exercise (CI runs it)
+GPU_WHEELS ?= .whl
+gpu-check:
+	$(PYTHON) bench/gpu_check.py --wheels $(GPU_WHEELS) $(ARGS)
+
+# On a CPU machine with an index (after `make install`): the wheels the GPU image lacks (exllamav2==0.3.2) and the
+# SmolLM2-135M slice, into $(GPU_WHEELS) (ignored by git; about 50 MB, carried to the GPU machine).
+gpu-wheels:
+	$(PYTHON) bench/gpu_check.py --prepare-wheels --wheels $(GPU_WHEELS) $(ARGS)

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from exl2.calibration import CalibrationRows, default_rows, user_rows
 from exl2.calibration.rows import sha256_file
 from exl2.measure import measurement as mj
@@ -542,7 +544,8 @@ class Job:
         except (ValueError, OSError) as e:      # ConfigError names the file already
             named = str(self.in_dir) in str(e)
             raise ConvertError(str(e) if named else f"{self.in_dir / 'config.json'}: {e}") from None
-        self.parts = ModelParts(self.in_dir, device=self.o.device)      # checks every tensor's shape
+        # checks every tensor's shape; fp32 as the measurement and quantization passes compute (preflight)
+        self.parts = ModelParts(self.in_dir, device=self.o.device, dtype=torch.float32)
         self._check_folders()
         self._check_plan()
         finite = self._check_weights()      # before the job folder is made: a refused checkpoint leaves nothing

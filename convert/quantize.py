@@ -190,7 +190,7 @@ def run_quantization(model_dir: str | Path, input_ids: torch.Tensor, strategy: d
     work = Path(work)
     out_dir = work / "out_tensor"
     out_dir.mkdir(parents=True, exist_ok=True)
-    parts = ModelParts(model_dir, device=device)
+    parts = ModelParts(model_dir, device=device, dtype=torch.float32)   # the states are fp32 on every device
     n_layers = parts.cfg.num_layers
     saved = load_checkpoint(work, "quant")
     if saved:

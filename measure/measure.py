@@ -222,7 +222,7 @@ def run_measurement(model_dir: str | Path, input_ids: torch.Tensor, work: str | 
     work.mkdir(parents=True, exist_ok=True)
     for stale in work.glob("exl2-variants-*"):     # spilled variants of a killed run
         shutil.rmtree(stale, ignore_errors=True)
-    parts = ModelParts(model_dir, device=device)
+    parts = ModelParts(model_dir, device=device, dtype=torch.float32)   # the states are fp32 on every device
     n_layers = parts.cfg.num_layers
     saved = load_checkpoint(work, "measure")
     if saved:
