@@ -1,4 +1,5 @@
-"""KV cache: FP (compute dtype or fp16) and quantized Q8 / Q6 / Q4 (EXL2-SPEC 4.1).
+"""KV cache: FP (compute dtype or fp16), ExLlamaV2's quantized Q8 / Q6 / Q4 (EXL2-SPEC 4.1), and exl2's own
+Q4X / Q3X (runtime/kv_x.py: transformed per head with the model's KV profile, not an ExLlamaV2 format).
 
 Per layer, K and V are stored token-major: one row per token holding the flattened kv vector
 [Hkv * D]. Quantized modes store each row through exl2.quant_kernels.kv_quant:
@@ -13,13 +14,16 @@ from __future__ import annotations
 import torch
 
 from .arch import ModelConfig
+from .kv_x import X_MODES, LayerKVX, x_bytes_per_token, x_mode_error
 
-# mode -> (key bits, value bits); None = unquantized.
-MODES: dict[str, tuple[int, int] | None] = {"fp16": None, "q8": (8, 8), "q6": (8, 4), "q4": (4, 4)}
+# ExLlamaV2's modes: mode -> (key bits, value bits); None = unquantized.
+EXL2_MODES: dict[str, tuple[int, int] | None] = {"fp16": None, "q8": (8, 8), "q6": (8, 4), "q4": (4, 4)}
+# Every mode, ExLlamaV2's first; exl2's own map to their scheme (runtime/kv_x.py).
+MODES: dict = {**EXL2_MODES, **X_MODES}
 SCALE_GROUP = 32  # elements per fp16 scale (EXL2-SPEC 4.1)
 
 
-def _check_mode(mode: str) -> tuple[int, int] | None:
+def _check_mode(mode: str):
     if mode not in MODES:
         raise ValueError(f"cache mode {mode!r} not supported; supported: {', '.join(MODES)}")
     return MODES[mode]
@@ -29,6 +33,8 @@ def mode_error(cfg: ModelConfig, mode: str) -> str | None:
     """Why ``mode`` cannot hold this model's keys and values, or None when it can."""
     if _check_mode(mode) is None:
         return None
+    if mode in X_MODES:
+        return x_mode_error(cfg, X_MODES[mode])
     from exl2.quant_kernels.kv_quant import CHUNK
 
     if cfg.kv_dim % CHUNK:
@@ -42,6 +48,8 @@ def bytes_per_token(cfg: ModelConfig, mode: str, fp_dtype: torch.dtype = torch.f
 
     fp_dtype is the element type of the "fp16" mode (the compute dtype on the fp32 CPU reference)."""
     bits = _check_mode(mode)
+    if mode in X_MODES:
+        return x_bytes_per_token(cfg, X_MODES[mode])
     d = cfg.kv_dim
     if bits is None:
         per_layer = 2 * d * torch.empty((), dtype=fp_dtype).element_size()
@@ -56,6 +64,8 @@ class LayerKV:
     def __init__(self, batch: int, max_len: int, kv_heads: int, head_dim: int, mode: str,
                  dtype: torch.dtype, device):
         self.bits = _check_mode(mode)
+        if mode not in EXL2_MODES:
+            raise ValueError(f"LayerKV holds ExLlamaV2's modes ({', '.join(EXL2_MODES)}), not {mode!r}")
         self.kv_heads, self.head_dim, self.dtype = kv_heads, head_dim, dtype
         d = kv_heads * head_dim
         if self.bits is None:
@@ -131,19 +141,32 @@ class KVCache:
     """All layers' K/V plus the number of tokens already stored (past_len)."""
 
     def __init__(self, cfg: ModelConfig, max_seq_len: int, *, batch_size: int = 1, mode: str = "fp16",
-                 dtype: torch.dtype = torch.float32, device="cpu", storage_dtype: torch.dtype | None = None):
+                 dtype: torch.dtype = torch.float32, device="cpu", storage_dtype: torch.dtype | None = None,
+                 scheme=None):
         """dtype: the model's compute dtype. For mode "fp16", K/V are stored in storage_dtype, by default
         the compute dtype (lossless: on the fp32 CPU reference a cached pass equals a full pass);
-        pass torch.float16 to mirror ExLlamaV2's FP16 cache exactly."""
+        pass torch.float16 to mirror ExLlamaV2's FP16 cache exactly.  ``scheme``: with an x mode, a variant of
+        its :class:`~exl2.runtime.kv_x.XScheme` (ablations, tests); ``bytes_per_token`` then counts it."""
         _check_mode(mode)
+        if scheme is not None and mode not in X_MODES:
+            raise ValueError(f"KVCache: scheme= is for exl2's own modes ({', '.join(X_MODES)}), not {mode!r}")
+        self.scheme = scheme if scheme is not None else X_MODES.get(mode)
+        if mode in X_MODES:
+            why = x_mode_error(cfg, self.scheme)
+            if why:
+                raise ValueError(f"cache mode {mode!r}: {why}")
         if max_seq_len <= 0 or batch_size <= 0:
             raise ValueError(f"KVCache: max_seq_len {max_seq_len} and batch_size {batch_size} must be positive")
         self.cfg, self.mode, self.max_seq_len, self.batch_size = cfg, mode, max_seq_len, batch_size
         store = storage_dtype or dtype
         self.storage_dtype = store
-        self.layers = [LayerKV(batch_size, max_seq_len, cfg.num_kv_heads, cfg.head_dim, mode,
-                               store if MODES[mode] is None else dtype, device)
-                       for _ in range(cfg.num_layers)]
+        if mode in X_MODES:
+            self.layers = [LayerKVX(batch_size, max_seq_len, cfg.num_kv_heads, cfg.head_dim, self.scheme, i, cfg,
+                                    dtype, device) for i in range(cfg.num_layers)]
+        else:
+            self.layers = [LayerKV(batch_size, max_seq_len, cfg.num_kv_heads, cfg.head_dim, mode,
+                                   store if MODES[mode] is None else dtype, device)
+                           for _ in range(cfg.num_layers)]
         self.past_len = 0
 
     def check_append(self, batch: int, n: int) -> None:
@@ -160,4 +183,6 @@ class KVCache:
         self.past_len = 0
 
     def bytes_per_token(self) -> int:
+        if self.mode in X_MODES:
+            return x_bytes_per_token(self.cfg, self.scheme)
         return bytes_per_token(self.cfg, self.mode, self.storage_dtype)

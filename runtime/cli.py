@@ -88,6 +88,8 @@ def _tokenizer_file(d: Path) -> Path:
 
 
 def _cache_list(text: str) -> list[str]:
+    if text.strip().lower() == "all":  # every mode: ExLlamaV2's, then exl2's own
+        return list(CACHE_MODES)
     modes = [m.strip().lower() for m in text.split(",") if m.strip()]
     if not modes:
         raise UserError("--cache: empty list")
@@ -131,6 +133,40 @@ def _load(model_dir: Path, device: str, flag: str = "MODEL_DIR", exl2: str = "pa
         return load_model(model_dir, device=device, exl2=exl2)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         raise UserError(f"{flag} {model_dir}: {e}") from None
+
+
+def _kv_profile(model, model_dir: Path, caches, progress: bool) -> None:
+    """exl2's own cache modes (q4x, q3x) read the model's KV profile: exl2_kv.json when the converter wrote one,
+    else derived now from the default calibration mix (runtime/kv_calib.py)."""
+    from .kv_calib import ensure_profile, profile_of
+    from .kv_x import PROFILE_FILE, X_MODES
+
+    if not any(c in X_MODES for c in caches) or profile_of(model) is not None:
+        return
+    if progress and not (model_dir / PROFILE_FILE).is_file():
+        click.echo(f"{model_dir}: no {PROFILE_FILE}; measuring the KV profile for {', '.join(c for c in caches if c in X_MODES)} "
+                   f"on the default calibration mix", err=True)
+    try:
+        prof = ensure_profile(model, model_dir)
+    except ValueError as e:  # a stored profile that does not fit the model, or cannot be read (names the file)
+        raise UserError(str(e)) from None
+    if progress:
+        if (model_dir / PROFILE_FILE).is_file():
+            click.echo(f"KV profile: {model_dir / PROFILE_FILE} ({prof.source.get('derived_from', '?')})", err=True)
+        else:
+            click.echo(f"KV profile: {prof.source.get('derived_from', '?')} ({prof.source.get('seconds', 0)} s)",
+                       err=True)
+
+
+def _check_profile(model_dir: Path, cfg, caches) -> None:
+    """Refuse, before loading anything, a stored KV profile (exl2_kv.json) that the x modes asked for cannot use."""
+    from .kv_x import X_MODES, KVProfile
+
+    if any(c in X_MODES for c in caches):
+        try:
+            KVProfile.load(model_dir, cfg)
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
 
 def _parts(model_dir: Path, device: str, flag: str = "MODEL_DIR", exl2: str = "packed"):
@@ -251,6 +287,7 @@ def run_eval(a: EvalArgs) -> list[dict]:
         rest = [k for k in keys if not (pl.model and k == ("none", "full"))]
         if rest or needs_resident:
             model = _load(a.model_dir, a.device, exl2=a.exl2)
+            _kv_profile(model, a.model_dir, a.caches, a.progress)
         if rest:
             passes.append((model, rest))
         total = rows.shape[0] * (rows.shape[1] - 1) * len(configs)
@@ -265,6 +302,7 @@ def run_eval(a: EvalArgs) -> list[dict]:
         del ref, passes
     elif a.humaneval:
         model = _load(a.model_dir, a.device, exl2=a.exl2)
+        _kv_profile(model, a.model_dir, a.caches, a.progress)
     he = {}
     if a.humaneval:
         he = _humaneval(model, a)
@@ -357,7 +395,10 @@ _CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 @click.option("--rows", type=click.IntRange(min=1), default=5, show_default=True, help="Rows of --data.")
 @click.option("--length", type=click.IntRange(min=2), default=1024, show_default=True, help="Tokens per row.")
 @click.option("--cache", "cache", default="fp16", show_default=True,
-              help=f"Comma-separated KV-cache modes ({', '.join(CACHE_MODES)}); one table row each.")
+              help=f"Comma-separated KV-cache modes ({', '.join(CACHE_MODES)}), or 'all' (every mode the model "
+                   "can use); one table row each. "
+                   "q4x/q3x are exl2's own (not ExLlamaV2's): they read the model's KV profile, exl2_kv.json, "
+                   "or measure it on the default calibration mix at load.")
 @click.option("--mode", type=click.Choice(["auto", "full", "cache", "both"]), default="auto", show_default=True,
               help="full: one forward per row (no cache); cache: rows fed through each cache in --chunk "
                    "pieces so past tokens come from the cache; auto: cache if --cache names a quantized "
@@ -403,7 +444,16 @@ def eval_main(model_dir, data, rows, length, cache, mode, chunk, kld_ref, stream
     CUDA)."""
     d = Path(model_dir)
     caches = _cache_list(cache)
-    _caches_fit(_model_config(model_dir), caches)
+    cfg = _model_config(model_dir)
+    if cache.strip().lower() == "all":  # every mode this model can use; say which are left out
+        from .cache import mode_error
+
+        skipped = {m: mode_error(cfg, m) for m in caches if mode_error(cfg, m)}
+        caches = [m for m in caches if m not in skipped]
+        for m, why in skipped.items():
+            click.echo(f"--cache all: leaving out {m} ({why})", err=True)
+    _caches_fit(cfg, caches)
+    _check_profile(d, cfg, caches)
     if data is None and not humaneval:
         raise UserError("nothing to do: give --data FILE (perplexity) and/or --humaneval")
     if data is not None:
@@ -460,6 +510,7 @@ def run_generate(a: GenerateArgs, write=None) -> list[int]:
     from .generate import SamplingParams, TextTokenizer, generate
 
     model = _load(a.model_dir, a.device, exl2=a.exl2)
+    _kv_profile(model, a.model_dir, [a.cache], False)
     tok = TextTokenizer(a.model_dir)
     if a.chat:
         msgs = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
@@ -491,7 +542,8 @@ def run_generate(a: GenerateArgs, write=None) -> list[int]:
 @click.option("-p", "--prompt", required=True, help="Prompt text.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt as a user message in the model's chat template.")
 @click.option("--system", default=None, help="With --chat: a system message.")
-@click.option("--cache", default="fp16", show_default=True, help=f"KV-cache mode ({', '.join(CACHE_MODES)}).")
+@click.option("--cache", default="fp16", show_default=True,
+              help=f"KV-cache mode ({', '.join(CACHE_MODES)}); q4x/q3x are exl2's own (see exl2-eval --help).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
               help="0 = greedy.")
@@ -512,10 +564,11 @@ def generate_main(model_dir, prompt, chat, system, cache, max_tokens, temperatur
     d = Path(model_dir)
     cfg = _model_config(model_dir)
     _tokenizer_file(d)
-    if "," in cache:
+    if "," in cache or cache.strip().lower() == "all":
         raise UserError(f"--cache {cache}: give one mode")
     (cache,) = _cache_list(cache)
     _caches_fit(cfg, [cache])
+    _check_profile(d, cfg, [cache])
     if system is not None and not chat:
         raise UserError("--system needs --chat")
     if not prompt:

@@ -2,7 +2,8 @@
 import pytest
 import torch
 from exl2.runtime.arch import ModelConfig
-from exl2.runtime.cache import MODES, KVCache, LayerKV, bytes_per_token
+from exl2.runtime.cache import EXL2_MODES, MODES, KVCache, LayerKV, bytes_per_token
+from exl2.runtime.kv_x import X_MODES
 from exl2.runtime.loader import load_model
 
 kv_quant = pytest.importorskip("exl2.quant_kernels.kv_quant")
@@ -13,7 +14,8 @@ QWEN2_7B = ModelConfig.from_dict(dict(
 
 
 def test_modes_agree_with_kv_quant():
-    assert MODES == kv_quant.KV_MODES
+    assert EXL2_MODES == kv_quant.KV_MODES                    # ExLlamaV2's modes, unchanged
+    assert list(MODES) == [*EXL2_MODES, *X_MODES]             # exl2's own after them
 
 
 @pytest.mark.parametrize("mode,expected", [

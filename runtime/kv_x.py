@@ -1,0 +1,499 @@
+"""exl2's own quantized KV-cache modes, ``q4x`` and ``q3x`` (not ExLlamaV2 formats: only this runtime reads them).
+
+ExLlamaV2's Q4 rotates 32 values at a time and gives every 32 one fp16 scale, so one large value (Qwen2's key
+bias, hundreds where other channels are tens) sets the scale of all of them.  The ``x`` modes transform each
+token's key and value per head before quantizing, with statistics of the model measured once (the *KV
+profile*, :class:`KVProfile`, stored as ``exl2_kv.json`` by the converter or derived at load):
+
+keys (quantized before RoPE)
+    c = k - mu_k                       mu_k: the calibrated mean of the pre-RoPE key, per channel
+    z = c A_k                          A_k = W^1/2 U diag(lambda^-1/4) H   (per kv head, D x D)
+        W      = diag of the queries' mean energy per channel (both channels of a RoPE pair averaged: over
+                 relative positions a pair's query weights its two channels alike)
+        U, lambda: eigenvectors and eigenvalues of W^1/2 Cov(c) W^1/2 (the key covariance as the queries see it)
+        lambda^-1/4: the high-resolution optimum for one uniform width over all components
+        H      : the orthonormal Hadamard matrix of order D (spreads every component over the whole head)
+    stored: z quantized (quant_kernels/kvx_quant.py: b bits, one fp16 scale per ``group`` values)
+    read:   k' = RoPE_t(z' A_k^-1 + mu_k)  at the token's position t
+
+values
+    z = (v - mu_v) H, stored the same way; read v' = z' H + mu_v.
+
+Without quantization every step is exactly undone (A_k^-1 A_k = I, H H = I, the mean is added back before RoPE),
+so attention sees the keys and values it would see uncached (tests check this in float64 and against the
+uncached model's logits).  Two more ingredients:
+
+- the first token of the sequence (``sink``) is kept in fp16: most heads park attention there, so its error
+  reaches every later query;
+- the last ``recent`` tokens before each query are read from fp16 copies (a ring of ``recent`` tokens; each
+  token is quantized once as it is stored and read from its codes once it is older): local attention heads read
+  mostly these (KIVI keeps such a window too).  Both ``q4x`` and ``q3x`` keep 8;
+- bits per *stream* (a layer's keys, or its values): the profile holds each stream's measured cost (the KL
+  divergence of the model's output when only that stream is quantized at 4 bits); :meth:`KVProfile.allocation`
+  shares the mode's budget out greedily by the predicted gain of each extra bit (``MSE_FACTOR``), within
+  ``min_bits .. 8``.
+
+Budgets are bits per cached element including scales, averaged over all streams: ``q4x`` 4.725 (ExLlamaV2 Q4's
+4.5 + 5 %), ``q3x`` 3.675 (a 3-bit layout with the same scales + 5 %).  The sink and the recent window add
+``sink + recent`` FP16 tokens per sequence, a fixed amount (:func:`x_fixed_bytes`) not counted in
+``bytes_per_token``.
+
+:class:`LayerKVX` is the cache layer of these modes; like ExLlamaV2's modes, a chunk's own keys and values are
+used unquantized for its own attention.
+
+Memory, honestly: ``bytes_per_token`` counts the store (codes and scales), what a fused kernel reading the codes
+would hold.  This reference implementation also keeps, like :class:`~exl2.runtime.cache.LayerKV`'s quantized
+modes, a working copy of every stored token decoded once into the compute dtype (so a token-by-token pass costs
+linear time), which takes as much memory as an FP cache of that dtype: on this runtime the x modes measure what
+a quantized cache does to the model's output, they do not yet save memory.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from exl2.quant_kernels.kvx_quant import MSE_FACTOR, hadamard, kvx_codes, kvx_decode, pack_codes, unpack_codes
+
+from .arch import ModelConfig
+
+PROFILE_FILE = "exl2_kv.json"
+PROFILE_FORMAT = "exl2.kv_profile/1"
+SENSITIVITY_BITS = 4  # the width at which each stream's cost is measured
+
+
+@dataclass(frozen=True)
+class XScheme:
+    """One of exl2's own cache modes, or a variant of it (bench/bench_cache.py measures the ingredients)."""
+
+    budget: float  # bits per cached element, codes and scales, averaged over all layers' keys and values
+    min_bits: int  # no stream gets fewer bits
+    group: int = 64  # values per fp16 scale (at most the head size)
+    sink: int = 1  # leading tokens of a sequence kept in fp16
+    recent: int = 0  # the last tokens before each query read in fp16 (a ring buffer; quantized once older)
+    k_transform: str = "klt"  # "klt" (calibrated, see the module docstring), "hadamard" or "none"
+    v_transform: str = "hadamard"  # "hadamard" or "none"
+    center_k: bool = True  # subtract the calibrated pre-RoPE key mean (added back exactly)
+    pre_rope: bool = True  # quantize keys before RoPE; False: after it (ablation; "klt" needs pre-RoPE keys)
+    center_v: bool = False  # subtract the calibrated value mean (measured: does not pay, bench/bench_cache.py)
+    allocate: bool = True  # bits per stream from the profile's sensitivities; False: the same width everywhere
+    quantize: bool = True  # False: every transform without the quantizer (tests: attention is unchanged)
+
+    def group_for(self, head_dim: int) -> int:
+        return math.gcd(self.group, head_dim)
+
+
+X_MODES: dict[str, XScheme] = {
+    "q4x": XScheme(budget=4.5 * 1.05, min_bits=3, recent=8),
+    "q3x": XScheme(budget=3.5 * 1.05, min_bits=2, recent=8),
+}
+
+MAX_BITS = 8
+
+
+def x_mode_error(cfg: ModelConfig, scheme: XScheme) -> str | None:
+    """Why a scheme cannot hold this model's keys and values, or None when it can."""
+    D = cfg.head_dim
+    if D < 8 or D & (D - 1):
+        return f"head_dim {D} is not a power of two of at least 8 (the x modes rotate whole heads); use fp16 or q4"
+    return None
+
+
+def stream_bits_total(cfg: ModelConfig, scheme: XScheme) -> int:
+    """Code bits per element summed over the 2 x num_layers streams (what the budget leaves after the scales)."""
+    overhead = 16 / scheme.group_for(cfg.head_dim)
+    streams = 2 * cfg.num_layers
+    total = math.floor(streams * (scheme.budget - overhead) + 1e-9)
+    return max(min(total, streams * MAX_BITS), streams * scheme.min_bits)
+
+
+def x_bytes_per_token(cfg: ModelConfig, scheme: XScheme) -> int:
+    """Cache bytes per token over all layers (codes and scales; the FP16 sink token is per sequence)."""
+    kv = cfg.kv_dim
+    return stream_bits_total(cfg, scheme) * kv // 8 + 2 * cfg.num_layers * (kv // scheme.group_for(cfg.head_dim)) * 2
+
+
+def x_fixed_bytes(cfg: ModelConfig, scheme: XScheme) -> int:
+    """Bytes per sequence on top of :func:`x_bytes_per_token`: the sink and recent tokens held in fp16."""
+    return (scheme.sink + scheme.recent) * 2 * cfg.kv_dim * 2 * cfg.num_layers
+
+
+def allocate_bits(sensitivity: list[tuple[float, float]], total: int, min_bits: int,
+                  max_bits: int = MAX_BITS) -> list[tuple[int, int]]:
+    """Bits per (K, V) stream of each layer: start every stream at ``min_bits`` and give each further bit to the
+    stream whose predicted cost drops most (cost at b bits = sensitivity x MSE_FACTOR[b]); ties go to the
+    earlier stream (layer order, K before V).  ``total``: the code bits to share out."""
+    streams = [s for pair in sensitivity for s in pair]
+    bits = [min_bits] * len(streams)
+    left = total - min_bits * len(streams)
+    if left < 0:
+        raise ValueError(f"budget of {total} bits is below {min_bits} bits for each of {len(streams)} streams")
+    while left > 0:
+        best, gain = -1, -1.0
+        for j, (s, b) in enumerate(zip(streams, bits)):
+            if b < max_bits:
+                g = s * (MSE_FACTOR[b] - MSE_FACTOR[b + 1])
+                if g > gain:
+                    best, gain = j, g
+        if best < 0:
+            break
+        bits[best] += 1
+        left -= 1
+    return [(bits[2 * i], bits[2 * i + 1]) for i in range(len(sensitivity))]
+
+
+# ---------------------------------------------------------------------------------------------- the profile
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one layer's pre-RoPE keys, values and queries (float64), per kv head."""
+
+    k_mean: torch.Tensor  # [Hkv, D]
+    k_cov: torch.Tensor  # [Hkv, D, D], centered
+    q_energy: torch.Tensor  # [Hkv, D]: mean q_j^2 summed over the query heads that read this kv head
+    v_mean: torch.Tensor  # [Hkv, D]
+
+
+@dataclass
+class LayerPlan:
+    """What a cache layer of one scheme needs: transforms (compute dtype), means, widths."""
+
+    a_k: torch.Tensor  # [Hkv, D, D]: z = (k_pre - mu_k) @ a_k per head
+    a_k_inv: torch.Tensor
+    mu_k: torch.Tensor  # [Hkv, D]
+    a_v: torch.Tensor
+    a_v_inv: torch.Tensor
+    mu_v: torch.Tensor
+    k_bits: int
+    v_bits: int
+
+
+@dataclass
+class KVProfile:
+    """A model's KV statistics (per layer) and per-stream sensitivities; see the module docstring."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    layers: list[LayerStats]
+    sensitivity: list[tuple[float, float]] | None = None  # per layer: (K, V) KL nats/token at 4 bits
+    source: dict = field(default_factory=dict)  # provenance: how and from what it was measured
+    _plans: dict = field(default_factory=dict, repr=False, compare=False)
+
+    # -- checks ---------------------------------------------------------------------------------------------
+
+    def check(self, cfg: ModelConfig, where: str = "KV profile") -> None:
+        want = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+        got = (self.num_layers, self.num_kv_heads, self.head_dim)
+        if got != want:
+            raise ValueError(f"{where}: made for layers/kv heads/head_dim {got}, the model has {want}")
+        Hkv, D = self.num_kv_heads, self.head_dim
+        if len(self.layers) != self.num_layers:
+            raise ValueError(f"{where}: {len(self.layers)} layers of statistics, expected {self.num_layers}")
+        for i, st in enumerate(self.layers):
+            for name, t, shape in (("k_mean", st.k_mean, (Hkv, D)), ("k_cov", st.k_cov, (Hkv, D, D)),
+                                   ("q_energy", st.q_energy, (Hkv, D)), ("v_mean", st.v_mean, (Hkv, D))):
+                if tuple(t.shape) != shape:
+                    raise ValueError(f"{where}: layer {i} {name} has shape {tuple(t.shape)}, expected {shape}")
+                if not torch.isfinite(t).all():
+                    raise ValueError(f"{where}: layer {i} {name} holds inf or NaN")
+        if self.sensitivity is not None:
+            s = self.sensitivity
+            if len(s) != self.num_layers or any(len(p) != 2 or not all(math.isfinite(x) and x >= 0 for x in p)
+                                                for p in s):
+                raise ValueError(f"{where}: sensitivity must be {self.num_layers} pairs of finite non-negative "
+                                 f"numbers")
+
+    # -- what a scheme needs --------------------------------------------------------------------------------
+
+    def allocation(self, cfg: ModelConfig, scheme: XScheme) -> list[tuple[int, int]]:
+        """(key bits, value bits) per layer for ``scheme``."""
+        total = stream_bits_total(cfg, scheme)
+        if scheme.allocate and self.sensitivity is not None:
+            sens = self.sensitivity
+        else:  # no measurement: the same width everywhere, the spare bits to keys first (keys cost more)
+            sens = [(2.0, 1.0)] * self.num_layers
+        return allocate_bits(sens, total, scheme.min_bits)
+
+    def plan(self, cfg: ModelConfig, scheme: XScheme, dtype: torch.dtype, device) -> list[LayerPlan]:
+        key = (scheme, dtype, str(device))
+        if key not in self._plans:
+            bits = self.allocation(cfg, scheme)
+            self._plans[key] = [self._layer_plan(i, scheme, kb, vb, dtype, device) for i, (kb, vb) in enumerate(bits)]
+        return self._plans[key]
+
+    def _layer_plan(self, i: int, scheme: XScheme, kb: int, vb: int, dtype, device) -> LayerPlan:
+        st = self.layers[i]
+        Hkv, D = self.num_kv_heads, self.head_dim
+        eye = torch.eye(D, dtype=torch.float64).expand(Hkv, D, D)
+        H = hadamard(D).expand(Hkv, D, D)
+        if scheme.k_transform == "klt":
+            if not scheme.pre_rope:
+                raise ValueError("k_transform 'klt' is fitted to pre-RoPE keys: it needs pre_rope=True")
+            a_k, a_k_inv = zip(*(klt_transform(st.k_cov[h], st.q_energy[h]) for h in range(Hkv)))
+            a_k, a_k_inv = torch.stack(a_k), torch.stack(a_k_inv)
+        elif scheme.k_transform == "hadamard":
+            a_k, a_k_inv = H, H
+        elif scheme.k_transform == "none":
+            a_k, a_k_inv = eye, eye
+        else:
+            raise ValueError(f"k_transform {scheme.k_transform!r}: use klt, hadamard or none")
+        if scheme.v_transform == "hadamard":
+            a_v = a_v_inv = H
+        elif scheme.v_transform == "none":
+            a_v = a_v_inv = eye
+        else:
+            raise ValueError(f"v_transform {scheme.v_transform!r}: use hadamard or none")
+        zero = torch.zeros(Hkv, D, dtype=torch.float64)
+        mu_k = st.k_mean if scheme.center_k else zero
+        mu_v = st.v_mean if scheme.center_v else zero
+        cast = lambda t: t.to(dtype=dtype, device=device).contiguous()  # noqa: E731
+        return LayerPlan(cast(a_k), cast(a_k_inv), cast(mu_k), cast(a_v), cast(a_v_inv), cast(mu_v), kb, vb)
+
+    # -- file -----------------------------------------------------------------------------------------------
+
+    def to_json(self) -> dict:
+        def arr(t: torch.Tensor) -> dict:
+            t = t.detach().to(torch.float32).contiguous().cpu()
+            return {"shape": list(t.shape), "f32le": base64.b64encode(t.numpy().astype("<f4").tobytes()).decode()}
+
+        return {"format": PROFILE_FORMAT, "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
+                "head_dim": self.head_dim, "source": self.source,
+                "sensitivity_bits": SENSITIVITY_BITS,
+                "sensitivity": None if self.sensitivity is None else [list(p) for p in self.sensitivity],
+                "layers": [{"k_mean": arr(s.k_mean), "k_cov": arr(s.k_cov), "q_energy": arr(s.q_energy),
+                            "v_mean": arr(s.v_mean)} for s in self.layers]}
+
+    @classmethod
+    def from_json(cls, d: dict, where: str = "KV profile") -> "KVProfile":
+        import numpy as np
+
+        if not isinstance(d, dict) or d.get("format") != PROFILE_FORMAT:
+            raise ValueError(f"{where}: not a KV profile of format {PROFILE_FORMAT!r}")
+
+        def arr(a, name) -> torch.Tensor:
+            try:
+                shape = [int(x) for x in a["shape"]]
+                raw = base64.b64decode(a["f32le"], validate=True)
+                t = torch.from_numpy(np.frombuffer(raw, dtype="<f4").copy()).to(torch.float64)
+                return t.reshape(shape)
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise ValueError(f"{where}: {name}: not a stored array ({e})") from None
+
+        try:
+            layers = [LayerStats(*(arr(l[k], f"layer {i} {k}") for k in ("k_mean", "k_cov", "q_energy", "v_mean")))
+                      for i, l in enumerate(d["layers"])]
+            sens = d.get("sensitivity")
+            if sens is not None:
+                if d.get("sensitivity_bits") != SENSITIVITY_BITS:
+                    raise ValueError(f"sensitivity measured at {d.get('sensitivity_bits')} bits, this version "
+                                     f"reads {SENSITIVITY_BITS}")
+                sens = [(float(a), float(b)) for a, b in sens]
+            return cls(int(d["num_layers"]), int(d["num_kv_heads"]), int(d["head_dim"]), layers, sens,
+                       dict(d.get("source") or {}))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
+
+    def save(self, model_dir: str | Path) -> Path:
+        from .files import write_text_atomic
+
+        path = Path(model_dir) / PROFILE_FILE
+        write_text_atomic(path, json.dumps(self.to_json()) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, model_dir: str | Path, cfg: ModelConfig | None = None) -> "KVProfile | None":
+        """The profile stored in a model directory, or None when there is none."""
+        path = Path(model_dir) / PROFILE_FILE
+        if not path.is_file():
+            return None
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise ValueError(f"{path}: not readable JSON ({e})") from None
+        prof = cls.from_json(d, str(path))
+        if cfg is not None:
+            prof.check(cfg, str(path))
+        return prof
+
+
+def klt_transform(cov: torch.Tensor, q_energy: torch.Tensor, *, floor: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, A^-1), float64, for one kv head: A = W^1/2 U diag(lambda^-1/4) H (module docstring).
+
+    ``cov`` [D, D]: the centered pre-RoPE key covariance; ``q_energy`` [D]: the queries' mean energy per
+    channel.  Eigenvalues below ``floor`` x their mean are raised to it (a direction the calibration never saw
+    vary must not be scaled up without bound)."""
+    D = cov.shape[-1]
+    cov = cov.to(torch.float64)
+    w = q_energy.to(torch.float64)
+    w = ((w[: D // 2] + w[D // 2:]) / 2).repeat(2)  # both channels of a RoPE pair alike
+    w = w.clamp_min(max(float(w.mean()) * 1e-6, 1e-30))
+    sw = w.sqrt()
+    C = sw[:, None] * ((cov + cov.T) / 2) * sw[None, :]
+    lam, U = torch.linalg.eigh(C)
+    lam = lam.clamp_min(max(float(lam.clamp_min(0).mean()) * floor, 1e-30))
+    s = lam ** -0.25
+    H = hadamard(D)
+    A = (sw[:, None] * U) * s[None, :] @ H
+    A_inv = H.T @ ((U.T / s[:, None]) / sw[None, :])
+    return A, A_inv
+
+
+def weights_profile(model, source: str = "weights") -> KVProfile:
+    """A profile from the weights alone: the key and value biases as means (zero without them), unit
+    covariances and query energies, no sensitivities.  The fallback when no calibration rows can be made."""
+    cfg = model.cfg
+    Hkv, D = cfg.num_kv_heads, cfg.head_dim
+    layers = []
+    for block in model.layers:
+        attn = block.self_attn
+        kb = getattr(attn.k_proj, "bias", None)
+        vb = getattr(attn.v_proj, "bias", None)
+        mean = lambda b: (torch.zeros(Hkv, D, dtype=torch.float64) if b is None  # noqa: E731
+                          else b.detach().double().cpu().reshape(Hkv, D))
+        layers.append(LayerStats(mean(kb), torch.eye(D, dtype=torch.float64).repeat(Hkv, 1, 1),
+                                 torch.ones(Hkv, D, dtype=torch.float64), mean(vb)))
+    return KVProfile(cfg.num_layers, Hkv, D, layers, None, {"derived_from": source})
+
+
+# ---------------------------------------------------------------------------------------------- cache layer
+
+
+class LayerKVX:
+    """One layer's store for an x mode: per token and kv head, packed codes of the transformed key and value
+    and their fp16 scales; the first ``scheme.sink`` tokens in fp16; a working copy of the decoded past.
+
+    Called through :meth:`update_pre_rope` (the attention hook passes the pre-RoPE keys, RoPE's cos/sin for
+    the chunk and the model's :class:`KVProfile`); the plan (transforms, widths) is taken from the profile on the
+    first call and the code buffers are allocated then."""
+
+    takes_pre_rope = True  # the attention hook calls update_pre_rope (runtime/model.py)
+
+    def __init__(self, batch: int, max_len: int, kv_heads: int, head_dim: int, scheme: XScheme, index: int,
+                 cfg: ModelConfig, dtype: torch.dtype, device):
+        self.batch, self.max_len, self.kv_heads, self.head_dim = batch, max_len, kv_heads, head_dim
+        self.scheme, self.index, self.cfg, self.dtype, self.device = scheme, index, cfg, dtype, device
+        self.group = scheme.group_for(head_dim)
+        self.plan: LayerPlan | None = None
+        self._profile = None
+        self.kw = torch.zeros(batch, max_len, kv_heads, head_dim, dtype=dtype, device=device)
+        self.vw = torch.zeros_like(self.kw)
+        n_sink = min(scheme.sink, max_len)
+        self.sink_k = torch.zeros(batch, n_sink, kv_heads, head_dim, dtype=torch.float16, device=device)
+        self.sink_v = torch.zeros_like(self.sink_k)
+        W = scheme.recent
+        self.ring_k = torch.zeros(batch, W, kv_heads, head_dim, dtype=torch.float16, device=device)
+        self.ring_v = torch.zeros_like(self.ring_k)
+
+    def _bind(self, profile) -> LayerPlan:
+        if profile is None:
+            raise ValueError("this cache mode needs the model's KV profile: call "
+                             "exl2.runtime.kv_calib.ensure_profile(model, model_dir) after loading (exl2-eval, "
+                             "exl2-generate and the converter's validation do)")
+        if profile is not self._profile:
+            # transforms in fp32 whatever the compute dtype (fp16 sums of a head's products lose too much)
+            plan = profile.plan(self.cfg, self.scheme, torch.float32, self.device)[self.index]
+            if self.plan is None or (plan.k_bits, plan.v_bits) != (self.plan.k_bits, self.plan.v_bits):
+                B, L, Hkv, D, G = self.batch, self.max_len, self.kv_heads, self.head_dim, self.group
+                self.kq = torch.zeros(B, L, Hkv, D * plan.k_bits // 8, dtype=torch.uint8, device=self.device)
+                self.vq = torch.zeros(B, L, Hkv, D * plan.v_bits // 8, dtype=torch.uint8, device=self.device)
+                self.ks = torch.zeros(B, L, Hkv, D // G, dtype=torch.float16, device=self.device)
+                self.vs = torch.zeros_like(self.ks)
+            self.plan, self._profile = plan, profile
+        return self.plan
+
+    def bytes_per_token(self) -> int:
+        p = self.plan
+        if p is None:
+            raise ValueError("bytes_per_token: the layer has not stored anything yet (its widths come with the "
+                             "profile)")
+        return self.kv_heads * (self.head_dim * (p.k_bits + p.v_bits) // 8 + 2 * 2 * (self.head_dim // self.group))
+
+    # the transforms alone, shared with the calibration's emulation (kv_calib.py)
+
+    def encode_decode_k(self, k_pre: torch.Tensor, cos, sin, past_len: int, store: bool) -> torch.Tensor:
+        from .model import apply_rope
+
+        p, s = self.plan, self.scheme
+        c = k_pre.to(p.a_k.dtype) - p.mu_k  # [B, T, Hkv, D]
+        if not s.pre_rope:  # RoPE is linear: RoPE(k) - RoPE(mu) = RoPE(k - mu)
+            c = apply_rope(c, cos, sin)
+        z = torch.einsum("bthd,hde->bthe", c, p.a_k)  # [B, T, Hkv, D]
+        if s.quantize:
+            codes, scales = kvx_codes(z, p.k_bits, self.group)
+            if store:
+                T = z.shape[1]
+                self.kq[:, past_len:past_len + T] = pack_codes(codes, p.k_bits)
+                self.ks[:, past_len:past_len + T] = scales
+                codes = unpack_codes(self.kq[:, past_len:past_len + T], p.k_bits, self.head_dim)
+                scales = self.ks[:, past_len:past_len + T]
+            z = kvx_decode(codes, scales, p.k_bits, self.group).to(z.dtype)
+        c = torch.einsum("bthd,hde->bthe", z, p.a_k_inv)
+        if s.pre_rope:
+            return apply_rope(c + p.mu_k, cos, sin)
+        return c + apply_rope(p.mu_k.expand_as(c), cos, sin)
+
+    def encode_decode_v(self, v: torch.Tensor, past_len: int, store: bool) -> torch.Tensor:
+        p, s = self.plan, self.scheme
+        z = torch.einsum("bthd,hde->bthe", v.to(p.a_v.dtype) - p.mu_v, p.a_v)
+        if s.quantize:
+            codes, scales = kvx_codes(z, p.v_bits, self.group)
+            if store:
+                T = z.shape[1]
+                self.vq[:, past_len:past_len + T] = pack_codes(codes, p.v_bits)
+                self.vs[:, past_len:past_len + T] = scales
+                codes = unpack_codes(self.vq[:, past_len:past_len + T], p.v_bits, self.head_dim)
+                scales = self.vs[:, past_len:past_len + T]
+            z = kvx_decode(codes, scales, p.v_bits, self.group).to(z.dtype)
+        return torch.einsum("bthd,hde->bthe", z, p.a_v_inv) + p.mu_v
+
+    def update_pre_rope(self, k_pre: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_len: int,
+                        cos: torch.Tensor, sin: torch.Tensor, profile) -> tuple[torch.Tensor, torch.Tensor]:
+        """k_pre/k/v [B, T, Hkv, D] (k_pre before RoPE, k after) for positions past_len .. past_len+T-1; cos/sin
+        [T, D] of those positions -> all keys/values [B, P+T, Hkv, D] (the chunk's own unquantized)."""
+        for name, t in (("k_pre", k_pre), ("k", k), ("v", v)):
+            if t.dim() != 4 or t.shape[0] != self.batch or t.shape[2:] != (self.kv_heads, self.head_dim):
+                raise ValueError(f"LayerKVX.update_pre_rope: {name} must be [{self.batch}, T, {self.kv_heads}, "
+                                 f"{self.head_dim}], got {tuple(t.shape)}")
+        T = k.shape[1]
+        if past_len + T > self.max_len:
+            raise ValueError(f"LayerKVX: {past_len} + {T} tokens exceed max_len {self.max_len}")
+        self._bind(profile)
+        end = past_len + T
+        n_sink, W = self.sink_k.shape[1], self.scheme.recent
+        lo = max(past_len - W, n_sink, 0)  # past positions lo .. past_len-1 are read from the fp16 ring
+        if lo < past_len:
+            idx = torch.arange(lo, past_len, device=self.ring_k.device) % W
+            k_near = self.ring_k.index_select(1, idx).to(k.dtype)
+            v_near = self.ring_v.index_select(1, idx).to(v.dtype)
+        with torch.no_grad():
+            self.kw[:, past_len:end] = self.encode_decode_k(k_pre, cos, sin, past_len, True).to(self.dtype)
+            self.vw[:, past_len:end] = self.encode_decode_v(v, past_len, True).to(self.dtype)
+            if past_len < n_sink:  # the sequence's first tokens: fp16, as an FP16 cache holds them
+                a, b = past_len, min(end, n_sink)
+                self.sink_k[:, a:b] = k[:, : b - a].to(torch.float16)
+                self.sink_v[:, a:b] = v[:, : b - a].to(torch.float16)
+                self.kw[:, a:b] = self.sink_k[:, a:b].to(self.dtype)
+                self.vw[:, a:b] = self.sink_v[:, a:b].to(self.dtype)
+        if lo < past_len:
+            k_all = torch.cat([self.kw[:, :lo].to(k.dtype), k_near, k], dim=1)  # [B, P+T, Hkv, D]
+            v_all = torch.cat([self.vw[:, :lo].to(v.dtype), v_near, v], dim=1)
+        else:
+            k_all = torch.cat([self.kw[:, :past_len].to(k.dtype), k], dim=1)  # [B, P+T, Hkv, D]
+            v_all = torch.cat([self.vw[:, :past_len].to(v.dtype), v], dim=1)
+        if W:  # after reading: the chunk's last W tokens enter the ring
+            a = max(past_len, end - W)
+            idx = torch.arange(a, end, device=self.ring_k.device) % W
+            self.ring_k[:, idx] = k[:, a - past_len:].to(torch.float16)
+            self.ring_v[:, idx] = v[:, a - past_len:].to(torch.float16)
+        return k_all, v_all
+
+
+def scheme_variant(name: str, **changes) -> XScheme:
+    """A mode's scheme with some fields changed (bench/bench_cache.py's ablations, tests)."""
+    return replace(X_MODES[name], **changes)
