@@ -34,6 +34,7 @@ from exl2.measure.optimize import DEFAULT_NORMS, optimize
 from exl2.measure.stream import MODULES, checkpoint_path, module_specs
 from exl2.quant_kernels.codec import padded_columns
 from exl2.quant_kernels.qparams import TABLES
+from exl2.runtime import kv_calib
 from exl2.runtime.arch import ModelConfig
 from exl2.runtime.files import write_json_atomic, write_text_atomic
 from exl2.runtime.loader import ModelParts
@@ -500,6 +501,18 @@ class Job:
             except writer.OutputDirError as e:
                 raise ConvertError(str(e)) from None
             self._finish(f"compile:{tag}")
+        # The KV profile of exl2's own cache modes (q4x, q3x; runtime/kv_calib.py), measured on the written model
+        # with the conversion's rows: exl2_kv.json, which ExLlamaV2 ignores.  Written after the compile step (which
+        # replaces the folder), so a job resumed after it writes the file again; a model that does not fit in
+        # memory gets none, and the runtime derives the profile when it loads the model.
+        if not (out / kv_calib.PROFILE_FILE).exists():
+            rows = self._rows("quant")
+            with self._peak(f"kv_profile:{tag}"):
+                written = kv_calib.calibrate_dir(out, rows.input_ids, rows.categories, device=o.device)
+            self.status({"stage": "kv_profile", "bpw_target": bpw, "file": str(written) if written else None,
+                         "message": f"KV profile: {written}" if written else
+                         "KV profile: skipped (the model does not fit in free memory; exl2's runtime measures it "
+                         "at load)"})
         result = {"bpw_target": bpw, "bpw": strat["bpw"], "output": str(out), "head": report["head"]}
         if o.validate:
             vfile = out / "validation.json"

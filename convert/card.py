@@ -68,21 +68,28 @@ def cache_lines(validation: dict) -> list[str]:
     if not cache:
         return []
     rec = validation["recommended_cache"]
+    rec_v2 = validation.get("recommended_cache_exllamav2", rec)
     first = cache["fp16"]
     lines = ["## KV cache", "",
              f"Decoding token by token with each cache mode ({first['rows']} held-out row(s) x {first['length']} tokens; "
              "every past key and value read back from the cache), KL divergence against the FP16 source:", "",
              "| cache | bytes/token | perplexity | KL divergence (mean) | top-1 agreement |", "|---|---|---|---|---|"]
     for m, r in cache.items():
-        name = f"{m.upper()}{' (recommended)' if m == rec else ''}"
+        name = m.upper() + (" (recommended)" if m == rec else " (recommended for ExLlamaV2)" if m == rec_v2 else "")
         if "error" in r:
             lines.append(f"| {name} | {r['bytes_per_token']} | not usable: {r['error']} | | |")
         else:
             lines.append(f"| {name} | {r['bytes_per_token']} | {r['ppl']:.4f} | {r['kld_mean']:.5f} | {r['top1']:.4f} |")
     lines += ["", f"Recommended: **{rec.upper()}** cache, the smallest mode that adds at most 10% of the weights' own "
               "KL divergence (or 0.005 nats/token) on this check. Q4 can break some models (Qwen2-7B among them): "
-              "check before lowering it further.", ""]
-    return lines
+              "check before lowering it further."]
+    # --- exl2's own modes (runtime/kv_x.py) ---
+    if any(m.endswith("x") for m in cache):
+        lines += ["", "Q4X and Q3X are exl2's own cache modes (each token's keys and values transformed per head with "
+                  "this model's KV profile, `exl2_kv.json`, before quantizing): only exl2's runtime runs them. "
+                  f"For ExLlamaV2 and TabbyAPI the recommendation is **{rec_v2.upper()}**."]
+    # ---
+    return lines + [""]
 
 
 # Which programs read EXL2 files, as of this version (checked 2026-12): ExLlamaV2 0.3.x is the format's own
@@ -177,9 +184,11 @@ def model_card(*, base_model: str, strat: dict, head: dict, head_bits: int, cali
         "- ExLlamaV2 0.3.x: `ExLlamaV2Config(model_dir)`, then `ExLlamaV2(config).load()`.",
         "- TabbyAPI (a release from before its ExLlamaV2 backend was removed in July 2026): put the directory in "
         "its models folder and select it by name"
-        + (f" (cache_mode: {validation['recommended_cache'].upper()})." if validation and "recommended_cache" in validation
+        + (f" (cache_mode: {validation.get('recommended_cache_exllamav2', validation['recommended_cache']).upper()})."
+           if validation and "recommended_cache" in validation else "."),
+        "- exl2: `exl2-generate MODEL_DIR -p \"...\"` or `exl2-eval MODEL_DIR --data FILE`"
+        + (f" (`--cache {validation['recommended_cache']}`)." if validation and "recommended_cache" in validation
            else "."),
-        "- exl2: `exl2-generate MODEL_DIR -p \"...\"` or `exl2-eval MODEL_DIR --data FILE`.",
         "",
         "Publishing: upload each bits-per-weight variant as its own branch; `measurement.json` belongs on the main "
         "branch so others can make more variants without measuring again.",

@@ -130,6 +130,8 @@ def _log_status(d: dict) -> None:
                    err=True)
     elif d.get("stage") == "optimize":
         click.echo(f"allocation for {d['bpw_target']} bpw: {d['bpw']:.4f} bpw", err=True)
+    elif d.get("stage") == "kv_profile" and not d.get("file"):
+        click.echo(d["message"], err=True)
 
 
 def _print_summary(result: dict) -> None:

@@ -23,7 +23,8 @@ from exl2.runtime.evaluate import EvalConfig, evaluate_rows
 from exl2.runtime.loader import ModelParts, load_model
 from exl2.runtime.stream import STREAM_CHOICES, LayerProgress, fits, fmt_bytes, head_bytes, stream_forward
 
-CACHE_MODES = ("fp16", "q8", "q6", "q4")
+CACHE_MODES = ("fp16", "q8", "q6", "q4", "q4x", "q3x")   # q4x/q3x: exl2's own (runtime/kv_x.py)
+EXLLAMAV2_CACHE_MODES = ("fp16", "q8", "q6", "q4")      # what ExLlamaV2 and TabbyAPI can run
 # A cache mode is recommended when the KL divergence it adds on top of the FP16 cache is at most this share
 # of what the weight quantization already costs (or CACHE_KL_FLOOR nats/token, whichever is larger).
 CACHE_KL_SHARE = 0.1
@@ -90,6 +91,10 @@ def compare(fp_dir: str | Path, q_dir: str | Path, rows: torch.Tensor, device="c
                                 f"{fmt_bytes(avail)} is free; the cache check decodes with it resident")
     elif cache_rows > 0:
         out["cache"] = {}
+        # --- exl2's own cache modes read the KV profile (exl2_kv.json, written before validation) ---
+        from exl2.runtime.kv_calib import ensure_profile
+        ensure_profile(q, q_dir)
+        # ---
         for m in CACHE_MODES:
             rec = {"bytes_per_token": bytes_per_token(q.cfg, m), "rows": int(crow.shape[0]),
                    "length": int(crow.shape[1])}
@@ -100,15 +105,18 @@ def compare(fp_dir: str | Path, q_dir: str | Path, rows: torch.Tensor, device="c
                 rec["error"] = str(e)
             out["cache"][m] = rec
         out["recommended_cache"] = recommend_cache(out["cache"])
+        out["recommended_cache_exllamav2"] = recommend_cache(out["cache"], EXLLAMAV2_CACHE_MODES)
     return out
 
 
-def recommend_cache(cache: dict) -> str:
-    """The smallest cache mode whose added KL divergence over the FP16 cache stays within
-    max(CACHE_KL_SHARE x the FP16-cache KL, CACHE_KL_FLOOR); "fp16" when none does."""
+def recommend_cache(cache: dict, modes=None) -> str:
+    """The smallest cache mode (of ``modes``, default all in ``cache``) whose added KL divergence over the FP16
+    cache stays within max(CACHE_KL_SHARE x the FP16-cache KL, CACHE_KL_FLOOR); "fp16" when none does.  Equal
+    sizes: the mode listed first."""
     base = cache["fp16"]["kld_mean"]
     allowed = max(CACHE_KL_SHARE * base, CACHE_KL_FLOOR)
-    ok = [m for m, r in cache.items() if "error" not in r and r["kld_mean"] - base <= allowed]
+    ok = [m for m, r in cache.items() if (modes is None or m in modes) and "error" not in r
+          and r["kld_mean"] - base <= allowed]
     return min(ok, key=lambda m: cache[m]["bytes_per_token"])
 
 

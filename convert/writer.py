@@ -47,9 +47,10 @@ LOADER_FILES = frozenset({
 })
 _LICENCE = re.compile(r"(licen[cs]e|notice|use_policy|copying)([-_.][\w.-]*)?(\.(txt|md))?", re.IGNORECASE)
 _SHARD = re.compile(r"output(-\d{5}-of-\d{5})?\.safetensors")
-# Files the compile step writes itself (besides shards and copies); validation.json, README.md and kld.png
-# are added to the folder after it is compiled.
-OWN_FILES = frozenset({"config.json", "README.md", ORIGINAL_CARD, "measurement.json", "validation.json", "kld.png"})
+# Files the compile step writes itself (besides shards and copies); validation.json, README.md, kld.png and
+# exl2_kv.json (the KV profile of exl2's own cache modes, runtime/kv_x.py) are added after it is compiled.
+OWN_FILES = frozenset({"config.json", "README.md", ORIGINAL_CARD, "measurement.json", "validation.json", "kld.png",
+                       "exl2_kv.json"})
 
 # Fields ExLlamaV2 0.3.2 reads for every architecture but that Llama, Qwen2 and Mistral (as transformers defines
 # them, and as exl2 runs them) do not have: left in config.json they would change what ExLlamaV2 computes.

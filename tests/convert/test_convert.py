@@ -64,8 +64,8 @@ def test_outputs_load_and_get_better_with_bits(qwen_tied, qwen_job):
 def test_output_directory_layout(qwen_tied, qwen_job):
     out = Path(qwen_job[1]["targets"][0]["output"])
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["README.md", "config.json", "generation_config.json", "kld.png", "measurement.json",
-                     "output.safetensors", "tokenizer.json", "validation.json"]
+    assert names == ["README.md", "config.json", "exl2_kv.json", "generation_config.json", "kld.png",
+                     "measurement.json", "output.safetensors", "tokenizer.json", "validation.json"]
     card = (out / "README.md").read_text()
     v = json.loads((out / "validation.json").read_text())
     assert f"{v['kld_mean']:.5f}" in card and f"{v['ppl_exl2']:.4f}" in card
@@ -472,23 +472,31 @@ def test_checkpoint_hash_reused_only_while_files_unchanged(tmp_path):
 
 
 def test_validation_checks_every_cache_mode_and_the_card_shows_it(qwen_job):
-    from exl2.convert.validate import CACHE_MODES, KLD_QUANTILES, recommend_cache
+    from exl2.convert.validate import CACHE_MODES, EXLLAMAV2_CACHE_MODES, KLD_QUANTILES, recommend_cache
 
     work, result, _ = qwen_job
     for t in result["targets"]:
         v = t["validation"]
-        assert list(v["cache"]) == list(CACHE_MODES)
-        sizes = [v["cache"][m]["bytes_per_token"] for m in CACHE_MODES]
+        assert list(v["cache"]) == list(CACHE_MODES) == [*EXLLAMAV2_CACHE_MODES, "q4x", "q3x"]
+        sizes = [v["cache"][m]["bytes_per_token"] for m in EXLLAMAV2_CACHE_MODES]
         assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 4
+        q4, q4x, q3x = (v["cache"][m]["bytes_per_token"] for m in ("q4", "q4x", "q3x"))
+        assert q3x < q4 <= q4x <= q4 * 1.05
         for m in CACHE_MODES:
             assert "error" not in v["cache"][m] and v["cache"][m]["kld_mean"] >= 0
         q = v["kld_quantiles"]
         assert len(q) == KLD_QUANTILES + 1 and q == sorted(q) and q[0] >= 0
         assert q[0] <= v["kld_median"] <= v["kld_p99"] <= q[-1]
         assert v["recommended_cache"] == recommend_cache(v["cache"])
+        assert v["recommended_cache_exllamav2"] == recommend_cache(v["cache"], EXLLAMAV2_CACHE_MODES)
         out = Path(t["output"])
         card = (out / "README.md").read_text()
         assert "## KV cache" in card and f"{v['recommended_cache'].upper()} (recommended)" in card
+        assert "| Q4X" in card and "| Q3X" in card and "exl2_kv.json" in card
+        assert f"`--cache {v['recommended_cache']}`" in card                       # how to run it with exl2
+        assert f"cache_mode: {v['recommended_cache_exllamav2'].upper()}" in card    # TabbyAPI: ExLlamaV2's modes
+        if v["recommended_cache"] != v["recommended_cache_exllamav2"]:
+            assert f"{v['recommended_cache_exllamav2'].upper()} (recommended for ExLlamaV2)" in card
         assert "![KL divergence](kld.png)" in card
         assert (out / "kld.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -509,3 +517,20 @@ def test_recommend_cache_takes_the_smallest_mode_within_the_allowance():
     broken = table(0.2, 0.201, 0.21, 0.21)
     broken["q4"] = {"error": "too large for fp16", "bytes_per_token": 120}
     assert recommend_cache(broken) == "q6"
+
+
+def test_kv_profile_written_from_the_conversion_rows_and_rewritten_on_resume(qwen_tied, qwen_job):
+    """exl2_kv.json comes from the conversion's own rows; a job resumed after its compile step (the file lost)
+    writes it again without compiling again."""
+    from exl2.runtime.kv_x import PROFILE_FILE, KVProfile
+
+    work, result, _ = qwen_job
+    out = Path(result["targets"][0]["output"])
+    prof = KVProfile.load(out, ModelConfig.from_dict(json.loads((out / "config.json").read_text())))
+    assert prof.source["derived_from"] == "calibration rows of the conversion" and prof.sensitivity is not None
+    assert prof.source["stat_rows"] == 4 and prof.source["stat_length"] == 64
+    shards = (out / "output.safetensors").stat().st_mtime_ns
+    (out / PROFILE_FILE).unlink()
+    again = convert(ConvertOptions(in_dir=str(qwen_tied), work_dir=str(work), bits=[3.0, 5.0], asym=0.0, **SMALL))
+    assert [t["output"] for t in again["targets"]] == [t["output"] for t in result["targets"]]
+    assert (out / PROFILE_FILE).is_file() and (out / "output.safetensors").stat().st_mtime_ns == shards

@@ -105,9 +105,11 @@ def test_converted_folder_loads_in_exllamav2_config_with_tensors(tiny_builder, t
     r = CliRunner().invoke(convert_main, ["-i", str(src), "-o", str(tmp_path / "job"), "-cf", str(out), "-b", "4.0",
                                           "-r", "2", "-l", "32", "-mr", "2", "-ml", "32", "--no-validate"])
     assert r.exit_code == 0, r.output
+    assert (out / "exl2_kv.json").is_file()           # exl2's KV profile sits beside the files ExLlamaV2 reads
     cfg = _exllamav2_reads(exllamav2, out, tensors=True)
     _check(cfg, _expected(src))
     assert "lm_head.q_weight" in cfg.tensor_file_map
+    assert all(f.endswith(".safetensors") for f in cfg.tensor_files)
 
 
 def test_fields_exllamav2_would_refuse_or_misread(exllamav2, tmp_path):

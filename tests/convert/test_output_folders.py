@@ -98,8 +98,8 @@ def test_nothing_executable_or_pickled_is_carried(converted):
     _, out = converted
     names = sorted(p.name for p in out.iterdir())
     assert names == ["LICENSE", "ORIGINAL_CARD.md", "README.md", "chat_template.jinja", "config.json",
-                     "generation_config.json", "measurement.json", "output.safetensors", "tokenizer.json",
-                     "tokenizer_config.json"]
+                     "exl2_kv.json", "generation_config.json", "measurement.json", "output.safetensors",
+                     "tokenizer.json", "tokenizer_config.json"]
     assert "auto_map" not in json.loads((out / "config.json").read_text())
     assert json.loads((out / "tokenizer_config.json").read_text()) == {"model_max_length": 512}
 
