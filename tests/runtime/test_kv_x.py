@@ -147,6 +147,19 @@ def test_cache_agrees_with_the_one_pass_emulation(tiny):
             assert abs(float((ref.exp() * (ref - emu)).sum(-1).mean()) - kl_q) < 1e-3 * kl_q, mode
 
 
+def test_emulation_of_the_fp16_cache(tiny):
+    """The ablations' reference: emulate_logits with keys and values rounded to fp16 is the FP16 cache."""
+    m, prof, _ = tiny
+    ids = _rows(1, 40, seed=6)
+    fp16 = lambda i: (lambda k_pre, k: k.half().to(k.dtype), lambda v: v.half().to(v.dtype))  # noqa: E731
+    with torch.no_grad():
+        tbt = _token_by_token(m, ids, KVCache(m.cfg, 40, mode="fp16", storage_dtype=torch.float16))[0]
+        emu = kv_calib.emulate_logits(m, ids, fp16, prof)
+        full = m(ids)[0]
+    d_emu, d_full = float((tbt - emu).abs().max()), float((tbt - full).abs().max())
+    assert d_emu < 1e-4 * float(tbt.abs().max()) and d_emu < 0.2 * d_full, (d_emu, d_full)
+
+
 @pytest.mark.parametrize("mode", list(X_MODES))
 def test_batch_rows_reset_and_chunking(tiny, mode):
     """A batch of two rows gives each row's batch-1 logits; reset() forgets the earlier row; a chunked prefill's
