@@ -13,7 +13,7 @@ measurement, per module (a layer's attention, then its MLP), at the module's lar
     base  +  layer weights (fp32)  +  2 x states (the rows, and the module's reference outputs)
           +  max( Hessians + per-row activations                              (collect)
                   Hessians + hinv so far + MEASURED_PREPARE x K_max^2 x 4     (gptq.prepare of the largest)
-                  hinv + variants kept in memory + MEASURED_GPTQ x N x K x 4  (GPTQ of the largest matrix)
+                  hinv + variants kept in memory + gptq_bytes(N, K)           (GPTQ of the largest matrix)
                   variants kept in memory + per-row activations )             (the combinations)
 quantization, the same without variants, with 2 copies of the states (3 with asymmetric calibration) and the
     cross-Hessians of asymmetric calibration; then the head (its Hessian and GPTQ working set).
@@ -51,9 +51,20 @@ MEASURED_BASE = 225 << 20
 # 5 ms around prepare(H) at K = 4096 and 8192: 2.65 and 2.78; the LAPACK calls keep workspaces besides the
 # two matrices the code holds).
 MEASURED_PREPARE = 2.8
-# gptq.quantize of an N x K matrix: peak above its inputs in units of N x K x 4 bytes (8.7 at 4096 x 4096,
-# 9.4 at 8192 x 2048; codes are int64, with fp32 copies of W, Q and the errors).
-MEASURED_GPTQ = 9.4
+# gptq.quantize of an N x K matrix: peak above its inputs in units of N x K x 4 bytes (the permuted W, Q,
+# uint8 codes and the [K - b, N] product of the error update; python bench/plan_coefficients.py, sampled
+# every 5 ms: 3.12 at 4096 x 4096, 2.96 at 2048 x 8192, 2.85 at 16384 x 2048; 2026-12-05).
+MEASURED_GPTQ = 3.2
+# ... plus, per element of the group being quantized (rows x N), its int64 codes, errors and the rounding's
+# temporaries: bytes per element fitted to the same runs at small K, where a group is a large share of the
+# matrix (6.22 units at 65536 x 256, 4.46 at 16384 x 1024, with 128-row groups).
+GPTQ_GROUP_BYTES = 32
+GROUP_ROWS = 128  # the largest group in the option tables and head options
+
+
+def gptq_bytes(n: int, k: int) -> int:
+    """Predicted peak of gptq.quantize above its inputs for an N x K weight."""
+    return int(MEASURED_GPTQ * 4 * n * k + GPTQ_GROUP_BYTES * min(k, GROUP_ROWS) * n)
 # Per-row activations of a module's forward, in fp32 values per token (counted from runtime/model.py:
 # attention keeps q, k, v, the GQA-expanded k and v and its output; the MLP keeps gate, up and their product).
 ATTN_ACT_PER_TOKEN = lambda cfg: 2 * cfg.num_heads * cfg.head_dim + 4 * cfg.kv_dim + 2 * cfg.hidden_size  # noqa: E731
@@ -142,7 +153,7 @@ def _module_peaks(cfg: ModelConfig, length: int, *, variants: bool, tables: str,
         hess = sum(4 * k * k for k in ks.values()) * (2 if asym else 1)   # asymmetric: M beside each H
         kmax = max(ks.values())
         act = length * (ATTN_ACT_PER_TOKEN(cfg) if spec.kind == "self_attn" else MLP_ACT_PER_TOKEN(cfg)) * 4
-        nk = max(4 * shapes[p][0] * shapes[p][1] for p in spec.projections)
+        gq = max(gptq_bytes(shapes[p][1], shapes[p][0]) for p in spec.projections)
         var = 0
         if variants:
             total = sum(len(opts) * 2 * shapes[p][0] * shapes[p][1]
@@ -150,7 +161,7 @@ def _module_peaks(cfg: ModelConfig, length: int, *, variants: bool, tables: str,
             var = total if total <= VARIANT_BUDGET else 0      # over the budget every variant is spilled to disk
         hinv = sum(4 * k * k for k in ks.values())
         phases = {"collect": hess + act, "prepare": hess + MEASURED_PREPARE * 4 * kmax * kmax,
-                  "GPTQ": hinv + var + MEASURED_GPTQ * nk, "combinations": var + act}
+                  "GPTQ": hinv + var + gq, "combinations": var + act}
         phase = max(phases, key=phases.get)
         if phases[phase] > best:
             best, what = int(phases[phase]), f"{spec.kind} {phase}"
@@ -206,7 +217,7 @@ def make_plan(model_dir: str | Path, *, bits: list[float], head_bits: int, rows:
     extra, what = _module_peaks(cfg, length, variants=False, tables=tables, asym=bool(asym))
     head_h = 4 * C * C * (2 if asym else 1)
     head_w = 4 * V * C
-    head_peak = head_h + MEASURED_PREPARE * 4 * C * C + MEASURED_GPTQ * head_w
+    head_peak = head_h + MEASURED_PREPARE * 4 * C * C + gptq_bytes(V, C)
     extra_q = max(extra + layer_w, head_peak + head_w)
     p.ram["quantize"] = Estimate(int(base + copies * st_q + (0 if cuda else extra_q)),
                                  f"base + {copies} x states {_gib(st_q)}"

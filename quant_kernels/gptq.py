@@ -278,15 +278,17 @@ def quantize(
         raise ValueError("quantize: weight contains NaN or Inf")
     perm = prepared.perm
     Hinv = prepared.hinv
-    W = weight.t().to(torch.float32)[perm].clone()     # [K, N] permuted rows
+    # Working set, in units of N x K fp32 besides the caller's weight: W and Q (1 each), the codes as uint8
+    # (0.25; int64 only for polish), one group's int64 codes and errors, and the update's [K-b, N] product.
+    W = weight.t().to(torch.float32)[perm]             # [K, N] permuted rows (indexing copies)
     if polish_sweeps and (prepared.h is None or Hinv is None):
         raise ValueError("quantize: polish_sweeps needs prepare(..., keep_h=True) on a Hessian")
     W0 = W.clone() if polish_sweeps else None
     Q = torch.empty_like(W)                            # dequantized values (fp16-exact)
-    codes = torch.empty(k, n, dtype=torch.int64)
-    err = torch.empty_like(W) if Hinv is not None else None
+    codes = torch.empty(k, n, dtype=torch.int64 if polish_sweeps else torch.uint8)   # codes < 2^8
     groups = qparams.row_groups(k)
     scale_codes, scale_max, scales_rows = [], [], []
+    group_codes = err = None
     a = 0
     for bits, rows in groups:
         b = a + rows
@@ -295,18 +297,28 @@ def quantize(
         scale_codes.append(gs.codes)
         scale_max.append(gs.scale_max)
         scales_rows.append(gs.scale)
-        ops.gptq_group(W[a:b], Hinv, a, gs.scale, bits, codes[a:b], Q[a:b], None if err is None else err[a:b])
+        group_codes = torch.empty(rows, n, dtype=torch.int64)
+        err = torch.empty(rows, n, dtype=torch.float32) if Hinv is not None else None
+        ops.gptq_group(W[a:b], Hinv, a, gs.scale, bits, group_codes, Q[a:b], err)
+        codes[a:b] = group_codes
         if Hinv is not None and b < k:
-            W[b:] -= Hinv[a:b, b:].t() @ err[a:b]                                     # [K-b, N]
+            W[b:] -= Hinv[a:b, b:].t() @ err                                          # [K-b, N]
         a = b
+    del W, group_codes, err
     if W0 is not None:
         row_scale = torch.cat([sc.unsqueeze(0).expand(r, -1) for sc, (_, r) in zip(scales_rows, groups)])
         row_bits = torch.cat([torch.full((r,), bt) for bt, r in groups])
         polish(W0, Q, codes, prepared.h, row_scale, row_bits, polish_sweeps)
+        del W0
     tensors = codec.pack_layer(codes, groups, torch.stack(scale_codes), torch.stack(scale_max), perm, bias)
-    w_out = torch.empty_like(Q)
-    w_out[perm] = Q
-    return QuantResult(tensors, w_out.t().to(torch.float16).contiguous(), groups)
+    del codes
+    # the loader's weight in nn.Linear orientation: Q holds fp16-exact values, so casting before un-permuting
+    # gives the same halves; Q is freed before the transposed copy is made
+    q16 = Q.to(torch.float16)
+    del Q
+    w_out = q16[torch.argsort(perm.to(torch.int64))]   # row j of the original order
+    del q16
+    return QuantResult(tensors, w_out.t().contiguous(), groups)
 
 
 def quantize_linear(weight: torch.Tensor, qparams: QParams, H: torch.Tensor | None = None,
