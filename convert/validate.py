@@ -91,11 +91,25 @@ def compare(fp_dir: str | Path, q_dir: str | Path, rows: torch.Tensor, device="c
                                 f"{fmt_bytes(avail)} is free; the cache check decodes with it resident")
     elif cache_rows > 0:
         out["cache"] = {}
-        # --- exl2's own cache modes read the KV profile (exl2_kv.json, written before validation) ---
-        from exl2.runtime.kv_calib import ensure_profile
-        ensure_profile(q, q_dir)
-        # ---
+        # exl2's own modes read the KV profile the converter writes before validating (exl2_kv.json); without
+        # one they are left out rather than measured here (the profile's measurement is its own stage, with its
+        # own memory, in the converter)
+        from exl2.runtime.kv_calib import attach
+        from exl2.runtime.kv_x import PROFILE_FILE, X_MODES, KVProfile
+
+        try:
+            prof = KVProfile.load(q_dir, q.cfg)
+        except ValueError as e:
+            prof, why = None, str(e)
+        else:
+            why = f"no {PROFILE_FILE} in {q_dir}"
+        if prof is not None:
+            attach(q, prof)
+        else:
+            out["cache_x_skipped"] = why
         for m in CACHE_MODES:
+            if m in X_MODES and prof is None:
+                continue
             rec = {"bytes_per_token": bytes_per_token(q.cfg, m), "rows": int(crow.shape[0]),
                    "length": int(crow.shape[1])}
             try:

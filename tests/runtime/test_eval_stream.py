@@ -306,5 +306,17 @@ def test_validation_streams_the_source_and_matches_resident_scoring(exl2_pair, m
 
     tight = V.compare(src, q, rows, cache_length=24, available=1)      # the EXL2 model does not fit either
     assert tight["exl2_streamed"] is True and "cache" not in tight and "loaded whole" in tight["cache_skipped"]
-    assert {k: tight[k] for k in auto if k not in ("cache", "recommended_cache")} == \
-        {k: v for k, v in auto.items() if k not in ("cache", "recommended_cache")}
+    cache_keys = ("cache", "recommended_cache", "recommended_cache_exllamav2", "cache_x_skipped")
+    assert {k: tight[k] for k in auto if k not in cache_keys} == {k: v for k, v in auto.items() if k not in cache_keys}
+
+    # exl2's own modes read the KV profile the converter wrote; without it they are left out, not measured here
+    from exl2.runtime.kv_x import PROFILE_FILE
+
+    assert list(auto["cache"]) == list(V.CACHE_MODES) and "cache_x_skipped" not in auto
+    (q / PROFILE_FILE).rename(q / "kv.json.away")
+    try:
+        without = V.compare(src, q, rows, cache_length=24)
+    finally:
+        (q / "kv.json.away").rename(q / PROFILE_FILE)
+    assert list(without["cache"]) == ["fp16", "q8", "q6", "q4"] and f"no {PROFILE_FILE}" in without["cache_x_skipped"]
+    assert without["cache"]["q4"] == auto["cache"]["q4"] and auto["cache"]["q4x"]["kld_mean"] >= 0
