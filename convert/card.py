@@ -88,6 +88,8 @@ def cache_lines(validation: dict) -> list[str]:
         lines += ["", "Q4X and Q3X are exl2's own cache modes (each token's keys and values transformed per head with "
                   "this model's KV profile, `exl2_kv.json`, before quantizing): only exl2's runtime runs them. "
                   f"For ExLlamaV2 and TabbyAPI the recommendation is **{rec_v2.upper()}**."]
+    elif validation.get("cache_x_skipped"):
+        lines += ["", f"exl2's own cache modes (Q4X, Q3X) were not checked: {validation['cache_x_skipped']}."]
     # ---
     return lines + [""]
 

@@ -534,3 +534,18 @@ def test_kv_profile_written_from_the_conversion_rows_and_rewritten_on_resume(qwe
     again = convert(ConvertOptions(in_dir=str(qwen_tied), work_dir=str(work), bits=[3.0, 5.0], asym=0.0, **SMALL))
     assert [t["output"] for t in again["targets"]] == [t["output"] for t in result["targets"]]
     assert (out / PROFILE_FILE).is_file() and (out / "output.safetensors").stat().st_mtime_ns == shards
+
+
+def test_card_says_when_exl2_cache_modes_were_not_checked():
+    from exl2.convert.card import cache_lines
+
+    rec = {"rows": 1, "length": 8, "ppl": 2.0, "kld_mean": 0.001, "top1": 1.0}
+    v = {"cache": {"fp16": {**rec, "bytes_per_token": 10}, "q4": {**rec, "bytes_per_token": 5}},
+         "recommended_cache": "q4", "recommended_cache_exllamav2": "q4", "cache_x_skipped": "no exl2_kv.json in /m"}
+    text = "\n".join(cache_lines(v))
+    assert "Q4 (recommended)" in text and "(Q4X, Q3X) were not checked: no exl2_kv.json in /m." in text
+    v["cache"]["q4x"] = {**rec, "bytes_per_token": 6}
+    v["recommended_cache"] = "q4x"
+    del v["cache_x_skipped"]
+    text = "\n".join(cache_lines(v))
+    assert "Q4X (recommended)" in text and "Q4 (recommended for ExLlamaV2)" in text and "not checked" not in text
