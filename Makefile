@@ -48,6 +48,7 @@ bench: install bench-peers demo
 	$(PYTHON) bench/bench_scale.py --parts build7,eval7,kld7,gen7,slice72,smol --write
 	$(PYTHON) bench/quality.py --write
 	$(PYTHON) bench/levers.py --write
+	$(PYTHON) bench/bench_cache.py --write
 
 # The GPU check (issue #23; README "Checking the GPU path"): build the CUDA extension, run the cuda tests, time the
 # GEMV and one Qwen2-7B layer's conversion, compare `exl2-convert --device cuda` with the CPU conversion and the real
