@@ -8,6 +8,9 @@ with a KV cache (ours: FP16-mode cache holding fp32 on CPU, and the Q4 cache; tr
 cache); the time counts the decode steps only, and the greedy tokens are compared with transformers'.
 With ``--exl2 DIR`` (an EXL2 conversion of the same model, e.g. the demo's ``work/demo/bpw-4.00/model``) its
 decode runs too, with the layers packed (the runtime's default) and dense (``--exl2 dense``).
+Where llama.cpp's tools are built (``bash bench/peers/setup_llamacpp.sh``, with llama-bench), its batch-1
+decode of the same model quantized to Q4_K_M runs in the same run (``llama-bench``, ``--new`` tokens from an
+empty context, the same thread count); ``--no-peer`` skips it.
 The best of ``--repeats`` runs counts (the minimum is the least disturbed).  ``--write`` replaces this benchmark's section of
 BENCHMARKS.md.  A benchmark, not a test.
 """
@@ -90,6 +93,7 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, default=128, help="decode: generated tokens")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--exl2", type=Path, default=None, help="an EXL2 model of SmolLM2-135M: its decode too")
+    ap.add_argument("--no-peer", action="store_true", help="skip llama.cpp's decode")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args(argv)
 
@@ -144,6 +148,32 @@ def main(argv=None) -> int:
         same = next((i for i, (a, b) in enumerate(zip(toks[k], ref_toks)) if a != b), len(ref_toks))
         lines.append(f"| {k} | {t:.2f} | {args.new / t:.1f} | {times['transformers'] / t:.2f}x | "
                      f"{same}/{len(ref_toks)} |")
+    peer = None
+    if not args.no_peer:
+        from bench.peers import llamacpp
+
+        why = llamacpp.available()
+        if why is None:
+            try:
+                peer = llamacpp.decode_speed(src, REPO / "work" / "bench-runtime", new=args.new,
+                                             repeats=args.repeats)
+            except llamacpp.PeerError as e:
+                why = str(e)
+        if peer is None:
+            print(f"llama.cpp decode skipped: {why}", file=sys.stderr)
+    if peer is not None:
+        lines.append(f"| llama.cpp Q4_K_M ({peer['tool']}, {peer['threads']} threads) | "
+                     f"{args.new / peer['tokens_per_s']:.2f} | {peer['tokens_per_s']:.1f} | "
+                     f"{times['transformers'] * peer['tokens_per_s'] / args.new:.2f}x | - |")
+        exl2_rows = [k for k in times if "EXL2 packed" in k]
+        lines += ["", f"llama.cpp ran `{peer['command']}` (mean of {peer['repeats']} runs, standard deviation "
+                      f"{peer['stddev_ts']:.1f} tokens/s; GGUF {peer['model_bytes'] / 2**20:.0f} MiB, no importance "
+                      "matrix), from an empty context where ours decode after the prompt (llama-bench's prompt and "
+                      "depth runs crash in this build); at this model size the attention over a few hundred past "
+                      "tokens is a small part of a step."]
+        for k in exl2_rows:
+            lines.append(f"{k}: {args.new / times[k] / peer['tokens_per_s']:.2f}x llama.cpp Q4_K_M's decode speed, "
+                         f"{times['ours (fp16 cache)'] / times[k]:.2f}x our FP16 model's.")
     text = "\n".join(lines)
     print(text)
     if args.write:

@@ -123,7 +123,7 @@ def build_exl2_rtn(src: Path, out: Path) -> Path:
             continue
         w = parts.src.get(f"{prefix}.weight").float()
         b = parts.src.get(f"{prefix}.bias").float() if f"{prefix}.bias" in parts.src else None
-        r = gptq.quantize(w, qp, gptq.prepare(None, k=w.shape[1]), b, refine_span=0)   # plain round-to-nearest
+        r = gptq.quantize(w, qp, gptq.prepare(None, k=w.shape[1], invert=False), b, refine_span=0)   # round to nearest
         save_tensors(path, {f"{prefix}.{k}": v for k, v in r.tensors.items()})
         print(f"rtn {j + 1}/{len(prefixes)} {prefix}", file=sys.stderr, flush=True)
         parts.src.release()
@@ -279,6 +279,9 @@ def report(out: Path) -> str:
                       "peak shorter than that can be missed), beside `--plan`'s prediction.", "",
                   "| stage | predicted GiB | measured GiB | measured / predicted |", "|---|---:|---:|---:|"]
         for stage, e in sm["memory"].items():
+            if not e.get("predicted_bytes"):       # a stage the plan does not predict
+                lines.append(f"| {stage} | - | {gib(e['peak_anon_bytes'])} | - |")
+                continue
             lines.append(f"| {stage} | {gib(e['predicted_bytes'])} | {gib(e['peak_anon_bytes'])} | "
                          f"{e['peak_anon_bytes'] / e['predicted_bytes']:.2f} |")
     sl = load("slice72")
@@ -288,7 +291,7 @@ def report(out: Path) -> str:
         from exl2.runtime.arch import ModelConfig
 
         whole = make_plan(out, bits=[4.0], head_bits=6, rows=100, length=2048, measurement_rows=16,
-                          measurement_length=2048, cfg=ModelConfig.from_dict(sl["full_cfg"]))
+                          measurement_length=2048, asym=1.0, cfg=ModelConfig.from_dict(sl["full_cfg"]))
         lines += ["", "Qwen2-72B-shaped slice (2 decoder layers, hidden 8192, intermediate 29568, 64/8 heads, the real "
                       "vocabulary), FP16 and round-to-nearest EXL2 as above; the converter's validation stage "
                       "(`convert.validate.compare`, 4 held-out rows x 512 tokens) in a fresh process:", "",
@@ -296,9 +299,14 @@ def report(out: Path) -> str:
                   f"| measured peak anonymous memory | {gib(m['peak_anon_bytes'])} |",
                   f"| measured peak RSS (with reclaimable file pages) | {gib(m['peak_rss_bytes'])} |",
                   f"| the plan's prediction (`--plan`, validate) | {gib(pred['bytes'])} |",
-                  f"| difference (target: within 1.5) | {diff / 2**30:+.2f} |", "",
+                  f"| difference, peak RSS (target: within 1.5) | {(m['peak_rss_bytes'] - pred['bytes']) / 2**30:+.2f} |",
+                  f"| difference, peak anonymous memory | {diff / 2**30:+.2f} |", "",
+                  "(The validation code of this run, before commit 6f8d784, also derived the KV profile of the q4x/q3x "
+                  "cache modes at load, inside the measured stage; validation now reads the profile the converter "
+                  "wrote in a stage of its own.)", "",
                   f"The plan's prediction is {pred['how']}.", "",
-                  "The plan for the whole 80-layer Qwen2-72B at 4.0 bpw, default rows (`--plan` arithmetic, not run): "
+                  "The plan for the whole 80-layer Qwen2-72B at 4.0 bpw, default rows and asymmetric calibration "
+                  "(`--plan` arithmetic, not run): "
                   + ", ".join(f"{k} {gib(v.bytes)} GiB" for k, v in whole.ram.items())
                   + f"; EXL2 model {gib(whole.targets[4.0]['model_bytes'])} GiB."]
     return "\n".join(lines)

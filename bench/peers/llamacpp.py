@@ -217,6 +217,44 @@ def _gguf_version() -> str:
 # ------------------------------------------------------------------------------------------------ run
 
 
+def decode_speed(src, work, scheme: str = "Q4_K_M", *, depth: int = 0, new: int = 128,
+                 repeats: int = 3) -> dict:
+    """Batch-1 decode speed of llama.cpp on src quantized to ``scheme`` (no importance matrix: it changes the
+    weights, not the work per token): ``llama-bench`` generating ``new`` tokens after ``depth`` tokens already in
+    its cache, ``repeats`` runs on THREADS threads.  Returns tokens/s (mean and standard deviation as
+    llama-bench reports them) and what ran."""
+    import json as _json
+
+    for tool in ("llama-quantize", "llama-bench"):
+        if not os.access(BIN / tool, os.X_OK):
+            raise PeerError(f"llama.cpp {tool} not built in {BIN}: run {SETUP}")
+    src = Path(src).resolve()
+    cache = cache_dir(src, Path(work))
+    cache.mkdir(parents=True, exist_ok=True)
+    f16 = convert_f16(src, cache)
+    qpath = cache / f"model-{scheme}-noimat.gguf"
+    if not qpath.is_file():
+        tmp = qpath.with_suffix(".tmp")
+        _run([BIN / "llama-quantize", f16, tmp, scheme, THREADS], f"llama-quantize {scheme}",
+             cache / f"quantize-{scheme}-noimat.log")
+        os.replace(tmp, qpath)
+    log = cache / "llama-bench.log"
+    cmd = ([BIN / "llama-bench", "-m", qpath, "-p", "0", "-n", new] + (["-d", depth] if depth else [])
+           + ["-t", THREADS, "-r", repeats, "-o", "json"])
+    _run(cmd, "llama-bench", log)
+    text = log.read_text(errors="replace")
+    start = text.index("[")                      # the JSON array after the echoed command line
+    rows = _json.loads(text[start:text.rindex("]") + 1])
+    tg = [r for r in rows if int(r.get("n_gen", 0)) == new]
+    if not tg:
+        raise PeerError(f"llama-bench printed no generation row [log: {log}]")
+    r = tg[0]
+    return {"tool": version(), "scheme": scheme, "depth": depth, "new": new, "threads": THREADS,
+            "repeats": repeats, "tokens_per_s": float(r["avg_ts"]), "stddev_ts": float(r["stddev_ts"]),
+            "model_bytes": qpath.stat().st_size,
+            "command": "llama-bench " + " ".join(str(c) for c in cmd[1:]).replace(str(qpath), f"{src.name}-{scheme}.gguf")}
+
+
 def run(src, cal_dir, out, scheme: str, *, imatrix: bool = True, keep_gguf: bool = False) -> dict:
     """Quantize src with llama.cpp to ``scheme``, calibrated with an importance matrix over cal_dir/text.txt,
     and write the dequantized weights to out; returns the meta written to out/peer.json.

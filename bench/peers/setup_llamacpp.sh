@@ -5,7 +5,7 @@
 #
 # Result, under <repo>/.peers/llama.cpp/ (nothing here is tracked by git):
 #   src/       the vendored llama.cpp tree (convert_hf_to_gguf.py, gguf-py/, ...)
-#   bin/       llama-quantize, llama-imatrix, llama-perplexity
+#   bin/       llama-quantize, llama-imatrix, llama-perplexity, llama-bench (decode speed)
 #   VERSION    the llama.cpp commit the sdist vendors (the build itself reports "unknown": no .git)
 #
 # Environment: LLAMA_CPP_PYTHON_VERSION (default 0.3.36), JOBS (default 2), PYTHON (default python).
@@ -20,7 +20,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 ROOT="$REPO/.peers/llama.cpp"
 DL="$REPO/.peers/dl"
 SDIST="$DL/llama_cpp_python-$VERSION.tar.gz"
-TOOLS=(llama-quantize llama-imatrix llama-perplexity)
+TOOLS=(llama-quantize llama-imatrix llama-perplexity llama-bench)
 
 mkdir -p "$ROOT" "$DL"
 
