@@ -425,31 +425,31 @@ class LayerKVX:
             c = apply_rope(c, cos, sin)
         z = torch.einsum("bthd,hde->bthe", c, p.a_k)  # [B, T, Hkv, D]
         if s.quantize:
-            codes, scales = kvx_codes(z, p.k_bits, self.group)
-            if store:
-                T = z.shape[1]
-                self.kq[:, past_len:past_len + T] = pack_codes(codes, p.k_bits)
-                self.ks[:, past_len:past_len + T] = scales
-                codes = unpack_codes(self.kq[:, past_len:past_len + T], p.k_bits, self.head_dim)
-                scales = self.ks[:, past_len:past_len + T]
-            z = kvx_decode(codes, scales, p.k_bits, self.group).to(z.dtype)
+            z = self._round_trip(z, p.k_bits, "k", past_len, store)
         c = torch.einsum("bthd,hde->bthe", z, p.a_k_inv)
         if s.pre_rope:
             return apply_rope(c + p.mu_k, cos, sin)
         return c + apply_rope(p.mu_k.expand_as(c), cos, sin)
 
+    def _round_trip(self, z: torch.Tensor, bits: int, which: str, past_len: int, store: bool) -> torch.Tensor:
+        """z [B, T, Hkv, D] quantized at ``bits`` and decoded; with ``store`` the packed codes and scales go into
+        the ``which`` ("k" or "v") buffers at past_len.. and the decoded values are read back from them (what a
+        later query sees)."""
+        codes, scales = kvx_codes(z, bits, self.group)
+        if store:
+            codes_buf, scales_buf = (self.kq, self.ks) if which == "k" else (self.vq, self.vs)
+            span = slice(past_len, past_len + z.shape[1])
+            codes_buf[:, span] = pack_codes(codes, bits)
+            scales_buf[:, span] = scales
+            codes = unpack_codes(codes_buf[:, span], bits, self.head_dim)
+            scales = scales_buf[:, span]
+        return kvx_decode(codes, scales, bits, self.group).to(z.dtype)
+
     def encode_decode_v(self, v: torch.Tensor, past_len: int, store: bool) -> torch.Tensor:
         p, s = self.plan, self.scheme
         z = torch.einsum("bthd,hde->bthe", v.to(p.a_v.dtype) - p.mu_v, p.a_v)
         if s.quantize:
-            codes, scales = kvx_codes(z, p.v_bits, self.group)
-            if store:
-                T = z.shape[1]
-                self.vq[:, past_len:past_len + T] = pack_codes(codes, p.v_bits)
-                self.vs[:, past_len:past_len + T] = scales
-                codes = unpack_codes(self.vq[:, past_len:past_len + T], p.v_bits, self.head_dim)
-                scales = self.vs[:, past_len:past_len + T]
-            z = kvx_decode(codes, scales, p.v_bits, self.group).to(z.dtype)
+            z = self._round_trip(z, p.v_bits, "v", past_len, store)
         return torch.einsum("bthd,hde->bthe", z, p.a_v_inv) + p.mu_v
 
     def update_pre_rope(self, k_pre: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_len: int,
