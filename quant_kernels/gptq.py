@@ -285,7 +285,7 @@ def quantize(
         raise ValueError("quantize: polish_sweeps needs prepare(..., keep_h=True) on a Hessian")
     W0 = W.clone() if polish_sweeps else None
     Q = torch.empty_like(W)                            # dequantized values (fp16-exact)
-    codes = torch.empty(k, n, dtype=torch.int64 if polish_sweeps else torch.uint8)   # codes < 2^8
+    codes = torch.empty(k, n, dtype=torch.int64 if polish_sweeps else torch.uint8, device=W.device)  # < 2^8
     groups = qparams.row_groups(k)
     scale_codes, scale_max, scales_rows = [], [], []
     group_codes = err = None
@@ -297,8 +297,8 @@ def quantize(
         scale_codes.append(gs.codes)
         scale_max.append(gs.scale_max)
         scales_rows.append(gs.scale)
-        group_codes = torch.empty(rows, n, dtype=torch.int64)
-        err = torch.empty(rows, n, dtype=torch.float32) if Hinv is not None else None
+        group_codes = torch.empty(rows, n, dtype=torch.int64, device=W.device)
+        err = torch.empty(rows, n, dtype=torch.float32, device=W.device) if Hinv is not None else None
         ops.gptq_group(W[a:b], Hinv, a, gs.scale, bits, group_codes, Q[a:b], err)
         codes[a:b] = group_codes
         if Hinv is not None and b < k:
