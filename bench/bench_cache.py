@@ -42,7 +42,8 @@ from bench.report import header, write_section  # noqa: E402
 from exl2.runtime import kv_calib  # noqa: E402
 from exl2.runtime.cache import EXL2_MODES, KVCache, bytes_per_token  # noqa: E402
 from exl2.runtime.evaluate import load_data_rows  # noqa: E402
-from exl2.runtime.kv_x import X_MODES, KVProfile, scheme_variant, x_bytes_per_token, x_fixed_bytes  # noqa: E402
+from exl2.runtime.kv_profile import KVProfile  # noqa: E402
+from exl2.runtime.kv_x import X_MODES, scheme_variant, x_bytes_per_token, x_fixed_bytes  # noqa: E402
 from exl2.runtime.loader import load_model  # noqa: E402
 
 TEXTS = {"prose": "fixtures/data/persuasion.txt", "code": "fixtures/data/stdlib_code.py.txt"}

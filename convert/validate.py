@@ -95,7 +95,8 @@ def compare(fp_dir: str | Path, q_dir: str | Path, rows: torch.Tensor, device="c
         # one they are left out rather than measured here (the profile's measurement is its own stage, with its
         # own memory, in the converter)
         from exl2.runtime.kv_calib import attach
-        from exl2.runtime.kv_x import PROFILE_FILE, X_MODES, KVProfile
+        from exl2.runtime.kv_profile import PROFILE_FILE, KVProfile
+        from exl2.runtime.kv_x import X_MODES
 
         try:
             prof = KVProfile.load(q_dir, q.cfg)

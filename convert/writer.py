@@ -48,7 +48,7 @@ LOADER_FILES = frozenset({
 _LICENCE = re.compile(r"(licen[cs]e|notice|use_policy|copying)([-_.][\w.-]*)?(\.(txt|md))?", re.IGNORECASE)
 _SHARD = re.compile(r"output(-\d{5}-of-\d{5})?\.safetensors")
 # Files the compile step writes itself (besides shards and copies); validation.json, README.md, kld.png and
-# exl2_kv.json (the KV profile of exl2's own cache modes, runtime/kv_x.py) are added after it is compiled.
+# exl2_kv.json (the KV profile of exl2's own cache modes, runtime/kv_profile.py) are added after it is compiled.
 OWN_FILES = frozenset({"config.json", "README.md", ORIGINAL_CARD, "measurement.json", "validation.json", "kld.png",
                        "exl2_kv.json"})
 

@@ -139,7 +139,8 @@ def _kv_profile(model, model_dir: Path, caches, progress: bool) -> None:
     """exl2's own cache modes (q4x, q3x) read the model's KV profile: exl2_kv.json when the converter wrote one,
     else derived now from the default calibration mix (runtime/kv_calib.py)."""
     from .kv_calib import ensure_profile, profile_of
-    from .kv_x import PROFILE_FILE, X_MODES
+    from .kv_profile import PROFILE_FILE
+    from .kv_x import X_MODES
 
     if not any(c in X_MODES for c in caches) or profile_of(model) is not None:
         return
@@ -160,7 +161,8 @@ def _kv_profile(model, model_dir: Path, caches, progress: bool) -> None:
 
 def _check_profile(model_dir: Path, cfg, caches) -> None:
     """Refuse, before loading anything, a stored KV profile (exl2_kv.json) that the x modes asked for cannot use."""
-    from .kv_x import X_MODES, KVProfile
+    from .kv_profile import KVProfile
+    from .kv_x import X_MODES
 
     if any(c in X_MODES for c in caches):
         try:

@@ -1,4 +1,4 @@
-"""Measuring a model's KV profile (runtime/kv_x.py) for exl2's own cache modes, and attaching it to a model.
+"""Measuring a model's KV profile (runtime/kv_profile.py) for exl2's own cache modes, and attaching it to a model.
 
 Two measurements on token rows, both with the model resident:
 
@@ -14,7 +14,7 @@ Two measurements on token rows, both with the model resident:
 Where a profile comes from (:func:`ensure_profile`): the ``exl2_kv.json`` the converter wrote into the model
 directory (from its calibration rows); else it is derived when the model is loaded, from rows of the embedded
 default calibration mix (the model directory's tokenizer); else, without a tokenizer, from the weights alone
-(the key and value biases as means, :func:`kv_x.weights_profile`).
+(the key and value biases as means, :func:`kv_profile.weights_profile`).
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from .kv_x import (PROFILE_FILE, SENSITIVITY_BITS, X_MODES, KVProfile, LayerKVX, LayerStats, weights_profile)
+from .kv_profile import PROFILE_FILE, SENSITIVITY_BITS, KVProfile, LayerStats, weights_profile
+from .kv_x import X_MODES, LayerKVX
 from .model import Model, apply_rope
 
 # Rows used at load time when a model has no stored profile (default calibration mix): statistics on

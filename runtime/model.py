@@ -110,7 +110,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
 
 class Attention(nn.Module):
-    # The model's KV profile (runtime/kv_x.py), which exl2's own cache modes (q4x, q3x) read; attached by
+    # The model's KV profile (runtime/kv_profile.py), which exl2's own cache modes (q4x, q3x) read; attached by
     # runtime/kv_calib.py (ensure_profile), None otherwise.
     kv_profile = None
 

@@ -522,7 +522,7 @@ def test_recommend_cache_takes_the_smallest_mode_within_the_allowance():
 def test_kv_profile_written_from_the_conversion_rows_and_rewritten_on_resume(qwen_tied, qwen_job):
     """exl2_kv.json comes from the conversion's own rows; a job resumed after its compile step (the file lost)
     writes it again without compiling again."""
-    from exl2.runtime.kv_x import PROFILE_FILE, KVProfile
+    from exl2.runtime.kv_profile import PROFILE_FILE, KVProfile
 
     work, result, _ = qwen_job
     out = Path(result["targets"][0]["output"])

@@ -310,7 +310,7 @@ def test_validation_streams_the_source_and_matches_resident_scoring(exl2_pair, m
     assert {k: tight[k] for k in auto if k not in cache_keys} == {k: v for k, v in auto.items() if k not in cache_keys}
 
     # exl2's own modes read the KV profile the converter wrote; without it they are left out, not measured here
-    from exl2.runtime.kv_x import PROFILE_FILE
+    from exl2.runtime.kv_profile import PROFILE_FILE
 
     assert list(auto["cache"]) == list(V.CACHE_MODES) and "cache_x_skipped" not in auto
     (q / PROFILE_FILE).rename(q / "kv.json.away")

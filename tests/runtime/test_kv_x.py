@@ -15,8 +15,9 @@ from exl2.quant_kernels.kvx_quant import hadamard
 from exl2.runtime import kv_calib
 from exl2.runtime.arch import ModelConfig
 from exl2.runtime.cache import KVCache, bytes_per_token, mode_error
-from exl2.runtime.kv_x import (PROFILE_FILE, X_MODES, KVProfile, LayerKVX, LayerStats, XScheme, allocate_bits,
-                               klt_transform, scheme_variant, stream_bits_total, x_bytes_per_token)
+from exl2.runtime.kv_profile import PROFILE_FILE, KVProfile, LayerStats, klt_transform
+from exl2.runtime.kv_x import (X_MODES, LayerKVX, XScheme, allocate_bits, scheme_variant, stream_bits_total,
+                               x_bytes_per_token)
 from exl2.runtime.loader import load_model
 
 SMOLLM2 = ModelConfig.from_dict(dict(
