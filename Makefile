@@ -26,7 +26,7 @@ demo: install
 
 # The format self-check alone: golden layers from an independent writer, every option of the tables.
 selfcheck: install
-	$(PYTHON) -m exl2.quant_kernels.selfcheck --golden ../shared/golden/exl2_layers.safetensors
+	$(PYTHON) -m exl2.quant_kernels.selfcheck --golden tests/data/exl2_layers.safetensors
 
 # Peer quantizers for bench/quality.py, each in its own place under .peers/ (never a runtime dependency):
 # llm-compressor in a venv (it pins its own transformers), llama.cpp's tools built from the llama-cpp-python

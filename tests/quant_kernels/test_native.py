@@ -23,7 +23,7 @@ from exl2.quant_kernels.codec import EXL2FormatError
 from exl2.quant_kernels.qparams import QParams
 
 WIDTHS = (2, 3, 4, 5, 6, 8)
-GOLDEN = Path(__file__).resolve().parents[2].parent / "shared" / "golden" / "exl2_layers.safetensors"
+GOLDEN = Path(__file__).resolve().parents[1] / "data" / "exl2_layers.safetensors"  # see tests/data/README.md
 
 
 @pytest.fixture(scope="session")
@@ -137,8 +137,6 @@ def test_dequantize_layer_bit_exact(native, paths, k, n, groups, prescale):
 
 
 def golden_layers():
-    if not GOLDEN.exists():
-        pytest.skip(f"golden file not found at {GOLDEN}")
     f = safe_open(str(GOLDEN), "pt")
     for name in json.loads(f.metadata()["cases"]):
         t = {k.split(".", 1)[1]: f.get_tensor(k) for k in f.keys() if k.startswith(name + ".")}
