@@ -1,0 +1,137 @@
+"""One task of a batch, run in a Ray worker: a plain function, callable without Ray too.
+
+The converter is imported inside run_task (the driver never imports torch); a worker that dies is
+retried by Ray and the converter resumes from the task's work dir.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from exl2.convert.batch.tasks import Task
+
+
+class TaskError(RuntimeError):
+    """One task failed with an error a user can act on; the message is one line."""
+
+
+def _resume_state(work_dir: Path) -> dict:
+    """What an earlier attempt left in the work dir (reported with the 'running' event)."""
+    state = {}
+    job = work_dir / "job.json"
+    if job.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            state["finished_stages"] = json.loads(job.read_text()).get("finished_stages", [])
+    # A layer loop's checkpoint holds its progress record in the safetensors header.
+    from exl2.measure.stream import checkpoint_progress
+
+    for ckpt in sorted(work_dir.glob("*/*.checkpoint.safetensors")):
+        with contextlib.suppress(Exception):      # unreadable: reported as nothing, the converter decides
+            record = checkpoint_progress(ckpt.parent, ckpt.name.removesuffix(".checkpoint.safetensors"))
+            if record.get("next_layer") is not None:
+                state[f"{ckpt.parent.name}/{ckpt.name}"] = {"next_layer": record["next_layer"]}
+    return state
+
+
+def _fault_hook(task_id: str) -> Callable[[dict], None]:
+    """Fault injection for tests: EXL2_BATCH_FAULT='[{"task": ID, "event": {...}, "marker": PATH}, ...]'
+    makes the worker of task ID kill itself (SIGKILL) at the first converter event that contains
+    ``event``, once: the marker file records that it happened (and the pid)."""
+    raw = os.environ.get("EXL2_BATCH_FAULT")
+    faults = json.loads(raw) if raw else []
+    fault = next((f for f in ([faults] if isinstance(faults, dict) else faults) if f.get("task") == task_id), None)
+    if fault is None:
+        return lambda e: None
+    marker, want = Path(fault["marker"]), fault.get("event", {})
+
+    def hook(e: dict) -> None:
+        if all(e.get(k) == v for k, v in want.items()) and not marker.exists():
+            marker.write_text(json.dumps({"task": task_id, "pid": os.getpid(), "event": e}))
+            os.kill(os.getpid(), signal.SIGKILL)
+    return hook
+
+
+def _copy_atomic(src: Path, dest: Path) -> None:
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+
+
+def run_task(task: dict, measurement=None, sink=None) -> dict:
+    """Run one task with the converter (resuming its work dir); raises TaskError with one line.
+
+    ``measurement`` is the upstream task's result (or the path of an existing measurement.json);
+    ``sink`` an event actor (or None).
+    """
+    from exl2.calibration import CalibrationError
+    from exl2.convert.api import ConvertError, ConvertOptions, convert
+    from exl2.convert.quantize import QuantizeError
+    from exl2.measure.measure import MeasureError
+    from exl2.measure.measurement import MeasurementError
+    from exl2.quant_kernels.gptq import HessianError
+    from exl2.runtime.arch import ConfigError
+    from exl2.runtime.loader import CheckpointError
+
+    t = Task(**task)
+    work = Path(t.options["work_dir"])
+    running = {"task": t.id, "state": "running", "pid": os.getpid(), "host": os.uname().nodename}
+    resume = _resume_state(work)
+    if resume:
+        running["resume"] = resume
+    if sink is not None:
+        import ray
+
+        ray.get(sink.post.remote(running))
+    opts = dict(t.options)
+    if t.kind == "quantize":
+        opts["measurement"] = measurement["measurement"] if isinstance(measurement, dict) else measurement
+    hook = _fault_hook(t.id)
+    t0 = time.time()
+    try:
+        # The worker's stdout reaches the driver's stdout; keep that clean for --status-json.
+        with contextlib.redirect_stdout(sys.stderr):
+            work.mkdir(parents=True, exist_ok=True)
+            result = convert(ConvertOptions(**opts), status=hook)
+            if t.kind == "measure":
+                Path(t.output).parent.mkdir(parents=True, exist_ok=True)
+                _copy_atomic(Path(result["measurement"]), Path(t.output))
+    except (ConvertError, CheckpointError, ConfigError, CalibrationError, MeasurementError, MeasureError,
+            HessianError, QuantizeError) as e:
+        raise TaskError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    except OSError as e:
+        raise TaskError(f"{e.filename}: {e.strerror or e}" if e.filename else str(e)) from None
+    except Exception as e:   # a bug: one line for the summary, the traceback in the worker's log
+        traceback.print_exc()
+        raise TaskError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    out = {"seconds": round(time.time() - t0, 1)}
+    if t.kind == "measure":
+        out["measurement"] = t.output
+    else:
+        r = result["targets"][0]
+        out.update(bpw=r["bpw"], output=r["output"])
+        v = r.get("validation")
+        if v:
+            out.update({k: v[k] for k in ("ppl_fp16", "ppl_exl2", "kld_mean", "top1_agreement") if k in v})
+    return out
+
+
+class _EventSink:
+    """A tiny actor that collects the workers' 'running' events for the driver."""
+
+    def __init__(self):
+        self.events = []
+
+    def post(self, event: dict) -> None:
+        self.events.append(event)
+
+    def drain(self) -> list[dict]:
+        out, self.events = self.events, []
+        return out
