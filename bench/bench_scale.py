@@ -104,7 +104,7 @@ def build_exl2_rtn(src: Path, out: Path) -> Path:
     """The EXL2 version of ``src``: every linear layer round-to-nearest at 4 bits, 128-row groups, written with
     the project's codec and writer."""
     from exl2.convert import writer
-    from exl2.measure.stream import save_tensors
+    from exl2.layers.checkpoint import save_tensors
     from exl2.quant_kernels import gptq
     from exl2.quant_kernels.qparams import QParams
     from exl2.runtime.arch import TENSOR_NAMES

@@ -315,7 +315,7 @@ def time_options():
 
 def part_time(args, out: Path, shape: str) -> dict:
     """GPTQ per projection shape, prepare per Hessian size, forward/collect per token, for one layer."""
-    from exl2.measure.stream import MODULES, collect, linears, run_module
+    from exl2.layers.stream import MODULES, collect, embed_rows, linears, run_module
     from exl2.quant_kernels import gptq
     from exl2.quant_kernels.qparams import distinct_options
     from exl2.runtime.loader import ModelParts
@@ -327,8 +327,6 @@ def part_time(args, out: Path, shape: str) -> dict:
     L = args.time_length
     torch.manual_seed(0)
     ids = torch.randint(0, VOCAB, (1, L))
-    from exl2.measure.measure import embed_rows
-
     x = embed_rows(parts, ids)
     cos, sin = Rotary(parts.cfg).cos_sin(0, L)
     res = {"shape": shape, "tokens": L, "modules": {}, "gptq": {}, "prepare": {}, "distinct": {}, "combos": {}}

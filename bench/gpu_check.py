@@ -1678,8 +1678,7 @@ def op_timings(model: Path, shape: str, device: str, length: int, dtype=None) ->
     once more on ``device`` (what they would cost there), or why they could not run there."""
     import torch
 
-    from exl2.measure.measure import embed_rows
-    from exl2.measure.stream import MODULES, collect, linears, run_module
+    from exl2.layers.stream import MODULES, collect, embed_rows, linears, run_module
     from exl2.quant_kernels import gptq
     from exl2.quant_kernels.qparams import QParams, distinct_options
     from exl2.runtime.loader import ModelParts

@@ -58,7 +58,7 @@ def measurements(src: Path, qwork: Path, work: Path) -> dict[str, dict]:
     from exl2.calibration import CalibrationRows
     from exl2.measure import measurement as mj
     from exl2.measure.measure import run_measurement
-    from exl2.measure.stream import ATTN, MLP
+    from exl2.layers.stream import ATTN, MLP
 
     base_file = qwork / "exl2" / "measurement.json"
     if not base_file.exists():

@@ -31,7 +31,8 @@ from exl2.calibration.rows import sha256_file
 from exl2.measure import measurement as mj
 from exl2.measure.measure import preflight, run_measurement
 from exl2.measure.optimize import DEFAULT_NORMS, optimize
-from exl2.measure.stream import MODULES, checkpoint_path, module_specs
+from exl2.layers.checkpoint import checkpoint_path
+from exl2.layers.stream import MODULES, module_specs
 from exl2.quant_kernels.codec import padded_columns
 from exl2.quant_kernels.qparams import TABLES
 from exl2.runtime import kv_calib

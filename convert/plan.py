@@ -30,8 +30,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from exl2.layers.stream import MODULES, module_specs
 from exl2.measure.measure import VARIANT_BUDGET
-from exl2.measure.stream import MODULES, module_specs
 from exl2.quant_kernels.codec import padded_columns
 from exl2.quant_kernels.qparams import HEAD_OPTIONS, distinct_options
 from exl2.runtime.arch import ModelConfig

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from exl2.measure.measure import embed_rows
+from exl2.layers.checkpoint import clear_checkpoint, load_checkpoint, save_checkpoint, save_tensors
+from exl2.layers.stream import (MODULES, collect, embed_rows, inputs_of, linears, rel_error, run_module, set_weight,
+                                swapped_weights)
 from exl2.measure.measurement import entry_options
-from exl2.measure.stream import (MODULES, clear_checkpoint, collect, inputs_of, linears, load_checkpoint, rel_error,
-                                 run_module, save_checkpoint, save_tensors, set_weight, swapped_weights)
 from exl2.quant_kernels import codec, gptq
 from exl2.quant_kernels.qparams import HEAD_OPTIONS
 from exl2.runtime.loader import ModelParts

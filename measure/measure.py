@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -31,10 +30,13 @@ from exl2.quant_kernels import gptq
 from exl2.quant_kernels.codec import padded_columns
 from exl2.quant_kernels.qparams import QParams, distinct_options
 from exl2.runtime.loader import ModelParts
+from exl2.layers.checkpoint import clear_checkpoint, load_checkpoint, save_checkpoint
+from exl2.layers.stream import (FP16_MAX, MODULES, LayerError, ModuleSpec, collect, embed_rows, linears, rel_error,
+                                run_module, set_weight)
 
 from . import measurement as mj
-from .stream import (FP16_MAX, MODULES, MeasureError, ModuleSpec, clear_checkpoint, collect, linears, load_checkpoint, rel_error, token_error,
-                     run_module, save_checkpoint, set_weight)
+
+MeasureError = LayerError   # one class: the layer loop's NaN checks and measurement's own refusals
 
 MIN_ACCURACY = 0.1      # a module whose best option is worse than this aborts the run (ExLlamaV2's rule)
 
@@ -55,13 +57,17 @@ class Preflight:
         return msg
 
 
-def embed_rows(parts: ModelParts, input_ids: torch.Tensor) -> list[torch.Tensor]:
-    """Token rows [R, L] to per-row embeddings [1, L, C] (float32, CPU); ids beyond the table become 0."""
-    emb = parts.embedding()
-    ids = input_ids.clone()
-    ids[(ids < 0) | (ids >= emb.shape[0])] = 0
-    with torch.no_grad():
-        return [F.embedding(ids[r:r + 1].to(emb.device), emb).float().cpu() for r in range(ids.shape[0])]
+def token_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean over tokens of ||y_t - ref_t|| / ||ref_t|| (fp32, y clamped to the fp16 range).
+
+    Unlike :func:`rel_error` (one norm over the whole row), a token whose residual stream carries a
+    massive activation (attention-sink tokens reach 1e4 and more in small models) does not drown the
+    error of every other token.  The next layer's RMSNorm rescales each token by its own norm, so this
+    is the error the next layer actually sees.
+    """
+    y = y.float().clamp(-FP16_MAX, FP16_MAX).reshape(-1, y.shape[-1])        # [tokens, C]
+    ref = ref.float().reshape(-1, ref.shape[-1])
+    return float(((y - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-20)).mean())
 
 
 def preflight(parts: ModelParts, first_row: torch.Tensor, device="cpu") -> Preflight:
@@ -212,7 +218,7 @@ def run_measurement(model_dir: str | Path, input_ids: torch.Tensor, work: str | 
     ``variant_budget`` (bytes, default :data:`VARIANT_BUDGET`): a module whose quantized variants exceed it
     spills them to a temporary folder under ``work``, so memory follows one layer, not the option count.
     ``modules``: the attention and MLP specs with their option tables (default: ExLlamaV2's;
-    ``stream.module_specs("extended")`` appends our candidates; ``bench/tables.py`` measures the candidates
+    ``layers.stream.module_specs("extended")`` appends our candidates; ``bench/tables.py`` measures the candidates
     alone).  Every module is measured on the FP16 path's states, so entries measured with different tables
     can be concatenated.
     """

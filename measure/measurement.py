@@ -22,7 +22,7 @@ Layout (EXL2-SPEC.md 2.2)::
 
 ExLlamaV2 reads only ``measurement`` and ``last_module_idx`` (``-m FILE``), and of each entry only
 ``accuracy``, ``total_bits`` and the projections, so the ``exl2`` block and our extra per-entry field
-``token_err`` (the per-token error our optimizer prefers, see measure/stream.py) travel with the file
+``token_err`` (the per-token error our optimizer prefers, see measure/measure.py token_error) travel with the file
 without disturbing it; a file written by ExLlamaV2 has neither and is accepted.
 
 Order of a module's entries.  ExLlamaV2's optimizer (exllamav2/conversion/optimize.py) is partly

@@ -5,7 +5,7 @@ A pure function of the measurement (no torch, no model).  The problem is a multi
     slots   one per module (each decoder layer's attention and MLP), with options o = (cost_o, err_o),
             cost = total_bits of the combination; err = the entry's ``token_err`` when every entry of
             the module has one (our measurements: mean per-token relative output error, see
-            measure/stream.py), else 1 - accuracy (ExLlamaV2's files, EXL2-SPEC.md 3.4)
+            measure/measure.py token_error), else 1 - accuracy (ExLlamaV2's files, EXL2-SPEC.md 3.4)
     budget  int(numel * bpw), numel = sum of K x padded N over every attention and MLP linear layer
             (head and embeddings are outside the budget, as in ExLlamaV2)
     choose  one option per slot with  sum cost <= budget  minimising  E_p = sum err ** p
@@ -67,7 +67,7 @@ def slots_from_measurement(measurement: dict) -> list[Slot]:
         if not entries:
             raise ValueError(f"measurement: module {key} has no options")
         costs = tuple(int(e["total_bits"]) for e in entries)
-        if all("token_err" in e for e in entries):      # ours: per-token error (see measure.stream)
+        if all("token_err" in e for e in entries):      # ours: per-token error (see measure.measure.token_error)
             raw = [float(e["token_err"]) for e in entries]
         else:                                           # ExLlamaV2's files: 1 - accuracy
             raw = [1.0 - float(e["accuracy"]) for e in entries]

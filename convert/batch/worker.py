@@ -31,7 +31,7 @@ def _resume_state(work_dir: Path) -> dict:
         with contextlib.suppress(OSError, ValueError):
             state["finished_stages"] = json.loads(job.read_text()).get("finished_stages", [])
     # A layer loop's checkpoint holds its progress record in the safetensors header.
-    from exl2.measure.stream import checkpoint_progress
+    from exl2.layers.checkpoint import checkpoint_progress
 
     for ckpt in sorted(work_dir.glob("*/*.checkpoint.safetensors")):
         with contextlib.suppress(Exception):      # unreadable: reported as nothing, the converter decides

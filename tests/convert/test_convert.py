@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from exl2.convert.api import ConvertOptions, auto_asym, convert, decoder_numel
 from exl2.convert.cli import convert_main
 from exl2.measure.measurement import entry_options
-from exl2.measure.stream import checkpoint_progress
+from exl2.layers.checkpoint import checkpoint_progress
 from exl2.quant_kernels import codec
 from exl2.runtime.arch import ModelConfig
 from exl2.runtime.loader import load_model

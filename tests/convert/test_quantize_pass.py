@@ -11,8 +11,7 @@ from safetensors.torch import load_file
 
 from exl2.convert import api
 from exl2.convert.quantize import quantize_module, run_quantization
-from exl2.measure.measure import embed_rows
-from exl2.measure.stream import MODULES, collect, linears, run_module
+from exl2.layers.stream import MODULES, collect, embed_rows, linears, run_module
 from exl2.quant_kernels.qparams import QParams
 from exl2.runtime.loader import ModelParts, load_config
 from exl2.runtime.model import Rotary
@@ -113,7 +112,7 @@ def test_asymmetric_calibration_resumes_to_the_same_bytes(tiny, tmp_path):
     """Killed after layer 0, the checkpoint holds both models' states; resuming with another alpha is refused,
     resuming with the same one writes what an uninterrupted run writes."""
     from exl2.convert.quantize import QuantizeError
-    from exl2.measure.stream import load_checkpoint
+    from exl2.layers.checkpoint import load_checkpoint
 
     d, ids = tiny
     strat = uniform_strategy(d, QParams.make(32, [4], [1.0]))

@@ -15,7 +15,7 @@ import torch
 
 from exl2.measure import measure as M
 from exl2.measure import measurement as mj
-from exl2.measure.stream import ATTN, MLP, MODULES, collect, linears, rel_error, run_module, set_weight, token_error
+from exl2.layers.stream import ATTN, MLP, MODULES, collect, embed_rows, linears, rel_error, run_module, set_weight
 from exl2.quant_kernels import gptq
 from exl2.quant_kernels.qparams import MLP_OPTIONS, distinct_options
 from exl2.runtime.loader import ModelParts
@@ -46,7 +46,7 @@ def reference_measure_module(block, spec, states, cos, sin):
             for x, r in zip(states, ref):
                 y = run_module(block, spec, x, cos, sin)
                 errs.append(rel_error(y, r))
-                tok_errs.append(token_error(y, r))
+                tok_errs.append(M.token_error(y, r))
         e = mj.entry(max(1e-6, 1.0 - sum(errs) / len(errs)), dict(zip(spec.projections, combo)), shapes)
         e["token_err"] = sum(tok_errs) / len(tok_errs)
         entries.append(e)
@@ -59,7 +59,7 @@ def _layer0(model_dir, rows: int, length: int, seed: int = 0):
     parts = ModelParts(model_dir)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, parts.cfg.vocab_size, (rows, length), generator=g)
-    states = M.embed_rows(parts, ids)
+    states = embed_rows(parts, ids)
     cos, sin = Rotary(parts.cfg).cos_sin(0, length)
     return parts, states, cos, sin
 

@@ -6,7 +6,7 @@ import pytest
 
 from exl2.measure import measurement as mj
 from exl2.measure.measure import run_measurement
-from exl2.measure.stream import checkpoint_progress
+from exl2.layers.checkpoint import checkpoint_progress
 from exl2.quant_kernels.qparams import ATTN_OPTIONS, MLP_OPTIONS
 
 
@@ -98,7 +98,7 @@ def test_other_tables_measure_the_same_entries_for_shared_options(tiny, uninterr
     # (here a reordered subset, written in cost order) gives those options the same entries: runs with different tables concatenate.
     from dataclasses import replace
 
-    from exl2.measure.stream import ATTN, MLP
+    from exl2.layers.stream import ATTN, MLP
 
     d, ids = tiny
     pick_a, pick_m = [18, 4], [16, 0]

@@ -169,7 +169,7 @@ def test_measurement_pass_writes_extended_tables_in_cost_order(tiny_qwen_rows, t
     """The real measurement pass with --tables extended (one tiny layer): the file it writes is in cost order,
     every combination once (ExLlamaV2's tables alone keep their order: test_measure_pass.py)."""
     from exl2.measure.measure import run_measurement
-    from exl2.measure.stream import module_specs
+    from exl2.layers.stream import module_specs
 
     d, ids = tiny_qwen_rows(1)
     ext = run_measurement(d, ids[:2, :32], tmp_path / "ext", modules=module_specs("extended"))["measurement"]

@@ -1,35 +1,37 @@
-"""Layer-by-layer machinery shared by the measurement and quantization passes.
+"""The layer loop's pieces, shared by the measurement and quantization passes.
 
 A decoder layer is two *modules* in ExLlamaV2's sense, each with its residual add:
 
     self_attn:  y = x + o_proj(attn(q_proj(h), k_proj(h), v_proj(h)))     h = input_layernorm(x)
     mlp:        y = x + down_proj(silu(gate_proj(h)) * up_proj(h))         h = post_attention_layernorm(x)
 
-Calibration states are kept per row as float32 ``[1, L, C]`` tensors on the CPU and moved to the work
-device one row at a time, so device memory holds one layer's weights plus one row's activations.
+Calibration states are kept per row as float32 ``[1, L, C]`` tensors on the CPU (:func:`embed_rows` makes
+the first ones) and moved to the work device one row at a time, so device memory holds one layer's weights
+plus one row's activations.  :func:`collect` runs a module over every row and gathers its Hessians; the
+per-layer checkpoints of the loops live in :mod:`exl2.layers.checkpoint`.
 """
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
+import torch.nn.functional as F
 from torch import nn
 
 from exl2.quant_kernels import gptq
-from exl2.runtime.files import save_safetensors
 from exl2.quant_kernels.qparams import ATTN_OPTIONS, ATTN_PROJ, MLP_OPTIONS, MLP_PROJ, TABLES
+from exl2.runtime.loader import ModelParts
 from exl2.runtime.model import Block
 
 FP16_MAX = 65504.0
 
 
-class MeasureError(RuntimeError):
-    """The work cannot go on: NaN activations or weights, a module no option can represent."""
+class LayerError(RuntimeError):
+    """The work cannot go on: NaN activations or weights, a module no option can represent.
+
+    Measurement raises it as :data:`exl2.measure.measure.MeasureError` (the same class)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,15 @@ def module_specs(tables: str = "exl2") -> tuple[ModuleSpec, ...]:
     """The attention and MLP specs measured with the option tables ``qparams.TABLES[tables]``."""
     attn, mlp = TABLES[tables]
     return replace(ATTN, options=attn), replace(MLP, options=mlp)
+
+
+def embed_rows(parts: ModelParts, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    """Token rows [R, L] to per-row embeddings [1, L, C] (float32, CPU); ids beyond the table become 0."""
+    emb = parts.embedding()
+    ids = input_ids.clone()
+    ids[(ids < 0) | (ids >= emb.shape[0])] = 0
+    with torch.no_grad():
+        return [F.embedding(ids[r:r + 1].to(emb.device), emb).float().cpu() for r in range(ids.shape[0])]
 
 
 def linears(block: Block, spec: ModuleSpec) -> dict[str, nn.Module]:
@@ -167,7 +178,7 @@ def collect(block: Block, spec: ModuleSpec, states: list[torch.Tensor], cos, sin
             with _wrapped(parent, rec):
                 y = run_module(block, spec, x.to(device), cos, sin)
             if bool(torch.isnan(y).any()):
-                raise MeasureError(f"{spec.kind}: NaN in the full-precision output")
+                raise LayerError(f"{spec.kind}: NaN in the full-precision output")
             if max_abs is not None:
                 max_abs.append(float(y.abs().max()))
             outputs.append(y.cpu())
@@ -182,74 +193,8 @@ def set_weight(layer: nn.Module, w: torch.Tensor) -> None:
     layer.weight.data = w.to(layer.weight.device, layer.weight.dtype)
 
 
-def token_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    """Mean over tokens of ||y_t - ref_t|| / ||ref_t|| (fp32, y clamped to the fp16 range).
-
-    Unlike :func:`rel_error` (one norm over the whole row), a token whose residual stream carries a
-    massive activation (attention-sink tokens reach 1e4 and more in small models) does not drown the
-    error of every other token.  The next layer's RMSNorm rescales each token by its own norm, so this
-    is the error the next layer actually sees.
-    """
-    y = y.float().clamp(-FP16_MAX, FP16_MAX).reshape(-1, y.shape[-1])        # [tokens, C]
-    ref = ref.float().reshape(-1, ref.shape[-1])
-    return float(((y - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-20)).mean())
-
-
 def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     """||y - ref||_F / ||ref||_F in fp32, with y clamped to the fp16 range first (EXL2-SPEC.md 3.4)."""
     y = y.float().clamp(-FP16_MAX, FP16_MAX)
     ref = ref.float()
     return float((y - ref).norm() / ref.norm().clamp_min(1e-20))
-
-
-# ------------------------------------------------------------------------------------------------
-# Checkpoint files: one file per loop, replaced in one rename
-# ------------------------------------------------------------------------------------------------
-
-CHECKPOINT_KEY = "exl2.progress"       # safetensors metadata key holding the progress record (JSON)
-
-
-def checkpoint_path(work: Path, name: str) -> Path:
-    return Path(work) / f"{name}.checkpoint.safetensors"
-
-
-def load_checkpoint(work: Path, name: str) -> tuple[dict, list[torch.Tensor]] | None:
-    """The progress record and states of an interrupted layer loop, or None to start from scratch.
-
-    Both live in one file (the record in its metadata), written by one rename, so a kill at any moment
-    leaves either the previous checkpoint or the new one, never a record from one layer with the states of
-    another.  Files of the earlier two-file layout (``*.progress.json`` beside ``*.states.safetensors``) could
-    be such a mix, so they are not trusted: the loop starts over.
-    """
-    path = checkpoint_path(work, name)
-    if not path.exists():
-        return None
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        record = json.loads((f.metadata() or {})[CHECKPOINT_KEY])
-        states = [f.get_tensor(k) for k in sorted(f.keys())]
-    return record, states
-
-
-def checkpoint_progress(work: Path, name: str) -> dict | None:
-    """The progress record alone (read from the file's header), or None without a checkpoint."""
-    path = checkpoint_path(work, name)
-    if not path.exists():
-        return None
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        return json.loads((f.metadata() or {})[CHECKPOINT_KEY])
-
-
-def save_checkpoint(work: Path, name: str, progress: dict, states: list[torch.Tensor]) -> None:
-    """States and progress record together, atomically."""
-    save_safetensors(checkpoint_path(work, name), {f"row.{i:05d}": s for i, s in enumerate(states)},
-                     metadata={CHECKPOINT_KEY: json.dumps(progress)})
-
-
-def clear_checkpoint(work: Path, name: str) -> None:
-    checkpoint_path(work, name).unlink(missing_ok=True)
-    for suffix in (".progress.json", ".states.safetensors"):      # the earlier layout
-        (Path(work) / f"{name}{suffix}").unlink(missing_ok=True)
-
-
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    save_safetensors(path, tensors)
