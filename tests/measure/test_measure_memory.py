@@ -133,12 +133,8 @@ def test_tiny_qwen2_store_equals_original_loop(tmp_path, tiny_checkpoint):
 
 
 @pytest.mark.slow
-def test_smollm2_layer0_store_equals_original_loop(request, tmp_path):
-    try:
-        d = request.getfixturevalue("smollm2_dir")
-    except Exception:
-        pytest.skip("fixture smollm2_dir not available")
-    parts, states, cos, sin = _layer0(d, rows=2, length=64)
+def test_smollm2_layer0_store_equals_original_loop(smollm2_dir, tmp_path):
+    parts, states, cos, sin = _layer0(smollm2_dir, rows=2, length=64)
     # the path SmolLM2 takes (in memory at the default budget); the spill path is checked on the tiny model
     _check_module_paths_agree(parts, states, cos, sin, tmp_path, budgets=(None,))
 

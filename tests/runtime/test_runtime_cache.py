@@ -4,9 +4,8 @@ import torch
 from exl2.runtime.arch import ModelConfig
 from exl2.runtime.cache import EXL2_MODES, MODES, KVCache, LayerKV, bytes_per_token
 from exl2.runtime.kv_x import X_MODES
+from exl2.quant_kernels import kv_quant
 from exl2.runtime.loader import load_model
-
-kv_quant = pytest.importorskip("exl2.quant_kernels.kv_quant")
 
 QWEN2_7B = ModelConfig.from_dict(dict(
     architectures=["Qwen2ForCausalLM"], hidden_size=3584, num_attention_heads=28, num_key_value_heads=4,

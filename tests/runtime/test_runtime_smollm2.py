@@ -14,12 +14,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smol(request):
-    try:
-        d = request.getfixturevalue("smollm2_dir")
-    except pytest.FixtureLookupError:
-        pytest.skip("fixture smollm2_dir not available")
-    return Path(d), load_model(d)
+def smol(smollm2_dir):
+    return Path(smollm2_dir), load_model(smollm2_dir)
 
 
 def _nll(logits, ids):
@@ -30,8 +26,6 @@ def _nll(logits, ids):
 def test_perplexity_and_speed_vs_transformers(smol):
     from transformers import AutoModelForCausalLM
 
-    if not TEXT.is_file():
-        pytest.skip(f"{TEXT} not present")
     d, m = smol
     tok = TextTokenizer(d)
     ids = torch.tensor([tok.encode(TEXT.read_text(encoding="utf-8"))[:N_TOKENS + 1]])  # [1, 1025]
