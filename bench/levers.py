@@ -6,7 +6,7 @@ converter ran it before asymmetric calibration became its default (``asym`` 0 be
 
 * ``refine span``: :func:`gptq.refine_codes`' span; 0 keeps ExLlamaV2's scale codes as they are
   (the default is 2);
-* ``damping``: :func:`gptq.prepare`'s damping fraction (default 0.12, the spec's; GPTQ's usual is 0.01);
+* ``damping``: :func:`gptq.prepare`'s damping fraction (default 0.12, ExLlamaV2's; GPTQ's usual is 0.01);
 * ``rows``: quantization calibration rows of 512 tokens (default 16; 48, 64 and 100 draw more rows of the same mix);
 * ``sequential``: o_proj's and down_proj's Hessians collected after q/k/v and gate/up are quantized;
 * ``polish``: sweeps of coordinate descent on GPTQ's objective after GPTQ (:func:`gptq.polish`);

@@ -6,7 +6,7 @@ safetensors (``work/cal/*.safetensors``) with the tensor under ``input_ids`` (Ex
 ``cal_data.safetensors`` key) and the provenance as JSON in the metadata.
 
 Default mix (``calibration/data``, see MANIFEST.json) — categories and their share of the rows, after
-ExLlamaV2's built-in set (EXL2-SPEC.md 3.3; for Qwen2 its 115 quantization rows are C4 10 + Wiki 48 +
+ExLlamaV2's built-in set (docs/pipeline.md section 3; for Qwen2 its 115 quantization rows are C4 10 + Wiki 48 +
 TinyStories 10 = 68 prose, code 15, multilingual 15, shuffled multilingual 5, random 2, technical 10):
 
 ============================  =====  =====  ============================================================

@@ -1,4 +1,4 @@
-"""The quantization pass: every decoder module with its chosen option, then the head (EXL2-SPEC.md 3.7).
+"""The quantization pass: every decoder module with its chosen option, then the head (docs/pipeline.md section 6).
 
 Per module, with only that layer's weights resident:
 

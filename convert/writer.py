@@ -1,4 +1,4 @@
-"""Compile: the output directory ExLlamaV2 loads (EXL2-SPEC.md 1.8, 1.9, 2.1).
+"""Compile: the output directory ExLlamaV2 loads (docs/format.md sections 9 and 10).
 
 Tensors in model order (embedding; per layer input_layernorm, q, k, v, o, post_attention_layernorm,
 gate, up, down; final norm; lm_head), unquantized ones as fp16 under their HF names, quantized ones
@@ -33,7 +33,7 @@ from exl2.runtime.arch import TENSOR_NAMES, ModelConfig
 from exl2.runtime.files import save_safetensors
 from exl2.runtime.loader import ModelParts
 
-# The version of ExLlamaV2's format these files follow (EXL2-SPEC.md); ExLlamaV2 0.3.x reads them.
+# The version of ExLlamaV2's format these files follow (docs/format.md); ExLlamaV2 0.3.x reads them.
 EXLLAMAV2_VERSION = "0.3.2"
 ORIGINAL_CARD = "ORIGINAL_CARD.md"
 
@@ -99,7 +99,7 @@ def is_own_name(name: str) -> bool:
 
 def loader_config(src: dict, cfg: ModelConfig, quantization_config: dict) -> dict:
     """The output's config.json: the source's, with every field ExLlamaV2's loader reads stated the way it
-    reads them (EXL2-SPEC.md 2.1; ExLlamaV2 0.3.2 ``config.py``).
+    reads them (docs/format.md section 10; ExLlamaV2 0.3.2 ``config.py``).
 
     - ``rope_theta`` and ``rope_scaling`` at the top level: ExLlamaV2 reads nothing else, so a transformers-5
       config (``rope_parameters`` only) would run with base 10000 and no scaling.  ``rope_scaling`` carries

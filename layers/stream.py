@@ -194,7 +194,7 @@ def set_weight(layer: nn.Module, w: torch.Tensor) -> None:
 
 
 def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    """||y - ref||_F / ||ref||_F in fp32, with y clamped to the fp16 range first (EXL2-SPEC.md 3.4)."""
+    """||y - ref||_F / ||ref||_F in fp32, with y clamped to the fp16 range first (docs/pipeline.md section 4)."""
     y = y.float().clamp(-FP16_MAX, FP16_MAX)
     ref = ref.float()
     return float((y - ref).norm() / ref.norm().clamp_min(1e-20))

@@ -6,7 +6,7 @@ For each module (a layer's attention, then its MLP), with only that layer's weig
    (q/k/v share one, gate/up share one) and the reference output;
 2. quantize each projection once per *distinct* option of its column of the table (GPTQ);
 3. for each combination of the table (19 attention, 17 MLP), swap those weights in, re-run all rows and
-   record ``accuracy = max(1e-6, 1 - mean_rows ||Y_q - Y_ref||_F / ||Y_ref||_F)`` (EXL2-SPEC.md 3.4) and
+   record ``accuracy = max(1e-6, 1 - mean_rows ||Y_q - Y_ref||_F / ||Y_ref||_F)`` (docs/pipeline.md section 4) and
    the module's total bits;
 4. feed the next module the *reference* output (errors do not propagate while measuring).
 

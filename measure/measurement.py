@@ -1,6 +1,6 @@
 """measurement.json: ExLlamaV2's schema, plus the provenance a user needs before reusing one.
 
-Layout (EXL2-SPEC.md 2.2)::
+Layout (docs/format.md section 11)::
 
     {
       "measurement": {

@@ -5,7 +5,7 @@ A pure function of the measurement (no torch, no model).  The problem is a multi
     slots   one per module (each decoder layer's attention and MLP), with options o = (cost_o, err_o),
             cost = total_bits of the combination; err = the entry's ``token_err`` when every entry of
             the module has one (our measurements: mean per-token relative output error, see
-            measure/measure.py token_error), else 1 - accuracy (ExLlamaV2's files, EXL2-SPEC.md 3.4)
+            measure/measure.py token_error), else 1 - accuracy (ExLlamaV2's files, docs/pipeline.md section 4)
     budget  int(numel * bpw), numel = sum of K x padded N over every attention and MLP linear layer
             (head and embeddings are outside the budget, as in ExLlamaV2)
     choose  one option per slot with  sum cost <= budget  minimising  E_p = sum err ** p

@@ -4,7 +4,7 @@ Names follow the GPTQ paper (Frantar et al., 2022): ``H`` is the Hessian proxy `
 input (the factor 2 drops out), ``Hinv`` the upper Cholesky factor of ``H^-1``, ``W`` the weight in EXL2
 orientation ``[K, N]`` (rows = input features) and ``err`` the scaled quantization error of one row.
 
-The procedure (EXL2-SPEC.md 1.6 and 3.7):
+The procedure (docs/format.md section 6, docs/pipeline.md section 6):
 
 1. ``H = sum over calibration rows of X^T X`` in fp32, divided by the number of rows.
 2. Act-order: ``perm = argsort(diag H, descending)``; rows of ``W`` and of ``H`` are permuted.

@@ -1,6 +1,6 @@
 """EXL2-style (ExLlamaV2 Q4/Q6/Q8) KV-cache quantization, in pure torch.
 
-This module is the specification in code (EXL2-SPEC.md section 4.1) that the native CPU/CUDA kernels
+This module is the specification in code (docs/cache.md section 3) that the native CPU/CUDA kernels
 are compared against; it dispatches nothing.  ``reference.py`` re-exports :func:`kv_quantize` and
 :func:`kv_dequantize` as the torch twins of ``ops.kv_quantize`` / ``ops.kv_dequantize``, which are what
 runtime code calls.  It works on one token's K (or V) vector per row: ``x`` is fp16 ``[..., D]`` with

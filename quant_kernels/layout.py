@@ -3,7 +3,7 @@
 Nothing here computes a kernel or dispatches to one: this module is the common ground of the torch
 reference (``reference.py``), the dispatcher (``ops.py``) and the format-level functions (``codec.py``,
 ``gptq.py``).  docs/format.md describes the format in prose with a bit diagram per width; the conventions
-(EXL2-SPEC.md section 1) in short:
+(docs/format.md sections 1-5) in short:
 
 * A layer computes ``y = x @ W + bias`` with ``W`` stored as ``[K, N]`` (K = in_features, N = out_features),
   the transpose of ``nn.Linear.weight``.  Rows are input features, in act-order ("permuted") order.

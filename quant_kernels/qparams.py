@@ -3,7 +3,7 @@
 An option (`QParams`) splits the K input rows of a matrix (in act-order, most important rows first)
 into runs of bit widths, e.g. ``0.1:4b_128g/0.9:3b_128g s4``: the first ~10 % of the rows at 4 bits in
 groups of 128 rows, the rest at 3 bits in groups of 128.  Widths are listed in descending order, which is
-also the order the loader requires along K (EXL2-SPEC.md 1.3).
+also the order the loader requires along K (docs/format.md section 3).
 
 The option tables below are data: the 19 attention combinations (q, k, v, o), the 17 MLP combinations
 (gate, up, down) and the head options keyed by head bits.  They are the candidates the measurement pass
@@ -117,7 +117,7 @@ class QParams:
         return out
 
     def total_bits(self, k: int, n: int, bias: bool = False) -> int:
-        """Storage of a K x N matrix in bits, counted as ExLlamaV2 counts it (EXL2-SPEC.md 3.5).
+        """Storage of a K x N matrix in bits, counted as ExLlamaV2 counts it (docs/options.md section 2).
 
         packed weights + 16 per group (q_scale_max) + 32 per group (q_groups pair)
         + scale_bits * N per group (q_scale) + 32 * K (q_invperm) [+ 16 * N for a bias].

@@ -126,7 +126,7 @@ class GroupScales:
 
 
 def find_scales(w: torch.Tensor, bits: int) -> GroupScales:
-    """Scales of one group ``w [rows, N]`` (EXL2-SPEC.md 1.6).
+    """Scales of one group ``w [rows, N]`` (docs/format.md section 6).
 
     Per column a base scale ``max|w| / ((2^b - 1) / 2)``; a 4-bit code per column on a quadratic grid
     relative to the group maximum; then a common multiplier ``p`` in [0.70, 1.20] chosen to minimise

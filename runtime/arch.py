@@ -28,7 +28,7 @@ class Arch:
 ARCHITECTURES: dict[str, Arch] = {
     a.name: a
     for a in (
-        # EXL2-SPEC 6: q/k/v bias, no o bias; sliding_window read but full causal attention.
+        # docs/runtime.md section 1: q/k/v bias, no o bias; sliding_window read but full causal attention.
         Arch("Qwen2ForCausalLM", qkv_bias=True, o_bias=False, mlp_bias=False, bias_from_config=False,
              default_rope_theta=10000.0, default_eps=1e-6, requires_bos=False),
         Arch("LlamaForCausalLM", qkv_bias=False, o_bias=False, mlp_bias=False, bias_from_config=True,
@@ -102,7 +102,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     sliding_window: int | None = None  # read, not applied (full causal attention, as ExLlamaV2)
-    quantization_config: dict | None = None  # EXL2 output dirs carry one (EXL2-SPEC 2.1)
+    quantization_config: dict | None = None  # EXL2 output dirs carry one (docs/format.md section 10)
 
     @property
     def kv_dim(self) -> int:

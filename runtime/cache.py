@@ -1,4 +1,4 @@
-"""KV cache: FP (compute dtype or fp16), ExLlamaV2's quantized Q8 / Q6 / Q4 (EXL2-SPEC 4.1), and exl2's own
+"""KV cache: FP (compute dtype or fp16), ExLlamaV2's quantized Q8 / Q6 / Q4 (docs/cache.md section 3), and exl2's own
 Q4X / Q3X (runtime/kv_x.py: transformed per head with the model's KV profile, not an ExLlamaV2 format).
 
 Per layer, K and V are stored token-major: one row per token holding the flattened kv vector
@@ -20,7 +20,7 @@ from .kv_x import X_MODES, LayerKVX, x_bytes_per_token, x_mode_error
 EXL2_MODES: dict[str, tuple[int, int] | None] = {"fp16": None, "q8": (8, 8), "q6": (8, 4), "q4": (4, 4)}
 # Every mode, ExLlamaV2's first; exl2's own map to their scheme (runtime/kv_x.py).
 MODES: dict = {**EXL2_MODES, **X_MODES}
-SCALE_GROUP = 32  # elements per fp16 scale (EXL2-SPEC 4.1)
+SCALE_GROUP = 32  # elements per fp16 scale (docs/cache.md section 3)
 
 
 def _check_mode(mode: str):
@@ -76,7 +76,7 @@ class LayerKV:
             from exl2.quant_kernels import kv_quant, ops
 
             self._kvq = ops  # the front door: native kernels when built, else the kv_quant reference
-            if d % kv_quant.CHUNK:  # Hadamard rotation spans of 64 elements (EXL2-SPEC 4.1)
+            if d % kv_quant.CHUNK:  # Hadamard rotation spans of 64 elements (docs/cache.md section 3)
                 raise ValueError(f"quantized cache mode {mode!r}: kv_heads*head_dim = {d} is not a multiple "
                                  f"of {kv_quant.CHUNK}")
             kb, vb = self.bits

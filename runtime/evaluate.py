@@ -1,4 +1,4 @@
-"""Perplexity and KL divergence of a model on token rows (EXL2-SPEC 5.1).
+"""Perplexity and KL divergence of a model on token rows (docs/runtime.md section 3).
 
 Two ways to score a row of L tokens, both predicting tokens 1..L-1 from positions 0..L-2:
 
@@ -6,7 +6,7 @@ Two ways to score a row of L tokens, both predicting tokens 1..L-1 from position
 - ``mode="cache"``: the row is fed through a KV cache of ``cache_mode`` in chunks of ``chunk`` tokens
   (default 1: token by token, as ExLlamaV2's ``-eq4/-eq6/-eq8`` evaluation), each chunk's logits scored as
   they come. Every past token then comes from the (possibly quantized) cache; a chunk's own K/V are used
-  unquantized for its own attention (the runtime cache's semantics, EXL2-SPEC 4.1), so only ``chunk=1``
+  unquantized for its own attention (the runtime cache's semantics, docs/cache.md section 4), so only ``chunk=1``
   makes *every* attended token a cached one.
 
 Log-probabilities are fp32 ``log_softmax`` of the logits. With a reference model, KL(ref || model) is computed
@@ -268,7 +268,7 @@ def load_data_rows(model_dir, data, rows: int, length: int, *, bos: bool | None 
                    text_column: str | None = None) -> torch.Tensor:
     """Token rows [rows, length] of a txt/jsonl/parquet file with MODEL's tokenizer.json (the first
     rows x length tokens, as ExLlamaV2). bos None: a BOS starts every row when the architecture requires
-    one (EXL2-SPEC 5.1: the row's first length-1 tokens follow it)."""
+    one (docs/runtime.md section 3: the row's first length-1 tokens follow it)."""
     from pathlib import Path
 
     from exl2.calibration.rows import user_rows

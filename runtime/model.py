@@ -92,7 +92,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     if k.shape[0] != B or k.shape[3] != D or H % Hkv or S < T:
         raise ValueError(f"attention: q {tuple(q.shape)} incompatible with k {tuple(k.shape)}")
     out_dtype = q.dtype
-    # fp32 softmax: upcast fp16/bf16 inputs (Q.K^T of large q/k overflows fp16; EXL2-SPEC 6).
+    # fp32 softmax: upcast fp16/bf16 inputs (Q.K^T of large q/k overflows fp16; docs/runtime.md section 2).
     q, k, v = q.float(), k.float(), v.float()
     if Hkv != H:  # GQA: each kv head serves H/Hkv query heads
         rep = H // Hkv

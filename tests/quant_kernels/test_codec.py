@@ -1,5 +1,5 @@
 """The EXL2 codec on the torch reference, against data it did not write: golden layers, hand-computed words,
-the spec's formula.
+the formula of docs/format.md section 5.
 
 Every test here runs on the forced reference path (``on_reference`` in conftest.py: ``ops`` routed to
 ``reference.py`` and the native extension never looked up); test_native.py compares ``ops`` on the native
@@ -91,7 +91,7 @@ def test_golden_group_layout_matches_metadata():
 
 
 # ------------------------------------------------------------------------------------------------
-# Hand-computed words, one case per width, from the chunk tables of EXL2-SPEC.md 1.4
+# Hand-computed words, one case per width, from the bit diagrams of docs/format.md section 4
 # ------------------------------------------------------------------------------------------------
 
 def column(rows: int, values: dict[int, int]) -> torch.Tensor:

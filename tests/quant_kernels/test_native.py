@@ -256,7 +256,7 @@ def test_gptq_group_step_bit_exact(native, paths, bits):
     W_ref = W0.clone()
     codes_ref, Q_ref, err_ref = (torch.empty(b - a, n, dtype=torch.int64), torch.empty(b - a, n), torch.empty(b - a, n))
     Hinv = prep.hinv
-    for c in range(a, b):                    # GPTQ's row loop, EXL2-SPEC.md 1.6
+    for c in range(a, b):                    # GPTQ's row loop, docs/pipeline.md section 6
         i = c - a
         codes_ref[i], Q_ref[i] = reference.quantize_rows(W_ref[c], scale, bits)
         err_ref[i] = (W_ref[c] - Q_ref[i]) / Hinv[c, c]

@@ -1,4 +1,4 @@
-"""Option tables and bit accounting against the numbers in EXL2-SPEC.md 3.5 (computed by ExLlamaV2's code)."""
+"""Option tables and bit accounting against the numbers of docs/options.md section 8 (computed by ExLlamaV2's code)."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +10,7 @@ from exl2.quant_kernels.qparams import (ATTN_OPTIONS, HEAD_OPTIONS, MLP_OPTIONS,
 QWEN2_7B_ATTN = [(3584, 3584, True), (3584, 512, True), (3584, 512, True), (3584, 3584, False)]
 QWEN2_7B_MLP = [(3584, 18944, False), (3584, 18944, False), (18944, 3584, False)]
 
-# EXL2-SPEC.md 3.5, "Module-level bpw of the 19/17 combinations for Qwen2/Qwen2.5-7B shapes".
+# docs/options.md section 8: module-level bpw of the 19/17 combinations for Qwen2/Qwen2.5-7B shapes.
 SPEC_ATTN_BPW = [2.135, 2.197, 2.249, 2.672, 3.157, 3.159, 4.050, 4.052, 4.085, 4.144, 4.159, 4.192, 4.244,
                  4.307, 5.213, 5.307, 6.050, 6.269, 8.050]
 SPEC_MLP_BPW = [2.239, 2.322, 2.592, 2.908, 3.274, 3.367, 3.620, 4.136, 4.197, 4.257, 4.350, 5.241, 5.333,
@@ -42,7 +42,7 @@ def test_mlp_module_bpw_matches_spec(i):
 
 
 def test_matrix_bpw_examples_from_spec():
-    # Bracketed values of the spec's tables: 4096x4096 attention, 4096->14336 / 14336->4096 MLP.
+    # Bracketed values of docs/options.md sections 4-6: 4096x4096 attention, 4096->14336 / 14336->4096 MLP.
     assert round(ATTN_OPTIONS[0][0].bpw(4096, 4096), 2) == 2.13
     assert round(ATTN_OPTIONS[1][2].bpw(4096, 4096), 2) == 2.32
     assert round(ATTN_OPTIONS[8][2].bpw(4096, 4096), 2) == 4.13

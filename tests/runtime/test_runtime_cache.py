@@ -1,4 +1,4 @@
-"""KV cache: FP and quantized (Q8/Q6/Q4) modes, ExLlamaV2 semantics (EXL2-SPEC 4.1)."""
+"""KV cache: FP and quantized (Q8/Q6/Q4) modes, ExLlamaV2 semantics (docs/cache.md sections 3-4)."""
 import pytest
 import torch
 from exl2.runtime.arch import ModelConfig
