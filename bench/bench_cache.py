@@ -299,7 +299,7 @@ def render(results: dict, command: str) -> str:
                 lines.append(f"| {label} | {a['bytes']} | {a.get('fixed', '-')} | " + " | ".join(
                     f"{pct(a[t]['d_ppl'])} | {a[t]['kl']:.5f}" for t in TEXTS if t in a) + " |")
             lines.append("")
-    lines.append("Reading and the history of the choices: docs/decisions/kv-cache-x-modes.md.")
+    lines.append("Reading and the history of the choices: docs/decisions/0011-kv-cache-x-modes.md.")
     return "\n".join(lines)
 
 

@@ -13,8 +13,8 @@ may run separately, e.g. the slow ones in the background):
 * ``layer7`` / ``layer72``: one Qwen2-7B- / 72B-shaped layer measured in a fresh subprocess (``--threads``
   torch threads) on ``--mem-rows`` x ``--mem-length`` tokens, with the full option tables or, with
   ``--layer-restricted``, the ``RESTRICTED`` ones: peak RSS (anonymous and file-backed), wall and CPU time,
-  and the same per module.  These go to their own section (``bench_scaling_layer``), which ends with the
-  hand-written reading in ``bench/scaling_layer_notes.md``.
+  and the same per module.  These go to their own section (``bench_scaling_layer``), which ends with a link
+  to the hand-written reading in ``DECISION``.
 * ``time7`` / ``time72``: one Qwen2-7B- / 72B-shaped layer: GPTQ seconds per projection shape for a few
   options, ``gptq.prepare`` per Hessian size, and the module forward / Hessian collection per token; then
   whole-model measurement and quantization time projected from the option counts of the tables.
@@ -22,7 +22,7 @@ may run separately, e.g. the slow ones in the background):
   ``--status-json`` and peak RSS of the whole conversion.
 * ``smoldefault``: SmolLM2-135M measurement only (``-om``) with the default 16 x 2048 measurement rows.
 
-The section ends with the hand-written reading in ``bench/scaling_notes.md`` (edit it there).
+The section ends with a link to the hand-written reading and its decision (``DECISION``, in docs/decisions/).
 
 Every timing reports wall and process CPU seconds: the machine is shared, CPU seconds are the steadier.
 A benchmark, not a test.
@@ -46,8 +46,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-NOTES = REPO / "bench" / "scaling_notes.md"
-LAYER_NOTES = REPO / "bench" / "scaling_layer_notes.md"   # the hand-written reading of bench_scaling_layer
+DECISION = "docs/decisions/0002-measurement-memory.md"   # the hand-written reading of both sections
 sys.path.insert(0, str(REPO))
 
 from bench.report import header, write_section  # noqa: E402
@@ -297,8 +296,7 @@ def report_layer(out: Path) -> str | None:
             L.append(f"| Qwen2-{r['shape'].upper()} | {m['module'].split('.')[-1]} | {m['wall_s']:.0f} | "
                      f"{m['cpu_s']:.0f} | {gib(m['peak_anon_kib']):.2f} |")
     L.append("")
-    if LAYER_NOTES.exists():
-        L += [LAYER_NOTES.read_text().strip(), ""]
+    L += [f"Reading and decision: {DECISION}.", ""]
     return "\n".join(L)
 
 
@@ -620,9 +618,7 @@ def report(out: Path) -> str:
                   f"({r['wall_s'] / 60:.1f} min, {gib(r['maxrss_kib']) * 2**30 / 1e9:.2f} GB).", ""]
         if r.get("note"):
             L += [r["note"], ""]
-    notes = NOTES                      # hand-written reading of these runs, kept in the repository
-    if notes.exists():
-        L += [notes.read_text().strip(), ""]
+    L += [f"Reading and decision: {DECISION}.", ""]
     return "\n".join(L)
 
 

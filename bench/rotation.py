@@ -43,7 +43,7 @@ from bench.peers import load_cal_ids  # noqa: E402
 from bench.quality import TEXTS, Scorer, add_follow_up_args, exl2_targets, gptq_uniform, run_follow_up  # noqa: E402
 from bench.report import header  # noqa: E402
 
-NOTES = REPO / "bench" / "rotation_notes.md"     # the hand-written reading of this section
+DECISION = "docs/decisions/0008-incoherence-rotation.md"   # the reading and the decision, written by hand
 
 
 class NoHadamard(ValueError):
@@ -205,8 +205,7 @@ def report(results: dict[str, list[dict]], args) -> str:
                 cells += [f"{k:.4f}", "" if r["kind"] == "none" else f"{k / plain[r['which']][t]['kld_mean'] - 1:+.1%}"]
             fmt = "GPTQ 4-bit g128" if r["which"] == "g128" else "EXL2 4.0 bpw"
             lines.append(f"| {v} | {r['kind']} | {fmt} | " + " | ".join(cells) + " |")
-    if NOTES.exists():
-        lines += ["", NOTES.read_text().strip()]
+    lines += ["", f"Reading and decision: {DECISION}."]
     return "\n".join(lines + [""])
 
 

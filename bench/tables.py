@@ -39,7 +39,7 @@ from bench.report import header  # noqa: E402
 from exl2.quant_kernels.qparams import (ATTN_OPTIONS, CANDIDATE_ATTN_OPTIONS, CANDIDATE_MLP_OPTIONS,  # noqa: E402
                                         MLP_OPTIONS)
 
-NOTES = REPO / "bench" / "tables_notes.md"       # the hand-written reading of this section
+DECISION = "docs/decisions/0006-extended-option-tables-and-norm.md"   # the reading and the decision, by hand
 # (label, tables, norms, asym): norms None = the converter's default sweep; asym = --asym's alpha
 RUNS = [("ExLlamaV2 tables, min-max norm (the converter's allocation)", "exl2", None, 0.0),
         ("ExLlamaV2 tables, norm 2", "exl2", (2.0,), 0.0),
@@ -154,8 +154,7 @@ def report(results: dict[str, dict], args) -> str:
                           f"{s[t]['kld_mean'] / ref[t]['kld_mean']:.2f}"]
             lines.append(f"| {r['label']} | {bpw} | {norm} | {chosen} | " + " | ".join(cells) + " |")
         lines.append("")
-    if NOTES.exists():
-        lines += [NOTES.read_text().strip(), ""]
+    lines += [f"Reading and decision: {DECISION}.", ""]
     return "\n".join(lines)
 
 
