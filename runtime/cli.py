@@ -238,13 +238,12 @@ def run_eval(a: EvalArgs) -> list[dict]:
     (``peak_rss_bytes``; ``peak_cuda_bytes`` on CUDA)."""
     from tqdm import tqdm
 
-    from exl2.calibration.rows import CalibrationError
-
     from .cache import bytes_per_token
     from .evaluate import EvalConfig, evaluate_rows, load_data_rows
     from .loader import CheckpointError
     from .stream import fmt_bytes, peak_memory
     from .stream import plan as stream_plan
+    from .textrows import TextRowsError
 
     parts = _parts(a.model_dir, a.device, exl2=a.exl2)
     cfg = parts.cfg
@@ -255,7 +254,7 @@ def run_eval(a: EvalArgs) -> list[dict]:
     if a.data is not None:
         try:
             rows = load_data_rows(a.model_dir, a.data, a.rows, a.length, bos=a.bos, text_column=a.text_column)
-        except (CalibrationError, ValueError) as e:
+        except (TextRowsError, ValueError) as e:
             raise UserError(f"--data {a.data}: {e}") from None
         ref_parts = _parts(a.kld_ref, a.device, "--kld-ref", a.exl2) if a.kld_ref is not None else None
         if ref_parts is not None and ref_parts.cfg.vocab_size != cfg.vocab_size:

@@ -271,12 +271,11 @@ def load_data_rows(model_dir, data, rows: int, length: int, *, bos: bool | None 
     one (docs/runtime.md section 3: the row's first length-1 tokens follow it)."""
     from pathlib import Path
 
-    from exl2.calibration.rows import user_rows
-
     from .loader import load_config
+    from .textrows import file_rows
 
     cfg = load_config(model_dir)
-    r = user_rows(data, Path(model_dir) / "tokenizer.json", rows, length, text_column=text_column,
+    r = file_rows(data, Path(model_dir) / "tokenizer.json", rows, length, text_column=text_column,
                   vocab_size=cfg.vocab_size)
     ids = r.input_ids
     if bos is None:
