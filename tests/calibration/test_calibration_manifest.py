@@ -74,7 +74,7 @@ def test_held_out_evaluation_text_absent():
 
 def test_build_script_describes_the_committed_files():
     # Importing the build script does nothing (no download); its table must match what is committed.
-    from exl2.calibration import build_default as B
+    from fixtures import build_calibration as B
 
     assert [(f[0], f[1], f[3]) for f in B.FILES] == [(f["path"], f["category"], f["licence"]) for f in FILES]
     assert B.DOC_SEPARATOR == MANIFEST["document_separator"]
