@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 from exl2.convert import batch
 from exl2.convert.batch import BatchError, SpecError, is_complete, load_spec, parse_spec, plan, run_batch
+from tests.convert import batch_faults
 
 SMALL = dict(rows=4, length=64, measurement_rows=4, measurement_length=64, validation_rows=2)
 
@@ -282,23 +283,19 @@ KILLED = "llama/3bpw"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A local Ray instance; its workers inherit EXL2_BATCH_FAULT, which makes the worker running
-    KILLED SIGKILL itself once, right after the converter saved its first quantized layer."""
+    """A local Ray instance whose workers carry the test faults (tests/convert/batch_faults.py): the worker
+    running KILLED SIGKILLs itself once, right after the converter saved its first quantized layer."""
     import ray
     marker = tmp_path_factory.mktemp("fault") / "killed.json"
-    old = os.environ.get("EXL2_BATCH_FAULT")
-    os.environ["EXL2_BATCH_FAULT"] = json.dumps([
+    faults = [
         {"task": KILLED, "event": {"stage": "quant", "layer": 0}, "marker": str(marker)},
-        {"task": "doomed/measure", "event": {"stage": "measure", "layer": 0}, "marker": str(marker.parent / "doomed")}])
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024 * 1024)
+        {"task": "doomed/measure", "event": {"stage": "measure", "layer": 0}, "marker": str(marker.parent / "doomed")}]
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024 * 1024,
+             runtime_env=batch_faults.ray_runtime_env(faults))
     try:
         yield ray.get_runtime_context().gcs_address, marker
     finally:
         ray.shutdown()
-        if old is None:
-            os.environ.pop("EXL2_BATCH_FAULT", None)
-        else:
-            os.environ["EXL2_BATCH_FAULT"] = old
 
 
 @pytest.fixture(scope="module")
@@ -415,9 +412,8 @@ def test_cli_on_existing_cluster_adds_a_target(first_run, cluster, models):
     spec_file, out, _, _ = first_run
     spec2 = write_spec(spec_file.parent / "spec2.toml", str(out), [{"path": str(models / "qwen"), "bpw": [3.0, 5.0]}],
                        defaults=SMALL)
-    env = {k: v for k, v in os.environ.items() if k != "EXL2_BATCH_FAULT"}
     p = subprocess.run([sys.executable, "-m", "exl2.convert.batch", str(spec2), "--address", address, "--status-json"],
-                       capture_output=True, text=True, timeout=240, env=env)
+                       capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = [json.loads(line) for line in p.stdout.splitlines()]   # stdout is JSON lines only
     assert [(e.get("task"), e["state"]) for e in lines] == [
@@ -583,7 +579,7 @@ def watched_local_batch(models, tmp_path_factory):
     spec = write_spec(root / "spec.toml", str(root / "out"), [{"path": str(models / "qwen"), "bpw": [4.0]}],
                       defaults=SMALL)
     env = {k: v for k, v in os.environ.items()
-           if k != "EXL2_BATCH_FAULT" and not k.startswith("RAY_")}     # a user's Ray settings are not ours to test
+           if not k.startswith("RAY_")}     # a user's Ray settings are not ours to test
     env.update(EXL2_NET_AUDIT_LOG=str(root / "audit.tsv"),
                PYTHONPATH=os.pathsep.join([str(root / "site")] + [p for p in [env.get("PYTHONPATH")] if p]))
     cmd = [sys.executable, "-m", "exl2.convert.batch", str(spec), "--num-cpus", "1", "--object-store-mb", "80",
