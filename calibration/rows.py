@@ -42,7 +42,6 @@ import dataclasses
 import gzip
 import hashlib
 import json
-import os
 import pathlib
 import random
 from functools import lru_cache
@@ -96,19 +95,12 @@ class CalibrationRows:
         return hashlib.sha256(_canonical(self.provenance).encode("utf-8")).hexdigest()
 
     def save(self, path) -> pathlib.Path:
-        """Write safetensors to a temporary name beside ``path`` and rename it into place."""
-        from safetensors.torch import save_file
+        """Write the rows and their provenance as safetensors (atomically)."""
+        from exl2.core.files import save_safetensors
 
         path = pathlib.Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            save_file({"input_ids": self.input_ids.contiguous()}, str(tmp),
-                      metadata={METADATA_KEY: _canonical(self.provenance)})
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        save_safetensors(path, {"input_ids": self.input_ids}, metadata={METADATA_KEY: _canonical(self.provenance)})
         return path
 
     @classmethod

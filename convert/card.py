@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from exl2.core.files import atomic_path
 from exl2.measure.measurement import entry_options
 
 
@@ -56,10 +57,11 @@ def kld_plot(path, validation: dict, bpw: float, others: list[tuple[float, float
     b.grid(True, which="both", alpha=0.3)
     b.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
     return True
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from exl2.core.errors import UserError
 from exl2.layers.checkpoint import clear_checkpoint, load_checkpoint, save_checkpoint, save_tensors
 from exl2.layers.stream import (MODULES, collect, embed_rows, inputs_of, linears, rel_error, run_module, set_weight,
                                 swapped_weights)
@@ -38,7 +39,7 @@ RTN_HEAD_ELEMENTS = 1e9
 Status = Callable[[dict], None]
 
 
-class QuantizeError(RuntimeError):
+class QuantizeError(UserError, RuntimeError):
     """A packed layer does not reload to the quantizer's weight, or the quantization cannot proceed."""
 
 

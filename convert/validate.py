@@ -11,13 +11,12 @@ its full-mode scoring is streamed the same way and the cache check is skipped, s
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
 
 from exl2.calibration import default_rows
+from exl2.core.files import write_json_atomic
 from exl2.runtime.cache import bytes_per_token
 from exl2.runtime.evaluate import EvalConfig, evaluate_rows
 from exl2.runtime.loader import ModelParts, load_model
@@ -136,6 +135,4 @@ def recommend_cache(cache: dict, modes=None) -> str:
 
 
 def write(path: Path, result: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
+    write_json_atomic(path, result, indent=2)

@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from exl2.core.errors import UserError
 from exl2.runtime.arch import TENSOR_NAMES, ModelConfig
-from exl2.runtime.files import save_safetensors
+from exl2.core.files import save_safetensors
 from exl2.runtime.loader import ModelParts
 
 # The version of ExLlamaV2's format these files follow (docs/format.md); ExLlamaV2 0.3.x reads them.
@@ -60,7 +61,7 @@ FOREIGN_FIELDS = ("logit_scale", "logits_scaling", "scale_emb", "embedding_multi
                   "sliding_window_pattern", "num_local_experts", "num_experts", "num_experts_per_tok")
 
 
-class OutputDirError(ValueError):
+class OutputDirError(UserError, ValueError):
     """The output folder cannot be written without losing someone's files; one line says why."""
 
 

@@ -49,12 +49,14 @@ import math
 import os
 from pathlib import Path
 
+from exl2.core.errors import UserError
+from exl2.core.files import write_json_atomic
 from exl2.quant_kernels.qparams import ATTN_OPTIONS, ATTN_PROJ, MLP_OPTIONS, MLP_PROJ, QParams
 
 FORMAT = 1
 
 
-class MeasurementError(ValueError):
+class MeasurementError(UserError, ValueError):
     """A measurement file is malformed, or does not belong to the model it is used with."""
 
 
@@ -188,10 +190,7 @@ def save(path: str | os.PathLike, measurement: dict, last_module_idx: int, prove
     if provenance is not None:
         data["exl2"] = {"format": FORMAT, **provenance}
     _check(json.loads(json.dumps(data)), str(path))
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=4))
-    os.replace(tmp, path)
+    write_json_atomic(path, data, indent=4)
 
 
 def load(path: str | os.PathLike, checkpoint_sha256: str | None = None, force: bool = False) -> dict:

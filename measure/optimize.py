@@ -30,11 +30,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from exl2.core.errors import UserError
+
 DEFAULT_NORMS = tuple(1.5 + 0.25 * i for i in range(9))   # 1.5 .. 3.5, ExLlamaV2's sweep range
 DEFAULT_CELLS = 200_000
 
 
-class BudgetError(ValueError):
+class BudgetError(UserError, ValueError):
     """The target bits per weight cannot be met by any combination of the measured options."""
 
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from exl2.core.errors import UserError
+
 from . import codec, ops
 from .layout import decode_scales
 from .qparams import QParams
@@ -38,7 +40,7 @@ PERCDAMP = 0.12
 DAMP_TRIES = 10
 
 
-class HessianError(RuntimeError):
+class HessianError(UserError, RuntimeError):
     """The Hessian could not be made positive definite with the allowed damping."""
 
 

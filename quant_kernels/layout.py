@@ -37,6 +37,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from exl2.core.errors import UserError
+
 from .qparams import VALID_BITS
 
 SUFFIXES = ("q_weight", "q_invperm", "q_scale", "q_scale_max", "q_groups", "bias")
@@ -44,7 +46,7 @@ MAX_K = 65536          # the permutation is read as uint16
 MAX_PACKED_ROWS = 32767  # q_groups offsets are int16
 
 
-class EXL2FormatError(ValueError):
+class EXL2FormatError(UserError, ValueError):
     """A layer's tensors break a rule of the EXL2 format; the message names the tensor and the rule."""
 
 

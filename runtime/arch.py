@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from exl2.core.errors import UserError
+
 
 @dataclass(frozen=True)
 class Arch:
@@ -58,7 +60,7 @@ TENSOR_NAMES = {
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """config.json is unreadable or holds a value of the wrong type or range; the message names the field."""
 
 

@@ -2,7 +2,7 @@
 
 Both parse and validate everything first (model directory, files, cache modes, device) and then call an
 importable function (`run_eval`, `run_generate`). A problem the user can fix ends with one line on stderr,
-`exl2-eval: error: ...` naming the file or flag, and exit status 2; no traceback.
+`error: ...` naming the file or flag (exl2.core.cli), and exit status 2; no traceback.
 """
 from __future__ import annotations
 
@@ -14,38 +14,10 @@ from pathlib import Path
 
 import click
 
+from exl2.core.cli import Command
+from exl2.core.errors import UserError
+
 from .cache import MODES as CACHE_MODES
-
-EXIT_USAGE = 2
-
-
-class UserError(Exception):
-    """A problem the user can fix; the message names the file or flag."""
-
-
-class _OneLineErrors(click.Command):
-    """click command whose usage errors, and UserErrors raised by the callback, print a single line."""
-
-    def main(self, args=None, prog_name=None, **kw):
-        kw.pop("standalone_mode", None)
-        prog = prog_name or self.name
-        try:
-            rv = super().main(args=args, prog_name=prog_name, standalone_mode=False, **kw)
-        except click.ClickException as e:
-            click.echo(f"{prog}: error: {e.format_message()}", err=True)
-            sys.exit(EXIT_USAGE if e.exit_code == 2 else e.exit_code)
-        except UserError as e:
-            click.echo(f"{prog}: error: {e}", err=True)
-            sys.exit(EXIT_USAGE)
-        except OSError as e:       # disk full, permissions, a file that vanished while we worked
-            where = f"{e.filename}: " if e.filename else ""
-            click.echo(f"{prog}: error: {where}{e.strerror or e}", err=True)
-            sys.exit(EXIT_USAGE)
-        except click.Abort:
-            click.echo(f"{prog}: aborted", err=True)
-            sys.exit(1)
-        sys.exit(rv if isinstance(rv, int) else 0)
-
 
 # ---------------------------------------------------------------------------------------------- validation
 
@@ -389,7 +361,7 @@ def format_table(records: list[dict]) -> str:
 _CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-@click.command("exl2-eval", cls=_OneLineErrors, context_settings=_CTX)
+@click.command("exl2-eval", cls=Command, context_settings=_CTX)
 @click.argument("model_dir", type=click.Path())
 @click.option("--data", type=click.Path(), default=None,
               help="Text (.txt), JSON-lines (.jsonl) or parquet file to score: the first ROWS x LENGTH tokens.")
@@ -480,7 +452,7 @@ def eval_main(model_dir, data, rows, length, cache, mode, chunk, kld_ref, stream
     records = run_eval(args)
     click.echo(format_table(records))
     if out is not None:
-        from .files import write_text_atomic
+        from exl2.core.files import write_text_atomic
 
         write_text_atomic(out, json.dumps(records, indent=2) + "\n")
     return 0
@@ -538,7 +510,7 @@ def run_generate(a: GenerateArgs, write=None) -> list[int]:
                     seed=a.seed, tokenizer=tok, on_token=on_token)
 
 
-@click.command("exl2-generate", cls=_OneLineErrors, context_settings=_CTX)
+@click.command("exl2-generate", cls=Command, context_settings=_CTX)
 @click.argument("model_dir", type=click.Path())
 @click.option("-p", "--prompt", required=True, help="Prompt text.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt as a user message in the model's chat template.")

@@ -86,6 +86,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from exl2.core.errors import UserError
+
 from .cache import KVCache
 from .generate import SamplingParams, TextTokenizer, sample_next
 from .model import Model
@@ -93,7 +95,7 @@ from .model import Model
 # ---------------------------------------------------------------------------------------------- problems
 
 
-class HumanEvalError(RuntimeError):
+class HumanEvalError(UserError, RuntimeError):
     """HumanEval cannot run (package missing, bad arguments)."""
 
 

@@ -172,7 +172,7 @@ class KVProfile:
             raise ValueError(f"{where}: {e}") from None
 
     def save(self, model_dir: str | Path) -> Path:
-        from .files import write_text_atomic
+        from exl2.core.files import write_text_atomic
 
         path = Path(model_dir) / PROFILE_FILE
         write_text_atomic(path, json.dumps(self.to_json()) + "\n")

@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from . import linear as _linear
+from exl2.core.errors import UserError
 from exl2.quant_kernels.codec import padded_columns
+
+from . import linear as _linear
 
 from .arch import TENSOR_NAMES, ModelConfig
 from .model import MLP, Attention, Block, Model, RMSNorm
@@ -24,7 +26,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint problem a user can fix; the message names the file and tensor."""
 
 

@@ -44,7 +44,7 @@ def outputs(job: Path) -> dict[str, bytes]:
 def kill_at(monkeypatch, loop: str, nth: int, when: str) -> None:
     """Raise Killed at the ``nth`` (0-based) checkpoint write of ``loop`` ("measure" or "quant"), just before
     or just after the rename that publishes it, leaving the temporary file behind as a real kill would."""
-    import exl2.runtime.files as files
+    import exl2.core.files as files
 
     real_replace = os.replace
     seen = [0]

@@ -60,7 +60,7 @@ def _one_line_error(code, out, err, *needles):
     assert code == 2, (code, out, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert "Traceback" not in err and lines[0].startswith(("exl2-eval: error:", "exl2-generate: error:"))
+    assert "Traceback" not in err and lines[0].startswith("error: ")
     for n in needles:
         assert n in lines[0], (n, lines[0])
 

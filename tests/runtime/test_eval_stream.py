@@ -252,7 +252,7 @@ def test_eval_auto_streams_what_does_not_fit(pair, tmp_path, monkeypatch):
     # cache mode needs the model whole: refused up front when it does not fit
     code, _, err = _eval(base + ["--cache", "q4"])
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "exl2-eval: error:" in err and "loaded whole" in err and "--mode full" in err
+    assert "error: " in err and "loaded whole" in err and "--mode full" in err
 
 
 def test_eval_rejects_unknown_stream_setting(pair):

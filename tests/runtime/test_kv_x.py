@@ -352,7 +352,7 @@ def test_eval_refuses_a_broken_profile_before_loading(tiny_builder, tiny_tokeniz
     code, out, err = _eval([d, "--data", data, "--rows", 1, "--length", 8, "--cache", "q4,q4x", "-q"])
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("exl2-eval: error:") and f"{d / PROFILE_FILE}: not a KV profile" in lines[0]
+    assert lines[0].startswith("error: ") and f"{d / PROFILE_FILE}: not a KV profile" in lines[0]
     code, out, err = _eval([d, "--data", data, "--rows", 1, "--length", 8, "--cache", "q4", "-q"])
     assert code == 0, err                                  # ExLlamaV2's modes never read it
 
