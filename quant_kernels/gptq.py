@@ -191,10 +191,7 @@ def refine_codes(w: torch.Tensor, gs: GroupScales, bits: int, span: int = REFINE
     the least error, least of all at 2 and 3 bits.  ExLlamaV2 stops at ``find_scales``; this step is ours, changes only which valid codes
     are written, and so stays within the format.  Ties go to the smaller scale: a column that rounds the
     same way under several scales keeps the finest, which the group's later, error-compensated rows
-    still use.  On SmolLM2-135M at 4.0 bpw it lowers KL divergence on held-out text by 12-17 % (4-12 % on
-    the jittered copy) in two runs; on uniform 4-bit g128 it helps the jittered copy, and on the fixture,
-    whose weights sit on a 4-bit grid, it cost 1-5 % in one run and saved 2-5 % in the other
-    (BENCHMARKS.md, "Quantizer levers").
+    still use.  What it gains, measured: docs/decisions/0004-refined-scale-codes.md.
     """
     if span <= 0 or float(gs.scale_max) == 0.0:
         return gs

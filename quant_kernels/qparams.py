@@ -199,7 +199,8 @@ HEAD_OPTIONS: dict[int, QParams] = {
     8: _q(128, [8], [1.0]),
 }
 
-# Candidates beyond ExLlamaV2's tables (``--tables extended``, measured in BENCHMARKS.md, bench/tables.py).
+# Candidates beyond ExLlamaV2's tables (``--tables extended``; measured in
+# docs/decisions/0006-extended-option-tables-and-norm.md).
 # ExLlamaV2's attention combinations give q/k/v/o's first rows in act-order at most one bit more than the
 # rest; these give the first 32 rows (the inputs with the largest Hessian diagonal) 8 bits, as its MLP
 # table already does for down_proj.  Appended after ExLlamaV2's entries here (indices 0-18 / 0-16 of the

@@ -78,7 +78,7 @@ class XScheme:
     v_transform: str = "hadamard"  # "hadamard" or "none"
     center_k: bool = True  # subtract the calibrated pre-RoPE key mean (added back exactly)
     pre_rope: bool = True  # quantize keys before RoPE; False: after it (ablation; "klt" needs pre-RoPE keys)
-    center_v: bool = False  # subtract the calibrated value mean (measured: does not pay, bench/bench_cache.py)
+    center_v: bool = False  # subtract the calibrated value mean (does not pay: docs/decisions/0011-kv-cache-x-modes.md)
     allocate: bool = True  # bits per stream from the profile's sensitivities; False: the same width everywhere
     quantize: bool = True  # False: every transform without the quantizer (tests: attention is unchanged)
 

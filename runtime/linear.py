@@ -40,9 +40,9 @@ EXL2_OPTIONAL = ("q_perm", "bias")
 
 # Rows of input from which a packed layer computes by rebuilding its weight for the call (one layer's weight
 # alive at a time) and running a dense matmul, instead of the packed kernel.  The packed kernel decodes panels
-# of the weight into fp32 and multiplies them for many rows, so it stays ahead up to long prefills: the
-# measured crossover lies between 256 rows (576 x 192) and 2048 rows (3584 x 3584) (BENCHMARKS.md, "Packed
-# matmul vs dense"); above it the rebuilt weight costs a transient copy of one layer.
+# of the weight into fp32 and multiplies them for many rows, so it stays ahead up to long prefills (the measured
+# crossovers: docs/decisions/0010-runtime-at-scale.md); above it the rebuilt weight costs a transient copy of
+# one layer.
 DENSE_FROM_ROWS = 2048
 
 # How EXL2 layers are held: "packed" (the stored tensors, computed through ops.matmul; about the file's size
