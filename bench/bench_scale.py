@@ -123,7 +123,8 @@ def build_exl2_rtn(src: Path, out: Path) -> Path:
             continue
         w = parts.src.get(f"{prefix}.weight").float()
         b = parts.src.get(f"{prefix}.bias").float() if f"{prefix}.bias" in parts.src else None
-        r = gptq.quantize(w, qp, gptq.prepare(None, k=w.shape[1], invert=False), b, refine_span=0)   # round to nearest
+        rtn = gptq.prepare(None, k=w.shape[1], invert=False)                               # round to nearest
+        r = gptq.quantize(w, qp, rtn, b, gptq.GPTQOptions(refine_span=0))
         save_tensors(path, {f"{prefix}.{k}": v for k, v in r.tensors.items()})
         print(f"rtn {j + 1}/{len(prefixes)} {prefix}", file=sys.stderr, flush=True)
         parts.src.release()

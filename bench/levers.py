@@ -82,6 +82,7 @@ def run_variant(v: str, args) -> list[dict]:
 
     from exl2.convert import quantize as qpass
     from exl2.convert import writer
+    from exl2.quant_kernels.gptq import GPTQOptions
     from exl2.quant_kernels.qparams import QParams
     from exl2.runtime.evaluate import load_data_rows
     from exl2.runtime.loader import load_config
@@ -115,8 +116,10 @@ def run_variant(v: str, args) -> list[dict]:
             if not (cal / "input_ids.safetensors").exists():
                 make_cal_dir(src, cal, cfg["rows"], 512)
             t0 = time.time()
-            qpass.run_quantization(src, load_cal_ids(cal), strategies[which]["strategy"], 6, run_dir,
-                                   **{k: cfg[k] for k in DEFAULTS if k != "rows"})
+            opts = GPTQOptions(percdamp=cfg["percdamp"], refine_span=cfg["refine_span"], sequential=cfg["sequential"],
+                               polish_sweeps=cfg["polish"], refine_weighted=cfg["refine_weighted"])
+            qpass.run_quantization(src, load_cal_ids(cal), strategies[which]["strategy"], 6, run_dir, opts=opts,
+                                   asym=cfg["asym"])
             writer.compile_model(src, run_dir / "out_tensor", model, quantization_config={"quant_method": "exl2"})
             meta.write_text(json.dumps({"quant_wall_s": time.time() - t0, **cfg}))
         s = {t: scorer.score(label, model, t) for t in TEXTS}

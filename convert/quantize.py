@@ -65,9 +65,7 @@ def owner_order(spec) -> list[str]:
 
 
 def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, device, out_dir: Path,
-                    percdamp: float = gptq.PERCDAMP, refine_span: int = gptq.REFINE_SPAN,
-                    sequential: bool = False, polish: int = 0, refine_weighted: bool = False,
-                    fstates: list | None = None, asym: float = 0.0):
+                    opts: gptq.GPTQOptions = gptq.GPTQOptions(), fstates: list | None = None, asym: float = 0.0):
     """Quantize one module in place; returns (new states, relative output error vs full precision).
 
     ``states`` is consumed: its rows are replaced by the module's outputs (the list returned).
@@ -76,17 +74,14 @@ def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, d
     in place by its full-precision outputs) and ``asym`` > 0, every projection is quantized from
     :func:`gptq.asymmetric_targets` (``alpha = asym``), toward the full-precision model's output rather
     than the output of its own, already perturbed inputs; the Hessians are then collected sequentially.
-
-    Benchmark levers (bench/levers.py; the converter uses the defaults): ``sequential`` collects each
-    shared input's Hessian after the projections before it are quantized (o_proj sees quantized q/k/v,
-    down_proj quantized gate/up); ``polish`` and ``refine_weighted`` are :func:`gptq.quantize`'s
-    ``polish_sweeps`` and ``refine_weighted``.
+    ``opts``: the quantizer's settings (:class:`gptq.GPTQOptions`; the converter uses the defaults).
     """
     key = spec.key(layer)
     options = entry_options(strategy[key])
     layers = linears(block, spec)
     order = owner_order(spec)
     fp_input, cross = None, {}
+    sequential = opts.sequential or fstates is not None
     last_collect = len(order) == 1
     if fstates is not None:
         # The full-precision weights stay referenced (set_weight swaps tensors, never writes into them), so each
@@ -102,13 +97,12 @@ def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, d
                 fstates[i] = y.float().cpu()
             return got
 
-        sequential = True
     H, ref = collect(block, spec, states, cos, sin, device, fp_input=fp_input, cross=cross)
     for i, owner in enumerate(order):
         if sequential and i > 0:
             last_collect = i == len(order) - 1
             H.update(collect(block, spec, states, cos, sin, device, owners=(owner,), fp_input=fp_input, cross=cross)[0])
-        prepared = gptq.prepare(H[owner].cpu(), percdamp=percdamp, keep_h=bool(polish))
+        prepared = gptq.prepare(H[owner].cpu(), percdamp=opts.percdamp, keep_h=bool(opts.polish_sweeps))
         mine = [p for p in spec.projections if spec.hessian_of[p] == owner]
         weights = {p: layers[p].weight.data.float().cpu() for p in mine}
         if fp_input is not None:
@@ -116,8 +110,7 @@ def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, d
         for p in mine:
             lin = layers[p]
             bias = None if lin.bias is None else lin.bias.data.float().cpu()
-            r = gptq.quantize(weights[p], options[p], prepared, bias, refine_span=refine_span,
-                              polish_sweeps=polish, refine_weighted=refine_weighted)
+            r = gptq.quantize(weights[p], options[p], prepared, bias, opts)
             _store(out_dir, f"{key}.{p}", r)
             set_weight(lin, r.weight)
         del prepared
@@ -135,11 +128,12 @@ def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, d
 
 
 def quantize_head(parts: ModelParts, states, input_ids: torch.Tensor, head_bits: int, out_dir: Path, device,
-                  ppl_rows: int, percdamp: float = gptq.PERCDAMP, refine_span: int = gptq.REFINE_SPAN,
-                  fstates: list | None = None, asym: float = 0.0) -> dict:
+                  ppl_rows: int, opts: gptq.GPTQOptions = gptq.GPTQOptions(), fstates: list | None = None,
+                  asym: float = 0.0) -> dict:
     """Quantize lm_head (or the tied embedding) on the final-norm outputs; returns head facts and the
     calibration perplexity of the quantized model on the first ``ppl_rows`` rows.  ``fstates`` and
-    ``asym``: asymmetric calibration as in :func:`quantize_module`."""
+    ``asym``: asymmetric calibration as in :func:`quantize_module`.  Of ``opts`` the head uses the damping
+    and the refine span, no lever."""
     qp = HEAD_OPTIONS[head_bits]
     norm = parts.norm("norm")
     if parts.has_head():
@@ -155,10 +149,10 @@ def quantize_head(parts: ModelParts, states, input_ids: torch.Tensor, head_bits:
             else:
                 H.add_pair(h, norm(fstates[i].to(device)))
     rtn = w.numel() > RTN_HEAD_ELEMENTS
-    prepared = gptq.prepare(H.result().cpu(), percdamp=percdamp, invert=not rtn)
+    prepared = gptq.prepare(H.result().cpu(), percdamp=opts.percdamp, invert=not rtn)
     if fstates is not None:                      # round-to-nearest (no inverse) leaves the head as it is
         w = gptq.asymmetric_targets({"head": w}, H.cross().cpu(), prepared, asym)["head"]
-    r = gptq.quantize(w, qp, prepared, refine_span=refine_span)
+    r = gptq.quantize(w, qp, prepared, opts=gptq.GPTQOptions(refine_span=opts.refine_span))
     _store(out_dir, "lm_head", r)
     # Calibration perplexity of the whole quantized model (a sanity number, not a benchmark).
     wq = r.weight.to(device, torch.float32)
@@ -175,18 +169,14 @@ def quantize_head(parts: ModelParts, states, input_ids: torch.Tensor, head_bits:
 
 def run_quantization(model_dir: str | Path, input_ids: torch.Tensor, strategy: dict, head_bits: int,
                      work: str | Path, *, device="cpu", status: Status | None = None, progress=None,
-                     ppl_rows: int = 4, percdamp: float = gptq.PERCDAMP,
-                     refine_span: int = gptq.REFINE_SPAN, sequential: bool = False, polish: int = 0,
-                     refine_weighted: bool = False, asym: float = 0.0) -> dict:
+                     ppl_rows: int = 4, opts: gptq.GPTQOptions = gptq.GPTQOptions(), asym: float = 0.0) -> dict:
     """Quantize the whole model into ``work/out_tensor``; resumes from its checkpoint
     (``work/quant.checkpoint.safetensors``).
 
-    Returns a report: per-module relative output errors and the head facts.  ``percdamp`` and
-    ``refine_span`` are :func:`gptq.prepare`'s damping and :func:`gptq.refine_codes`' span; ``sequential``,
-    ``polish`` and ``refine_weighted`` are :func:`quantize_module`'s (benchmarks vary them; the converter uses
-    the defaults).  ``asym`` > 0 turns on asymmetric calibration with that ``alpha``
-    (:func:`gptq.asymmetric_targets`): the full-precision model's states run beside the quantized ones
-    (one more copy of the states in memory and in the checkpoint).
+    Returns a report: per-module relative output errors and the head facts.  ``opts``: the quantizer's
+    settings (:class:`gptq.GPTQOptions`; benchmarks vary them, the converter uses the defaults).  ``asym`` > 0
+    turns on asymmetric calibration with that ``alpha`` (:func:`gptq.asymmetric_targets`): the full-precision
+    model's states run beside the quantized ones (one more copy of the states in memory and in the checkpoint).
     """
     work = Path(work)
     out_dir = work / "out_tensor"
@@ -216,7 +206,7 @@ def run_quantization(model_dir: str | Path, input_ids: torch.Tensor, strategy: d
         block = parts.block(layer)
         for spec in MODULES:
             states, err = quantize_module(block, spec, layer, strategy, states, cos, sin, device, out_dir,
-                                          percdamp, refine_span, sequential, polish, refine_weighted, fstates, asym)
+                                          opts, fstates, asym)
             report["errors"][spec.key(layer)] = err
             if status:
                 status({"stage": "quant", "module": spec.key(layer), "rfn_error": err})
@@ -227,8 +217,8 @@ def run_quantization(model_dir: str | Path, input_ids: torch.Tensor, strategy: d
             status({"stage": "quant", "layer": layer, "layers": n_layers, "seconds": round(time.time() - t0, 2)})
         if progress:
             progress(layer + 1, n_layers)
-    report["head"] = quantize_head(parts, states, input_ids, head_bits, out_dir, device, ppl_rows, percdamp,
-                                   refine_span, fstates, asym)
+    report["head"] = quantize_head(parts, states, input_ids, head_bits, out_dir, device, ppl_rows, opts,
+                                   fstates, asym)
     if status:
         status({"stage": "quant", "module": "lm_head", **report["head"]})
     clear_checkpoint(work, "quant")

@@ -40,6 +40,29 @@ PERCDAMP = 0.12
 DAMP_TRIES = 10
 
 
+@dataclass(frozen=True)
+class GPTQOptions:
+    """How the quantizer runs; the defaults are the converter's.
+
+    ``percdamp``: :func:`prepare`'s damping fraction; ``refine_span``: :func:`refine_codes`' span (0 keeps
+    ExLlamaV2's scale codes).  The other fields are levers that were measured and not adopted
+    (docs/decisions/0005-quantizer-levers-not-adopted.md); only bench/levers.py turns them on:
+
+    - ``sequential``: the quantization pass collects each shared input's Hessian after the projections
+      before it are quantized (o_proj sees quantized q/k/v, down_proj quantized gate/up); asymmetric
+      calibration collects them so in any case;
+    - ``polish_sweeps``: sweeps of :func:`polish` after GPTQ (the pass then asks :func:`prepare` to keep H);
+    - ``refine_weighted``: :func:`refine_codes` weighs each row's squared error by GPTQ's row weight
+      ``1 / Hinv[r, r]^2``.
+    """
+
+    percdamp: float = PERCDAMP
+    refine_span: int = REFINE_SPAN
+    sequential: bool = False
+    polish_sweeps: int = 0
+    refine_weighted: bool = False
+
+
 class HessianError(UserError, RuntimeError):
     """The Hessian could not be made positive definite with the allowed damping."""
 
@@ -250,25 +273,16 @@ class QuantResult:
     groups: list[tuple[int, int]]      # (bits, rows) in storage order
 
 
-def quantize(
-    weight: torch.Tensor,
-    qparams: QParams,
-    prepared: Prepared,
-    bias: torch.Tensor | None = None,
-    refine_span: int = REFINE_SPAN,
-    polish_sweeps: int = 0,
-    refine_weighted: bool = False,
-) -> QuantResult:
+def quantize(weight: torch.Tensor, qparams: QParams, prepared: Prepared, bias: torch.Tensor | None = None,
+             opts: GPTQOptions = GPTQOptions()) -> QuantResult:
     """Quantize ``weight [N, K]`` (``nn.Linear`` orientation) to an EXL2 layer.
 
     With ``prepared.hinv`` None this is round-to-nearest (act-order kept, no error feedback).
     Per group: ``ops.find_scales``, :func:`refine_codes`, ``ops.gptq_group`` (the row loop), then one matmul
     carries the group's errors to the later rows; the layer is packed by :func:`codec.pack_layer`.  Which
     kernels run is ``ops``' choice (``ops.reference_only()`` forces the torch twins; the codes and values are
-    the same bit for bit).  ``refine_span`` 0 keeps :func:`reference.find_scales`' codes
-    as they are (ExLlamaV2's choice); see :func:`refine_codes`.  Benchmark levers, off in the converter:
-    ``refine_weighted`` weighs each row's squared error in :func:`refine_codes` by GPTQ's row weight
-    ``1 / Hinv[r, r]^2``; ``polish_sweeps`` runs :func:`polish` afterwards (needs ``prepare(keep_h=True)``).
+    the same bit for bit).  ``opts``: :class:`GPTQOptions` (``refine_span``, and the levers not adopted;
+    ``polish_sweeps`` needs ``prepare(keep_h=True)``).
     """
     n, k = weight.shape
     if prepared.perm.shape != (k,):
@@ -280,6 +294,7 @@ def quantize(
     # Working set, in units of N x K fp32 besides the caller's weight: W and Q (1 each), the codes as uint8
     # (0.25; int64 only for polish), one group's int64 codes and errors, and the update's [K-b, N] product.
     W = weight.t().to(torch.float32)[perm]             # [K, N] permuted rows (indexing copies)
+    polish_sweeps = opts.polish_sweeps
     if polish_sweeps and (prepared.h is None or Hinv is None):
         raise ValueError("quantize: polish_sweeps needs prepare(..., keep_h=True) on a Hessian")
     W0 = W.clone() if polish_sweeps else None
@@ -291,8 +306,8 @@ def quantize(
     a = 0
     for bits, rows in groups:
         b = a + rows
-        rw = Hinv.diagonal()[a:b].pow(-2) if refine_weighted and Hinv is not None else None
-        gs = refine_codes(W[a:b], ops.find_scales(W[a:b], bits), bits, refine_span, rw)
+        rw = Hinv.diagonal()[a:b].pow(-2) if opts.refine_weighted and Hinv is not None else None
+        gs = refine_codes(W[a:b], ops.find_scales(W[a:b], bits), bits, opts.refine_span, rw)
         scale_codes.append(gs.codes)
         scale_max.append(gs.scale_max)
         scales_rows.append(gs.scale)

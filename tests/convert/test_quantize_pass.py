@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from exl2.convert import api
 from exl2.convert.quantize import quantize_module, run_quantization
 from exl2.layers.stream import MODULES, collect, embed_rows, linears, run_module
+from exl2.quant_kernels.gptq import GPTQOptions
 from exl2.quant_kernels.qparams import QParams
 from exl2.runtime.loader import ModelParts, load_config
 from exl2.runtime.model import Rotary
@@ -52,7 +53,7 @@ def test_sequential_changes_only_the_projections_after_the_first_input(tiny, tmp
     d, ids = tiny
     strat = uniform_strategy(d, QParams.make(32, [3], [1.0]))
     run_quantization(d, ids, strat, 6, tmp_path / "plain")
-    run_quantization(d, ids, strat, 6, tmp_path / "seq", sequential=True)
+    run_quantization(d, ids, strat, 6, tmp_path / "seq", opts=GPTQOptions(sequential=True))
     for p in ("q_proj", "k_proj", "v_proj"):
         a = layer_tensors(tmp_path / "plain", f"model.layers.0.self_attn.{p}")
         b = layer_tensors(tmp_path / "seq", f"model.layers.0.self_attn.{p}")
@@ -66,7 +67,7 @@ def test_polish_and_weighted_refinement_run_through_the_pass(tiny, tmp_path):
     d, ids = tiny
     strat = uniform_strategy(d, QParams.make(32, [3], [1.0]))
     plain = run_quantization(d, ids, strat, 6, tmp_path / "plain")
-    lev = run_quantization(d, ids, strat, 6, tmp_path / "lev", polish=1, refine_weighted=True)
+    lev = run_quantization(d, ids, strat, 6, tmp_path / "lev", opts=GPTQOptions(polish_sweeps=1, refine_weighted=True))
     assert plain["errors"].keys() == lev["errors"].keys()
     a = layer_tensors(tmp_path / "plain", "model.layers.0.mlp.down_proj")
     b = layer_tensors(tmp_path / "lev", "model.layers.0.mlp.down_proj")
@@ -97,7 +98,7 @@ def test_asymmetric_calibration_corrects_only_where_the_inputs_differ(tiny, tmp_
     projection of layer 1 reads a perturbed residual stream: they change."""
     d, ids = tiny
     strat = uniform_strategy(d, QParams.make(32, [3], [1.0]))
-    run_quantization(d, ids, strat, 6, tmp_path / "seq", sequential=True)
+    run_quantization(d, ids, strat, 6, tmp_path / "seq", opts=GPTQOptions(sequential=True))
     run_quantization(d, ids, strat, 6, tmp_path / "asym", asym=1.0)
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"):
         a, b = layer_tensors(tmp_path / "seq", name), layer_tensors(tmp_path / "asym", name)

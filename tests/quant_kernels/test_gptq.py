@@ -181,7 +181,7 @@ def test_refine_span_lowers_gptq_output_error(problem):
     x, w, H = problem
     p = gptq.prepare(H)
     for qp in (QParams.make(64, [3, 2], [0.1, 0.9]), QParams.make(32, [3], [1.0])):
-        plain = gptq.quantize(w, qp, p, refine_span=0)
+        plain = gptq.quantize(w, qp, p, opts=gptq.GPTQOptions(refine_span=0))
         refined = gptq.quantize(w, qp, p)
         assert out_err(x, w, refined.weight) < out_err(x, w, plain.weight), qp.desc()
         dq = codec.dequantize_layer(refined.tensors)[: w.shape[0]]
@@ -221,7 +221,7 @@ def test_polish_never_raises_the_gptq_objective_and_reloads(problem, qp):
     p = gptq.prepare(H, keep_h=True)
     assert p.h is not None and p.h.shape == H.shape
     plain = gptq.quantize(w, qp, p)
-    pol = gptq.quantize(w, qp, p, polish_sweeps=2)
+    pol = gptq.quantize(w, qp, p, opts=gptq.GPTQOptions(polish_sweeps=2))
     before, after = gptq_objective(w, plain.weight, p), gptq_objective(w, pol.weight, p)
     assert bool((after <= before * (1 + 1e-5)).all())
     assert float(after.sum()) < float(before.sum())
@@ -229,7 +229,7 @@ def test_polish_never_raises_the_gptq_objective_and_reloads(problem, qp):
     assert torch.equal(dq.view(torch.int16), pol.weight.view(torch.int16))
     assert gptq.prepare(H).h is None
     with pytest.raises(ValueError, match="keep_h"):
-        gptq.quantize(w, qp, gptq.prepare(H), polish_sweeps=1)
+        gptq.quantize(w, qp, gptq.prepare(H), opts=gptq.GPTQOptions(polish_sweeps=1))
 
 
 def test_asymmetric_target_is_the_least_squares_weight_on_the_perturbed_inputs(problem):
