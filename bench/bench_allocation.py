@@ -24,7 +24,8 @@ from exl2.calibration import CalibrationRows  # noqa: E402
 from exl2.convert import quantize as qpass  # noqa: E402
 from exl2.convert import validate as val  # noqa: E402
 from exl2.convert import writer  # noqa: E402
-from exl2.convert.api import ConvertOptions, convert, decoder_numel  # noqa: E402
+from exl2.convert.accounting import decoder_numel  # noqa: E402
+from exl2.convert.api import ConvertOptions, convert  # noqa: E402
 from exl2.measure.optimize import optimize  # noqa: E402
 from exl2.runtime.arch import ModelConfig  # noqa: E402
 

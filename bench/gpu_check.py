@@ -1778,7 +1778,8 @@ def layer_main(a) -> int:
     process at its time limit and reads what is there)."""
     import torch
 
-    from exl2.convert.api import auto_asym, uniform_strategy
+    from exl2.convert.accounting import uniform_strategy
+    from exl2.convert.options import auto_asym
     from exl2.convert.quantize import run_quantization
     from exl2.measure.measure import run_measurement
     from exl2.quant_kernels.qparams import QParams

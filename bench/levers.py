@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 from bench.peers import load_cal_ids, make_cal_dir  # noqa: E402
 from bench.quality import TEXTS, Scorer, add_follow_up_args, run_follow_up  # noqa: E402
 from bench.report import header  # noqa: E402
-from exl2.convert.api import uniform_strategy  # noqa: E402
+from exl2.convert.accounting import uniform_strategy  # noqa: E402
 
 DEFAULTS = {"refine_span": 2, "percdamp": 0.12, "rows": 16, "sequential": False, "polish": 0,
             "refine_weighted": False, "asym": 0.0}

@@ -88,7 +88,7 @@ def run_variant(v: str, args) -> dict:
 
     from exl2.convert import quantize as qpass
     from exl2.convert import writer
-    from exl2.convert.api import decoder_numel
+    from exl2.convert.accounting import decoder_numel
     from exl2.measure.optimize import DEFAULT_NORMS, optimize
     from exl2.runtime.evaluate import load_data_rows
     from exl2.runtime.loader import load_config

@@ -40,6 +40,8 @@ from exl2.runtime.cache import bytes_per_token
 from exl2.runtime.evaluate import SCORE_CHUNK
 from exl2.runtime.loader import TensorSource
 
+from .accounting import decoder_numel, projection_shapes
+
 GiB = 1 << 30
 
 # Anonymous memory of a converter process besides the model work: Python, torch, the native kernels, the
@@ -106,13 +108,6 @@ def _gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB" if abs(n) >= GiB / 4 else f"{n / 2**20:.1f} MiB"
 
 
-def _shapes(cfg: ModelConfig) -> dict[str, tuple[int, int, bool]]:
-    h, q, kv, i = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.kv_dim, cfg.intermediate_size
-    return {"q_proj": (h, q, cfg.qkv_bias), "k_proj": (h, kv, cfg.qkv_bias), "v_proj": (h, kv, cfg.qkv_bias),
-            "o_proj": (q, h, cfg.o_bias), "gate_proj": (h, i, cfg.mlp_bias), "up_proj": (h, i, cfg.mlp_bias),
-            "down_proj": (i, h, cfg.mlp_bias)}
-
-
 def _module_bits(spec, shapes) -> list[int]:
     return [sum(qp.total_bits(shapes[p][0], padded_columns(shapes[p][1]), shapes[p][2])
                 for p, qp in zip(spec.projections, combo)) for combo in spec.options]
@@ -120,8 +115,7 @@ def _module_bits(spec, shapes) -> list[int]:
 
 def bpw_range(cfg: ModelConfig, tables: str = "exl2") -> tuple[float, float, int]:
     """(lowest, highest bpw any allocation of the tables can reach, decoder numel)."""
-    shapes = _shapes(cfg)
-    numel = cfg.num_layers * sum(k * padded_columns(n) for k, n, _ in shapes.values())
+    shapes, numel = projection_shapes(cfg), decoder_numel(cfg)
     lo = hi = 0
     for spec in module_specs(tables):
         bits = _module_bits(spec, shapes)
@@ -140,12 +134,12 @@ def _stored_bytes(src: TensorSource) -> int:
 
 
 def _layer_weight_bytes(cfg: ModelConfig) -> int:
-    return 4 * sum(k * n + (n if b else 0) for k, n, b in _shapes(cfg).values()) + 2 * 4 * cfg.hidden_size
+    return 4 * sum(k * n + (n if b else 0) for k, n, b in projection_shapes(cfg).values()) + 2 * 4 * cfg.hidden_size
 
 
 def _module_peaks(cfg: ModelConfig, length: int, *, variants: bool, tables: str, asym: bool) -> tuple[int, str]:
     """The largest module's peak above base + layer weights + states, and which module and phase it is."""
-    shapes = _shapes(cfg)
+    shapes = projection_shapes(cfg)
     best, what = 0, ""
     for spec in (module_specs(tables) if variants else MODULES):
         owners = sorted(set(spec.hessian_of.values()))
@@ -242,7 +236,7 @@ def make_plan(model_dir: str | Path, *, bits: list[float], head_bits: int, rows:
     # -- disk -----------------------------------------------------------------------------------------------
     spill = 0
     for spec in module_specs(tables):
-        shapes = _shapes(cfg)
+        shapes = projection_shapes(cfg)
         total = sum(len(opts) * 2 * shapes[p_][0] * shapes[p_][1]
                     for p_, opts in zip(spec.projections, distinct_options(spec.options)))
         if total > VARIANT_BUDGET:

@@ -17,12 +17,12 @@ The pieces, in the order the data flows:
 The task graph's module is tasks.py, not plan.py, so that ``exl2.convert.batch.plan`` is only the
 function.  Ray is optional (``pip install exl2[cluster]``) and imported only where it is needed.
 """
-from exl2.convert.batch.spec import DEFAULTS, Model, Resources, Spec, SpecError, load_spec, parse_spec
+from exl2.convert.batch.spec import Model, Resources, Spec, SpecError, load_spec, parse_spec
 from exl2.convert.batch.tasks import Task, bpw_dir_name, is_complete, mismatch, model_problem, plan
 from exl2.convert.batch.worker import TaskError, run_task
 from exl2.convert.batch.driver import LOCAL_RAY_ENV, BatchError, local_ray_settings, run_batch
 from exl2.convert.batch.cli import main
 
-__all__ = ["DEFAULTS", "Model", "Resources", "Spec", "SpecError", "load_spec", "parse_spec", "Task",
+__all__ = ["Model", "Resources", "Spec", "SpecError", "load_spec", "parse_spec", "Task",
            "bpw_dir_name", "is_complete", "mismatch", "model_problem", "plan", "TaskError", "run_task",
            "LOCAL_RAY_ENV", "BatchError", "local_ray_settings", "run_batch", "main"]

@@ -6,9 +6,10 @@ import sys
 
 import click
 
-from exl2.convert.batch.driver import BatchError, run_batch
-from exl2.convert.batch.spec import SpecError, load_spec
+from exl2.convert.batch.driver import run_batch
+from exl2.convert.batch.spec import load_spec
 from exl2.convert.batch.tasks import is_complete, model_problem, plan
+from exl2.core.cli import ResumableCommand
 
 
 def _print_table(summary: dict) -> None:
@@ -31,7 +32,7 @@ def _print_table(summary: dict) -> None:
     click.echo(f"succeeded {summary['succeeded']}, skipped {summary['skipped']}, failed {summary['failed']}")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+@click.command(cls=ResumableCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
                help="Convert the models of SPEC (TOML) to every bpw target, as Ray tasks.\n\n"
                     "Finished outputs are skipped; rerunning the same command resumes the batch. "
                     "Exit status 1 if a task failed, 2 for a bad spec, a bad model folder (--dry-run) or no Ray.")
@@ -47,10 +48,7 @@ def _print_table(summary: dict) -> None:
 @click.option("--status-json", is_flag=True,
               help="Print one JSON object per task state change, then a summary object.")
 def main(spec_file, address, num_cpus, object_store_mb, dry_run, status_json):
-    try:
-        spec = load_spec(spec_file)
-    except SpecError as e:
-        _fail(str(e))
+    spec = load_spec(spec_file)
     if dry_run:
         tasks = plan(spec)
         todo = {t.model for t in tasks if not is_complete(t)}
@@ -66,19 +64,10 @@ def main(spec_file, address, num_cpus, object_store_mb, dry_run, status_json):
             click.echo(f"{state}  {t.id:<32} -> {t.output}{after}")
         return
     emit = (lambda e: click.echo(json.dumps(e, default=str))) if status_json else None
-    try:
-        summary = run_batch(spec, address=address, num_cpus=num_cpus, object_store_mb=object_store_mb, emit=emit)
-    except BatchError as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        _fail("interrupted; rerun the same command to resume")
+    summary = run_batch(spec, address=address, num_cpus=num_cpus, object_store_mb=object_store_mb, emit=emit)
     if status_json:
         click.echo(json.dumps({"state": "done", **{k: summary[k] for k in ("succeeded", "skipped", "failed")}}))
     else:
         _print_table(summary)
     sys.exit(1 if summary["failed"] else 0)
 
-
-def _fail(msg: str) -> None:
-    click.echo(f"error: {msg}", err=True)
-    sys.exit(2)

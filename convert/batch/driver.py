@@ -19,13 +19,14 @@ import click
 from exl2.convert.batch.spec import Spec
 from exl2.convert.batch.tasks import Task, is_complete, mismatch, plan
 from exl2.convert.batch.worker import TaskError, _EventSink, run_task
+from exl2.core.errors import UserError
 
 INSTALL_HINT = "exl2-batch needs Ray: pip install 'exl2[cluster]' (or: pip install ray)"
 
 Emit = Callable[[dict], None]
 
 
-class BatchError(RuntimeError):
+class BatchError(UserError, RuntimeError):
     """The batch cannot start (Ray missing, no cluster at --address, infeasible resources)."""
 
 

@@ -6,11 +6,10 @@ The format::
     [defaults]
     bpw = [3.0, 4.0]
     head_bits = 6
-    rows = 100                            # also: length, measurement_rows, measurement_length,
-    cal_dataset = "/data/cal.parquet"     #       validation_rows, seed (the ConvertOptions defaults),
-    tables = "exl2"                       #       tables ("exl2" or "extended"), norm (1 to 4) and
-                                          #       asym (0 to 1, or "auto"), as exl2-convert's --tables, --norm,
-                                          #       --asym
+    rows = 100                            # every option of convert/options.py that has a spec key:
+    cal_dataset = "/data/cal.parquet"     # bpw, head_bits, cal_dataset, rows, length, measurement_rows,
+    tables = "exl2"                       # measurement_length, seed, tables, norm, asym, validation_rows;
+                                          # defaults, checks and meaning as exl2-convert's flags
     [resources]                           # per task
     num_cpus = 1
     num_gpus = 0                          # > 0: the task gets that share of a GPU and runs with device cuda
@@ -29,18 +28,14 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from exl2.quant_kernels.qparams import TABLES
+from exl2.convert.options import BATCH_DEFAULTS, OptionError, from_spec
+from exl2.core.errors import UserError
 
-# The calibration and target keys of [defaults] / [[model]], with the converter's defaults.
-DEFAULTS = {"bpw": [4.125], "head_bits": 6, "rows": 100, "length": 2048, "measurement_rows": 16,
-            "measurement_length": 2048, "cal_dataset": None, "validation_rows": 4, "seed": 0, "tables": "exl2",
-            "norm": None, "asym": None}          # asym None: "auto", the converter's choice from rows x length
 RESOURCE_DEFAULTS = {"num_cpus": 1, "num_gpus": 0, "max_retries": 3, "memory_gb": None}
 TOP_KEYS = {"output", "defaults", "resources", "model"}
-INT_KEYS = ("head_bits", "rows", "length", "measurement_rows", "measurement_length", "validation_rows", "seed")
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
     """The spec file is wrong; the message names the file, the model and the key."""
 
 
@@ -48,18 +43,7 @@ class SpecError(ValueError):
 class Model:
     name: str
     path: str
-    bpw: list[float]
-    head_bits: int
-    rows: int
-    length: int
-    measurement_rows: int
-    measurement_length: int
-    cal_dataset: str | None
-    validation_rows: int
-    seed: int
-    tables: str
-    norm: float | None
-    asym: float | None
+    settings: dict                  # spec key -> value: [defaults], overridden by the model's own keys
     resources: "Resources"
 
 
@@ -83,50 +67,11 @@ def _is_number(v) -> bool:
 
 
 def _check_settings(where: str, table: dict, base: Path) -> dict:
-    """Type-check the [defaults]-style keys of one table; returns them normalised."""
-    out = {}
-    for key, value in table.items():
-        if key == "bpw":
-            if _is_number(value):
-                value = [value]
-            if not isinstance(value, list) or not value or not all(_is_number(b) for b in value):
-                raise SpecError(f"{where}: bpw = {value!r}: must be a non-empty list of numbers, e.g. [3.0, 4.0]")
-            for b in value:
-                if not 1.5 <= b <= 9.0:
-                    raise SpecError(f"{where}: bpw {b}: outside any model's feasible range (about 2 to 8 bits per weight)")
-            if len({f"{b:g}" for b in value}) != len(value):
-                raise SpecError(f"{where}: bpw = {value!r}: lists a target twice")
-            out[key] = [float(b) for b in value]
-        elif key == "cal_dataset":
-            if value is not None and not isinstance(value, str):
-                raise SpecError(f"{where}: cal_dataset = {value!r}: must be a path (string)")
-            out[key] = str((base / value)) if value else None
-        elif key in INT_KEYS:
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise SpecError(f"{where}: {key} = {value!r}: must be an integer")
-            if key == "head_bits" and value not in (2, 3, 4, 5, 6, 8):
-                raise SpecError(f"{where}: head_bits = {value}: must be one of 2, 3, 4, 5, 6, 8")
-            if key != "seed" and key != "head_bits" and value <= 0:
-                raise SpecError(f"{where}: {key} = {value}: must be positive")
-            out[key] = value
-        elif key == "tables":
-            if value not in TABLES:
-                raise SpecError(f"{where}: tables = {value!r}: must be one of {', '.join(map(repr, TABLES))}")
-            out[key] = value
-        elif key == "norm":
-            if not _is_number(value) or not 1.0 <= value <= 4.0:
-                raise SpecError(f"{where}: norm = {value!r}: must be a number between 1 and 4")
-            out[key] = float(value)
-        elif key == "asym":
-            if value == "auto":
-                out[key] = None
-                continue
-            if not _is_number(value) or not 0.0 <= value <= 1.0:
-                raise SpecError(f"{where}: asym = {value!r}: must be \"auto\" or a number between 0 (off) and 1")
-            out[key] = float(value)
-        else:
-            raise SpecError(f"{where}: unknown key {key!r} (known: {', '.join(DEFAULTS)})")
-    return out
+    """The [defaults]-style keys of one table, checked and normalised as the converter's options are."""
+    try:
+        return from_spec(where, table, base)
+    except OptionError as e:
+        raise SpecError(str(e)) from None
 
 
 def _check_resources(where: str, table, base: dict) -> Resources:
@@ -160,7 +105,7 @@ def parse_spec(data: dict, base_dir: str | Path = ".", source: str = "spec") -> 
     for key in ("defaults", "resources"):
         if not isinstance(data.get(key, {}), dict):
             raise SpecError(f"{source}: {key}: must be a table ([{key}])")
-    defaults = {**DEFAULTS, **_check_settings(f"{source}: [defaults]", data.get("defaults", {}), base)}
+    defaults = {**BATCH_DEFAULTS, **_check_settings(f"{source}: [defaults]", data.get("defaults", {}), base)}
 
     resources = _check_resources(f"{source}: [resources]", data.get("resources", {}), RESOURCE_DEFAULTS)
 
@@ -187,7 +132,7 @@ def parse_spec(data: dict, base_dir: str | Path = ".", source: str = "spec") -> 
         settings = _check_settings(f"{source}: {label}",
                                    {k: v for k, v in t.items() if k not in ("path", "name", "resources")}, base)
         res = _check_resources(f"{source}: {label}: resources", t.get("resources", {}), asdict(resources))
-        models.append(Model(name=name, path=str(path), resources=res, **{**defaults, **settings}))
+        models.append(Model(name=name, path=str(path), settings={**defaults, **settings}, resources=res))
     return Spec(output=str(base / output), resources=resources, models=models)
 
 

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from exl2.convert.batch.spec import Spec
+from exl2.convert.options import BY_NAME, ConvertOptions, read_recorded, recorded, spec_to_options
 
 
 @dataclass
@@ -42,16 +43,13 @@ def plan(spec: Spec) -> list[Task]:
         device = "cuda" if m.resources.num_gpus > 0 else "cpu"
         res = asdict(m.resources)
         root = Path(spec.output) / m.name
-        common = dict(in_dir=m.path, head_bits=m.head_bits, cal_dataset=m.cal_dataset, rows=m.rows,
-                      length=m.length, measurement_rows=m.measurement_rows,
-                      measurement_length=m.measurement_length, seed=m.seed, device=device, tables=m.tables, norm=m.norm,
-                      asym=m.asym,
-                      validation_rows=m.validation_rows, validate=True)
+        common = {**spec_to_options(m.settings), "in_dir": m.path, "device": device, "validate": True}
+        targets = common.pop("bits")
         measure = Task(id=f"{m.name}/measure", kind="measure", model=m.name, bpw=None,
                        output=str(root / "measurement.json"), resources=res,
                        options=dict(common, work_dir=str(root / ".work" / "measure"), measure_only=True))
         tasks.append(measure)
-        for b in m.bpw:
+        for b in targets:
             tasks.append(Task(id=f"{m.name}/{bpw_dir_name(b)}", kind="quantize", model=m.name, bpw=b,
                               output=str(root / bpw_dir_name(b)), deps=[measure.id], resources=res,
                               options=dict(common, work_dir=str(root / ".work" / f"bpw-{b:.2f}"), bits=[b],
@@ -116,18 +114,10 @@ def mismatch(task: Task) -> str | None:
     except (OSError, ValueError) as e:
         return f"{out / 'config.json'}: unreadable ({e})"
     o = task.options
-    want = {"bits": task.bpw, "head_bits": o["head_bits"],
-            "calibration": {"rows": o["rows"], "length": o["length"],
-                            "dataset": Path(o["cal_dataset"]).name if o["cal_dataset"] else "(default)"}}
-    ours = q.get("exl2") or {}
-    have = {**{k: q.get(k) for k in want}, "tables": ours.get("tables", "exl2"), "norm": ours.get("norm"),
-            "asym": ours.get("asym", 0.0)}
-    from exl2.convert.api import auto_asym
-
-    asym = auto_asym(o["rows"], o["length"]) if o["asym"] is None else o["asym"]
-    want.update(tables=o["tables"], norm=o["norm"], asym=asym)  # outputs written before these existed: defaults
-    for key, value in want.items():
-        if have[key] != value:
-            return (f"{out} exists with {key} = {have[key]!r} but the spec asks for {value!r}; delete it and "
+    want, have = recorded(ConvertOptions(**o), task.bpw), read_recorded(q)
+    for path, value in want.items():
+        if have[path] != value:
+            key = next((opt.key for opt in BY_NAME.values() if opt.recorded_as == path), path)
+            return (f"{out} exists with {key} = {have[path]!r} but the spec asks for {value!r}; delete it and "
                     f"{Path(o['work_dir'])} to convert it again")
     return None

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import sys
 import time
 import traceback
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 from exl2.convert.batch.tasks import Task
+from exl2.core.errors import UserError, os_error_line
+from exl2.core.files import copy_atomic
 
 
 class TaskError(RuntimeError):
@@ -51,26 +52,13 @@ def _no_status(event: dict) -> None:
 status_hook_factory: Callable[[str], Callable[[dict], None]] = lambda task_id: _no_status
 
 
-def _copy_atomic(src: Path, dest: Path) -> None:
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
-
-
 def run_task(task: dict, measurement=None, sink=None) -> dict:
     """Run one task with the converter (resuming its work dir); raises TaskError with one line.
 
     ``measurement`` is the upstream task's result (or the path of an existing measurement.json);
     ``sink`` an event actor (or None).
     """
-    from exl2.calibration import CalibrationError
-    from exl2.convert.api import ConvertError, ConvertOptions, convert
-    from exl2.convert.quantize import QuantizeError
-    from exl2.measure.measure import MeasureError
-    from exl2.measure.measurement import MeasurementError
-    from exl2.quant_kernels.gptq import HessianError
-    from exl2.runtime.arch import ConfigError
-    from exl2.runtime.loader import CheckpointError
+    from exl2.convert.api import ConvertOptions, convert
 
     t = Task(**task)
     work = Path(t.options["work_dir"])
@@ -94,12 +82,11 @@ def run_task(task: dict, measurement=None, sink=None) -> dict:
             result = convert(ConvertOptions(**opts), status=hook)
             if t.kind == "measure":
                 Path(t.output).parent.mkdir(parents=True, exist_ok=True)
-                _copy_atomic(Path(result["measurement"]), Path(t.output))
-    except (ConvertError, CheckpointError, ConfigError, CalibrationError, MeasurementError, MeasureError,
-            HessianError, QuantizeError) as e:
+                copy_atomic(result["measurement"], t.output)
+    except UserError as e:
         raise TaskError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     except OSError as e:
-        raise TaskError(f"{e.filename}: {e.strerror or e}" if e.filename else str(e)) from None
+        raise TaskError(os_error_line(e)) from None
     except Exception as e:   # a bug: one line for the summary, the traceback in the worker's log
         traceback.print_exc()
         raise TaskError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None

@@ -52,10 +52,11 @@ def test_spec_defaults_overrides_and_paths(tmp_path):
     spec = load_spec(f)
     assert spec.output == str(tmp_path / "out")                   # relative to the spec's folder
     q, l8 = spec.models
-    assert (q.name, q.path, q.bpw, q.head_bits, q.rows) == ("Qwen2-7B", str(tmp_path / "models/Qwen2-7B"),
-                                                           [3.0, 4.0], 8, 100)
-    assert q.cal_dataset == str(tmp_path / "cal.parquet")
-    assert (l8.name, l8.path, l8.bpw, l8.rows, l8.head_bits) == ("l8", "/abs/llama", [5.0], 7, 8)
+    settings = ("bpw", "head_bits", "rows")
+    assert (q.name, q.path, *map(q.settings.get, settings)) == ("Qwen2-7B", str(tmp_path / "models/Qwen2-7B"),
+                                                              [3.0, 4.0], 8, 100)
+    assert q.settings["cal_dataset"] == str(tmp_path / "cal.parquet")
+    assert (l8.name, l8.path, *map(l8.settings.get, settings)) == ("l8", "/abs/llama", [5.0], 8, 7)
     assert (spec.resources.num_cpus, spec.resources.num_gpus, spec.resources.max_retries) == (1, 0.5, 3)
     assert q.resources == spec.resources
 
@@ -67,7 +68,7 @@ def test_tables_norm_and_asym_reach_every_task():
     assert got == {("a", "measure", "extended", 2.0, 0.25), ("a", "quantize", "extended", 2.0, 0.25),
                    ("b", "measure", "exl2", None, None), ("b", "quantize", "exl2", None, None)}
     off = parse_spec({"output": "/o", "model": [{"path": "/m/a", "asym": 0}, {"path": "/m/b", "asym": "auto"}]})
-    assert [m.asym for m in off.models] == [0.0, None]          # None: the converter's auto rule
+    assert [m.settings["asym"] for m in off.models] == [0.0, None]          # None: the converter's auto rule
 
 
 def test_per_model_resources():
@@ -113,13 +114,13 @@ def test_plan_is_a_graph_of_measure_then_targets(tmp_path):
     ({"output": "o", "model": [{"path": "a", "bpww": [4.0]}]}, "[[model]] 'a': unknown key 'bpww'"),
     ({"output": "o", "model": [{"path": "a", "bpw": "4,5"}]}, "[[model]] 'a': bpw = '4,5': must be a non-empty list"),
     ({"output": "o", "model": [{"path": "a", "bpw": []}]}, "[[model]] 'a': bpw = []: must be a non-empty list"),
-    ({"output": "o", "model": [{"path": "a", "bpw": [4.0, 12]}]}, "[[model]] 'a': bpw 12: outside"),
+    ({"output": "o", "model": [{"path": "a", "bpw": [4.0, 12]}]}, "[[model]] 'a': bpw = [4.0, 12]: 12 is outside"),
     ({"output": "o", "model": [{"path": "a", "bpw": [4, 4.0]}]}, "[[model]] 'a': bpw = [4, 4.0]: lists a target twice"),
     ({"output": "o", "defaults": {"bpw": [True]}, "model": [{"path": "a"}]}, "[defaults]: bpw = [True]"),
-    ({"output": "o", "defaults": {"rows": 0}, "model": [{"path": "a"}]}, "[defaults]: rows = 0: must be positive"),
+    ({"output": "o", "defaults": {"rows": 0}, "model": [{"path": "a"}]}, "[defaults]: rows = 0: must be at least 1"),
     ({"output": "o", "defaults": {"head_bits": 7}, "model": [{"path": "a"}]}, "head_bits = 7: must be one of"),
-    ({"output": "o", "defaults": {"tables": "big"}, "model": [{"path": "a"}]}, "tables = 'big': must be one of 'exl2'"),
-    ({"output": "o", "model": [{"path": "a", "norm": 9}]}, "[[model]] 'a': norm = 9: must be a number between 1 and 4"),
+    ({"output": "o", "defaults": {"tables": "big"}, "model": [{"path": "a"}]}, "tables = 'big': must be one of exl2, extended"),
+    ({"output": "o", "model": [{"path": "a", "norm": 9}]}, "[[model]] 'a': norm = 9: must be between 1 and 4"),
     ({"output": "o", "model": [{"path": "a", "asym": 2}]}, "[[model]] 'a': asym = 2: must be \"auto\" or a number between 0 (off) and 1"),
     ({"output": "o", "model": [{"path": "a", "asym": "full"}]}, "asym = 'full': must be \"auto\" or a number"),
     ({"output": "o", "model": [{"path": "x/a"}, {"path": "y/a"}]}, "[[model]] 'a': name used twice"),
@@ -184,29 +185,29 @@ def test_complete_outputs_are_skipped_without_ray(tmp_path, monkeypatch):
 def test_complete_output_made_with_other_parameters_fails(tmp_path):
     spec = parse_spec({"output": str(tmp_path), "defaults": {"bpw": [4.0]}, "model": [{"path": "/m/a"}]})
     _fake_outputs(plan(spec))
-    spec.models[0].head_bits = 8
+    spec.models[0].settings["head_bits"] = 8
     s = run_batch(spec)
     assert (s["skipped"], s["failed"]) == (1, 1)
     err = by_task(s)["a/4bpw"]["error"]
     assert err == (f"{tmp_path / 'a' / '4bpw'} exists with head_bits = 6 but the spec asks for 8; delete it and "
                    f"{tmp_path / 'a' / '.work' / 'bpw-4.00'} to convert it again")
     # back to what the output was made with: skipped
-    spec.models[0].head_bits = 6
+    spec.models[0].settings["head_bits"] = 6
     assert by_task(run_batch(spec))["a/4bpw"]["state"] == "skipped"
-    spec.models[0].norm = 2.0
+    spec.models[0].settings["norm"] = 2.0
     err = by_task(run_batch(spec))["a/4bpw"]["error"]
     assert err.startswith(f"{tmp_path / 'a' / '4bpw'} exists with norm = None but the spec asks for 2.0;")
-    spec.models[0].norm = None
-    spec.models[0].asym = 0.25
+    spec.models[0].settings["norm"] = None
+    spec.models[0].settings["asym"] = 0.25
     err = by_task(run_batch(spec))["a/4bpw"]["error"]
     assert err.startswith(f"{tmp_path / 'a' / '4bpw'} exists with asym = 1.0 but the spec asks for 0.25;")
     # an output without our keys (written before --tables/--norm/--asym) counts as ExLlamaV2's tables and norms
     # and asym 0: the default asym (auto, 1.0 at 100 x 2048) differs, asym = 0 matches
     _fake_outputs(plan(spec), exl2_keys=False)
-    spec.models[0].asym = None
+    spec.models[0].settings["asym"] = None
     err = by_task(run_batch(spec))["a/4bpw"]["error"]
     assert err.startswith(f"{tmp_path / 'a' / '4bpw'} exists with asym = 0.0 but the spec asks for 1.0;")
-    spec.models[0].asym = 0.0
+    spec.models[0].settings["asym"] = 0.0
     assert by_task(run_batch(spec))["a/4bpw"]["state"] == "skipped"
 
 

@@ -15,7 +15,9 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from exl2.convert.api import ConvertOptions, auto_asym, convert, decoder_numel
+from exl2.convert.accounting import decoder_numel
+from exl2.convert.api import ConvertOptions, convert
+from exl2.convert.options import auto_asym
 from exl2.convert.cli import convert_main
 from exl2.measure.measurement import entry_options
 from exl2.layers.checkpoint import checkpoint_progress
@@ -263,14 +265,14 @@ def test_auto_asym_follows_the_quantization_tokens():
     assert auto_asym(100, 2048) == auto_asym(100, 512) == 1.0         # the default 204,800 tokens; 51,200
     assert auto_asym(16, 512) == auto_asym(48, 1024) == 0.25           # the demo preset's 8,192; 49,152
     code, out = run_cli("-i", "x", "-o", "y", "--asym", "2")
-    assert code == 2 and "'2' is not between 0 (off) and 1" in out
+    assert code == 2 and "--asym': '2': must be \"auto\" or a number between 0 (off) and 1" in out
     code, out = run_cli("-i", "x", "-o", "y", "--asym", "full")
     assert code == 2 and "'full' is neither 'auto' nor a number" in out
 
 
 @pytest.mark.parametrize("opts, message", [({"tables": "big"}, "--tables big: must be one of exl2, extended"),
                                            ({"norm": 0.5}, "--norm 0.5: must be between 1 and 4"),
-                                           ({"asym": 1.5}, r"--asym 1.5: must be between 0 \(off\) and 1")])
+                                           ({"asym": 1.5}, r"--asym 1.5: must be \"auto\" or a number between 0 \(off\) and 1")])
 def test_bad_tables_or_norm(qwen_tied, tmp_path, opts, message):
     with pytest.raises(Exception, match=message):
         convert(ConvertOptions(in_dir=str(qwen_tied), work_dir=str(tmp_path / "w"), **opts, **SMALL))
@@ -460,7 +462,7 @@ def test_measure_only_writes_measurement_file(qwen_tied, tmp_path):
 
 
 def test_checkpoint_hash_reused_only_while_files_unchanged(tmp_path):
-    from exl2.convert.api import checkpoint_sha256, checkpoint_stat
+    from exl2.convert.jobstate import checkpoint_sha256, checkpoint_stat
 
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.safetensors").write_bytes(b"abc")
