@@ -38,6 +38,8 @@ import time
 
 import torch
 
+from .qparams import VALID_BITS
+
 try:
     import fcntl
 except ImportError:          # not POSIX: no inter-process lock, torch's alone
@@ -46,8 +48,8 @@ except ImportError:          # not POSIX: no inter-process lock, torch's alone
 log = logging.getLogger("exl2.quant_kernels.ext")
 
 CSRC = pathlib.Path(__file__).resolve().parent / "csrc"
-CPU_SOURCES = ["bind.cpp", "cpu/layer_cpu.cpp", "cpu/gptq_cpu.cpp", "cpu/kv_cpu.cpp"] + [f"cpu/bits_{b}.cpp" for b in (2, 3, 4, 5, 6, 8)]
-CUDA_SOURCES = ["bind_cuda.cpp", "cuda/gptq.cu", "cuda/kv.cu"] + [f"cuda/bits_{b}.cu" for b in (2, 3, 4, 5, 6, 8)]
+CPU_SOURCES = ["bind.cpp", "cpu/layer_cpu.cpp", "cpu/gptq_cpu.cpp", "cpu/kv_cpu.cpp"] + [f"cpu/bits_{b}.cpp" for b in VALID_BITS]
+CUDA_SOURCES = ["bind_cuda.cpp", "cuda/gptq.cu", "cuda/kv.cu"] + [f"cuda/bits_{b}.cu" for b in VALID_BITS]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
 CUDA_FLAGS = ["-O3", "-std=c++17"]
 
