@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from exl2.convert import api
+from exl2.convert import accounting
 from exl2.convert.quantize import quantize_module, run_quantization
 from exl2.layers.stream import MODULES, collect, embed_rows, linears, run_module
 from exl2.quant_kernels.gptq import GPTQOptions
@@ -24,7 +24,7 @@ def tiny(tiny_qwen_rows):
 
 
 def uniform_strategy(model_dir, qp: QParams) -> dict:
-    return api.uniform_strategy(load_config(model_dir), qp)[0]
+    return accounting.uniform_strategy(load_config(model_dir), qp)[0]
 
 
 def layer_tensors(work: Path, name: str) -> dict:
