@@ -2,7 +2,7 @@
 
 The embedded default mix lives in ``data/`` (sources, licences and hashes in ``data/MANIFEST.json``,
 regenerated from the repository by ``python -m fixtures.build_calibration``); :mod:`exl2.calibration.rows`
-turns it, or a user's parquet, jsonl or text file (read by :mod:`exl2.runtime.textrows`), into int64 token
+turns it, or a user's parquet, jsonl or text file (read by :mod:`exl2.calibration.textrows`), into int64 token
 rows with their provenance.
 """
 

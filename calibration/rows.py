@@ -31,7 +31,7 @@ and rows are consecutive token windows of that stream, so text rows do not depen
 drives only the random and shuffled rows. Documents are tokenized one by one without special tokens and
 joined by the tokens of ``"\\n\\n"``.
 
-User files (:func:`user_rows`): parquet, jsonl or plain text, read by :func:`exl2.runtime.textrows.file_rows`
+User files (:func:`user_rows`): parquet, jsonl or plain text, read by :func:`exl2.calibration.textrows.file_rows`
 (``exl2-eval --data`` reads them with it too); the first ``rows x length`` tokens are the rows, as in
 ExLlamaV2. The seed is recorded but user rows contain nothing random.
 """
@@ -48,7 +48,7 @@ from functools import lru_cache
 
 import torch
 
-from exl2.runtime.textrows import (TextHash, TextRowsError, check_bos, check_ids, check_sizes, file_rows,
+from exl2.calibration.textrows import (TextHash, TextRowsError, check_bos, check_ids, check_sizes, file_rows,
                                    load_tokenizer, separator, sha256_file, stream_tokens, tokens_sha256,
                                    vocab_size_of)
 
@@ -69,7 +69,7 @@ SHUFFLE_POOL = 65536  # at least this many multilingual tokens (or all of them) 
 
 
 # Bad calibration input, naming the file (or argument) and the problem.  One class with the text readers'
-# error: a bad user file raises it from exl2.runtime.textrows, and callers catch CalibrationError as before.
+# error: a bad user file raises it from exl2.calibration.textrows, and callers catch CalibrationError as before.
 CalibrationError = TextRowsError
 
 
@@ -280,7 +280,7 @@ def _manifest_sha256() -> str:
 
 def user_rows(path, tokenizer_json_path, rows: int, length: int, seed: int = 0, text_column: str | None = None,
               *, bos_id: int | None = None, vocab_size: int | None = None) -> CalibrationRows:
-    """Rows from a parquet, JSON-lines or plain text file (:func:`exl2.runtime.textrows.file_rows`, which says
+    """Rows from a parquet, JSON-lines or plain text file (:func:`exl2.calibration.textrows.file_rows`, which says
     how each is read), with their provenance.  Raises :class:`CalibrationError` naming the file for every bad
     input, including too few tokens.
     """

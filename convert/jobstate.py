@@ -15,7 +15,7 @@ import re
 import shutil
 from pathlib import Path
 
-from exl2.calibration.rows import sha256_file
+from exl2.calibration.textrows import sha256_file
 from exl2.core.errors import UserError
 from exl2.core.files import write_json_atomic
 from exl2.core.version import VERSION

@@ -215,7 +215,7 @@ def run_eval(a: EvalArgs) -> list[dict]:
     from .loader import CheckpointError
     from .stream import fmt_bytes, peak_memory
     from .stream import plan as stream_plan
-    from .textrows import TextRowsError
+    from exl2.calibration.textrows import TextRowsError
 
     parts = _parts(a.model_dir, a.device, exl2=a.exl2)
     cfg = parts.cfg

@@ -272,7 +272,7 @@ def load_data_rows(model_dir, data, rows: int, length: int, *, bos: bool | None 
     from pathlib import Path
 
     from .loader import load_config
-    from .textrows import file_rows
+    from exl2.calibration.textrows import file_rows
 
     cfg = load_config(model_dir)
     r = file_rows(data, Path(model_dir) / "tokenizer.json", rows, length, text_column=text_column,

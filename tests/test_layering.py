@@ -18,14 +18,12 @@ def test_import_contracts_hold():
 
 
 def test_runtime_cli_loads_no_later_stage():
-    """exl2-eval and exl2-generate start without importing calibration, the layer loop, measurement or the
-    converter (the one lazy import the stage contract allows, runtime/kv_calib.py's default mix, runs only when
-    a model without exl2_kv.json runs with an x cache mode)."""
-    code = ("import sys, exl2.runtime.cli, exl2.runtime.evaluate, exl2.runtime.textrows; "
+    """exl2-eval and exl2-generate start without importing the layer loop, measurement or the converter."""
+    code = ("import sys, exl2.runtime.cli, exl2.runtime.evaluate, exl2.calibration.textrows; "
             "print(' '.join(sorted(m for m in sys.modules if m.startswith('exl2.'))))")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     loaded = r.stdout.split()
     assert "exl2.runtime.cli" in loaded
-    later = [m for m in loaded if m.split(".")[1] in ("calibration", "layers", "measure", "convert")]
+    later = [m for m in loaded if m.split(".")[1] in ("layers", "measure", "convert")]
     assert not later, later

@@ -1,7 +1,7 @@
 """A user's text file to token rows: parquet, JSON lines or plain text, read with a model's tokenizer.json.
 
-``exl2-eval --data`` scores a model on these rows, and the converter calibrates on them (``-c``), so the
-readers live here, below both: the runtime needs nothing from the calibration package to read a file.
+``exl2-eval --data`` scores a model on these rows, and the converter calibrates on them (``-c``): the
+calibration package sits below the runtime (it needs only a tokenizer.json), so both use these readers.
 The tokenizing pieces the embedded default calibration mix shares with them (tokenizer loading, the document
 stream, the text hash, the id checks) live here too.
 
