@@ -35,7 +35,8 @@ bench-peers: install
 	-bash bench/peers/setup_llmcompressor.sh
 	-bash bench/peers/setup_llamacpp.sh
 
-# Regenerate BENCHMARKS.md (and bench/plots/) on this machine: every section with the command that made it.
+# Regenerate BENCHMARKS.md (and bench/plots/) on this machine: every section with the command that made it,
+# then the summary at its top (bench/summary.py, built from those sections).
 # Hours on a 2-core CPU, mostly the quality sweep (two fixture variants x 8 bpw + baselines + peers).
 bench: install bench-peers demo
 	$(PIP) install -q -e '.[test,cluster,plot,bench]'
@@ -49,6 +50,7 @@ bench: install bench-peers demo
 	$(PYTHON) bench/quality.py --write
 	$(PYTHON) bench/levers.py --write
 	$(PYTHON) bench/bench_cache.py --write
+	$(PYTHON) bench/summary.py --write
 
 # The GPU check (issue #23; README "Checking the GPU path"): build the CUDA extension, run the cuda tests, time the
 # GEMV and one Qwen2-7B layer's conversion, compare `exl2-convert --device cuda` with the CPU conversion and the real

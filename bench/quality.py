@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.peers import load_cal_ids, make_cal_dir, write_checkpoint  # noqa: E402
 from bench.report import header, write_section  # noqa: E402
-from exl2.convert.api import projection_shapes, uniform_strategy  # noqa: E402
+from exl2.convert.accounting import projection_shapes, uniform_strategy  # noqa: E402
 
 DEFAULT_BPW = (4.0, 3.0, 2.5, 5.0, 6.0, 8.0, 3.5, 4.5)   # run in this order: the headline points first
 TEXTS = {"prose": "fixtures/data/persuasion.txt", "code": "fixtures/data/stdlib_code.py.txt"}
@@ -138,8 +138,21 @@ def exl2_targets(src: Path, work: Path, bpws, head_bits: int, mrows: int, mlen: 
             timing.write_text(json.dumps({"quant_wall_s": None if resumed else time.time() - t0}))
         out.append({"tool": "exl2", "scheme": f"EXL2 {b:g} bpw" + ("" if head_bits == 6 else f" (head {head_bits})"),
                     "bpw": res["bpw"], "head": f"{head_bits}-bit", "dir": res["output"], "target": b,
-                    "quant_wall_s": json.loads(timing.read_text())["quant_wall_s"], "measure_wall_s": measured})
+                    "quant_wall_s": json.loads(timing.read_text())["quant_wall_s"], "measure_wall_s": measured,
+                    "settings": converter_settings(Path(res["output"]), mrows, mlen)})
     return out
+
+
+def converter_settings(model_dir: Path, mrows: int, mlen: int) -> str:
+    """What the converter made an EXL2 row with, from the written model's ``quantization_config`` (the effective
+    --asym alpha, option tables, norm, quantization rows) and the measurement rows: one ``key=value`` string,
+    which the section prints and bench/summary.py reads back."""
+    qc = json.loads((model_dir / "config.json").read_text()).get("quantization_config", {})
+    ex, cal = qc.get("exl2", {}), qc.get("calibration", {})
+    norm = ex.get("norm")
+    return (f"asym={ex.get('asym', 0.0):g} tables={ex.get('tables', 'exl2')} "
+            f"norm={'sweep' if norm is None else f'{norm:g}'} rows={cal.get('rows')}x{cal.get('length')} "
+            f"measurement={mrows}x{mlen}")
 
 
 def peer_models(src: Path, work: Path, cal_dir: Path, enabled: bool, table: dict) -> tuple[list[dict], list[str]]:
@@ -420,6 +433,10 @@ def report(results: dict, args, elapsed: float) -> str:
         lines += [f"### SmolLM2-135M {r['label']}", "",
                   f"FP16 perplexity: prose {r['fp16_ppl']['prose']:.3f}, code {r['fp16_ppl']['code']:.3f}.", ""]
         lines += fmt_table(r["models"], r["scores"])
+        settings = sorted({m["settings"] for m in r["models"] if m.get("settings")})
+        if settings:       # bench/summary.py reads these lines back: keep the prefix and the backquotes
+            lines += [""] + [f"EXL2 settings ({', '.join(m['scheme'] for m in r['models'] if m.get('settings') == s)}, "
+                             f"from quantization_config): `{s}`" for s in settings]
         if r["notes"]:
             lines += [""] + [f"- {n}" for n in r["notes"]]
         if r["cache"]:
@@ -447,8 +464,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mrows", type=int, default=8, help="EXL2 measurement rows")
     ap.add_argument("--mlen", type=int, default=512)
     ap.add_argument("--asym", type=lambda v: None if v == "auto" else float(v), default=None,
-                    help="the EXL2 rows' --asym (default auto, the converter's; the sweep in BENCHMARKS.md was made "
-                         "with 0, and a work folder made with one value refuses another)")
+                    help="the EXL2 rows' --asym (default auto, the converter's; each section records what its rows "
+                         "were made with, and a work folder made with one value refuses another)")
     ap.add_argument("--eval-rows", type=int, default=4)
     ap.add_argument("--eval-length", type=int, default=512)
     ap.add_argument("--cache-rows", type=int, default=2)

@@ -12,13 +12,17 @@ def markers(name: str) -> tuple[str, str]:
     return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
 
-def write_section(name: str, body: str) -> Path:
-    """Replace (or append) the section ``name``; ``body`` is the text between the markers."""
+def write_section(name: str, body: str, first: bool = False) -> Path:
+    """Replace the section ``name``, or add it: at the end, or with ``first`` right under the title.
+    ``body`` is the text between the markers."""
     start, end = markers(name)
     section = f"{start}\n{body.strip()}\n{end}"
     text = PATH.read_text() if PATH.exists() else "# Benchmarks\n"
     if start in text and end in text:
         text = text[: text.index(start)] + section + text[text.index(end) + len(end):]
+    elif first:
+        title, _, rest = text.partition("\n")
+        text = f"{title}\n\n{section}\n\n{rest.lstrip(chr(10))}"
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     PATH.write_text(text)
