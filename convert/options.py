@@ -127,6 +127,13 @@ def _one_of(choices) -> Callable[[Any], str | None]:
 
 # ----------------------------------------------------------------------------------------------- the table
 
+# Asymmetric calibration's alpha when --asym is not given or is "auto": the correction is estimated from the
+# quantization rows, so the full correction needs enough of them (docs/decisions/0007-asymmetric-calibration.md).
+ASYM_AUTO_TOKENS = 50_000
+ASYM_FULL, ASYM_FEW_TOKENS = 1.0, 0.25
+
+
+
 @dataclass(frozen=True)
 class Option:
     name: str                          # the ConvertOptions field
@@ -200,7 +207,8 @@ OPTIONS: tuple[Option, ...] = (
            from_spec=_int_spec, invalidates="measure quant"),
     # --- the method
     Option("tables", "exl2", "Options to measure: ExLlamaV2's tables, or those plus our candidates with 8-bit "
-           "leading rows (docs/options.md). Ignored with -m.", flags=("--tables",), choices=tuple(TABLES),
+           "leading rows (docs/options.md; why: docs/decisions/0006-extended-option-tables-and-norm.md). "
+           "Ignored with -m.", flags=("--tables",), choices=tuple(TABLES),
            from_spec=str, check=_one_of(tuple(TABLES)), invalidates="measure", legacy="exl2",
            recorded_as="exl2.tables"),
     Option("norm", None, "Allocate by minimising the sum of module errors to this power (2: squared errors). "
@@ -210,8 +218,9 @@ OPTIONS: tuple[Option, ...] = (
            recorded_as="exl2.norm"),
     Option("asym", None, "Asymmetric calibration: GPTQ toward the full-precision model's output instead of the "
            "output of the layer's own, already perturbed inputs, the correction scaled by ALPHA (0: off, GPTQ as "
-           "ExLlamaV2 runs it). auto: 1 with enough quantization tokens (-r x -l; the defaults qualify), else "
-           "0.25; why: docs/decisions. Costs one more copy of the calibration states and extra forward passes.",
+           f"ExLlamaV2 runs it). auto: 1 with at least {ASYM_AUTO_TOKENS:,} quantization tokens (-r x -l), else "
+           f"{ASYM_FEW_TOKENS:g} (why: docs/decisions/0007-asymmetric-calibration.md). Costs one more copy of the "
+           "calibration states and extra forward passes.",
            flags=("--asym",), metavar="ALPHA|auto", show_default="auto", from_text=_asym_text,
            from_spec=_asym_spec, check=_check_asym, invalidates="quant", legacy=0.0, recorded_as="exl2.asym"),
     # --- output and running
@@ -251,12 +260,6 @@ def flag_of(name: str) -> str:
     if name == "checkpoint_sha256":
         return "-i (the checkpoint's content changed)"
     return BY_NAME[name].short
-
-
-# Asymmetric calibration's alpha when --asym is not given or is "auto": the correction is estimated from the
-# quantization rows, so the full correction needs enough of them (docs/decisions).
-ASYM_AUTO_TOKENS = 50_000
-ASYM_FULL, ASYM_FEW_TOKENS = 1.0, 0.25
 
 
 def auto_asym(rows: int, length: int) -> float:
