@@ -133,7 +133,6 @@ ASYM_AUTO_TOKENS = 50_000
 ASYM_FULL, ASYM_FEW_TOKENS = 1.0, 0.25
 
 
-
 @dataclass(frozen=True)
 class Option:
     name: str                          # the ConvertOptions field
