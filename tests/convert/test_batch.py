@@ -2,7 +2,7 @@
 
 The Ray tests share one local instance (2 CPUs) and one first batch: two tiny models x two bpw plus a
 model folder without config.json, with the worker of one quantization task killed (SIGKILL) after its
-first layer. Ray is optional: without it the Ray tests are skipped, the rest still run.
+first layer. Ray is in the `cluster` extra that `make install` installs; without it these tests fail.
 """
 from __future__ import annotations
 
