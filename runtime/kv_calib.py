@@ -19,7 +19,6 @@ default calibration mix (the model directory's tokenizer); else, without a token
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -246,7 +245,6 @@ def calibrate(model: Model, stat_rows: torch.Tensor, sens_rows: torch.Tensor | N
               progress: Progress | None = None) -> KVProfile:
     """A model's KV profile from token rows (BOS prepended as exl2-eval does for architectures that need it).
     ``sens_rows`` None: statistics only (the modes then use the same width everywhere)."""
-    t0 = time.time()
     sink = X_MODES["q4x"].sink
     stat_rows = _bos_rows(model, stat_rows)
     cfg = model.cfg
@@ -257,8 +255,7 @@ def calibrate(model: Model, stat_rows: torch.Tensor, sens_rows: torch.Tensor | N
         sens_rows = _bos_rows(model, sens_rows)
         prof.sensitivity = measure_sensitivity(model, sens_rows, prof, progress=progress)
         src.update(sens_rows=int(sens_rows.shape[0]), sens_length=int(sens_rows.shape[1]), sens_mode="q4x")
-    src["seconds"] = round(time.time() - t0, 1)
-    prof.source = src
+    prof.source = src          # no wall-clock time: a model folder is the same bytes on every run
     prof.check(cfg)
     return prof
 
