@@ -25,6 +25,9 @@ class Arch:
     default_rope_theta: float
     default_eps: float
     requires_bos: bool  # ExLlamaV2's `requires_bos` (perplexity rows get a BOS prepended)
+    qk_norm: bool = False  # an RMSNorm over each query and key head (head_dim wide, one weight shared by the
+    #                        heads) between the projection and RoPE; ExLlamaV2's `use_qk_norm`
+    default_head_dim: int | None = None  # head_dim when config.json has none (None: hidden_size / heads)
 
 
 ARCHITECTURES: dict[str, Arch] = {
@@ -37,6 +40,11 @@ ARCHITECTURES: dict[str, Arch] = {
              default_rope_theta=10000.0, default_eps=1e-6, requires_bos=True),
         Arch("MistralForCausalLM", qkv_bias=False, o_bias=False, mlp_bias=False, bias_from_config=False,
              default_rope_theta=10000.0, default_eps=1e-6, requires_bos=True),
+        # q/k norms; no bias (transformers reads `attention_bias`, but ExLlamaV2's Qwen3 entry takes none, so
+        # a checkpoint with biases is refused by the loader); head_dim defaults to 128 as in transformers.
+        Arch("Qwen3ForCausalLM", qkv_bias=False, o_bias=False, mlp_bias=False, bias_from_config=False,
+             default_rope_theta=10000.0, default_eps=1e-6, requires_bos=False, qk_norm=True,
+             default_head_dim=128),
     )
 }
 
@@ -49,6 +57,8 @@ TENSOR_NAMES = {
     "k": "model.layers.{i}.self_attn.k_proj",
     "v": "model.layers.{i}.self_attn.v_proj",
     "o": "model.layers.{i}.self_attn.o_proj",
+    "q_norm": "model.layers.{i}.self_attn.q_norm.weight",  # architectures with qk_norm only
+    "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
     "mlp_norm": "model.layers.{i}.post_attention_layernorm.weight",
     "gate": "model.layers.{i}.mlp.gate_proj",
     "up": "model.layers.{i}.mlp.up_proj",
@@ -120,7 +130,7 @@ class ModelConfig:
         arch = get_arch(r.architectures(), where)
         hidden = r.int("hidden_size")
         heads = r.int("num_attention_heads")
-        head_dim = r.int("head_dim", default=None)
+        head_dim = r.int("head_dim", default=arch.default_head_dim)
         if head_dim is None:
             if hidden % heads:
                 raise ConfigError(f"{where}: hidden_size {hidden} is not divisible by num_attention_heads {heads} "

@@ -96,7 +96,9 @@ def collect_stats(model: Model, rows: torch.Tensor, sink: int = 1) -> list[Layer
 
     for i, block in enumerate(model.layers):
         attn = block.self_attn
-        for what, mod in (("q", attn.q_proj), ("k", attn.k_proj), ("v", attn.v_proj)):
+        # the keys and queries the cache sees: after the per-head norms where the architecture has them
+        q_mod, k_mod = (attn.q_proj, attn.k_proj) if attn.q_norm is None else (attn.q_norm, attn.k_norm)
+        for what, mod in (("q", q_mod), ("k", k_mod), ("v", attn.v_proj)):
             hooks.append(mod.register_forward_hook(grab(i, what)))
     try:
         for r in range(rows.shape[0]):
@@ -121,9 +123,7 @@ def _attention_past_from(attn, x: torch.Tensor, cos, sin, fk=None, fv=None, rece
     positions before it rounded to fp16 (the x modes' ring)."""
     B, T, _ = x.shape
     H, Hkv, D = attn.n_heads, attn.n_kv, attn.head_dim
-    q = attn.q_proj(x).view(B, T, H, D)
-    k_pre = attn.k_proj(x).view(B, T, Hkv, D)
-    v = attn.v_proj(x).view(B, T, Hkv, D)
+    q, k_pre, v = attn.project(x)  # [B, T, H or Hkv, D], pre-RoPE
     q, k = apply_rope(q, cos, sin), apply_rope(k_pre, cos, sin)
     kp = k if fk is None else fk(k_pre, k)
     vp = v if fv is None else fv(v)

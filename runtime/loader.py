@@ -227,6 +227,9 @@ class ModelParts:
         for i in range(cfg.num_layers):
             out[TENSOR_NAMES["attn_norm"].format(i=i)] = (C,)
             out[TENSOR_NAMES["mlp_norm"].format(i=i)] = (C,)
+            if cfg.arch.qk_norm:
+                for key in ("q_norm", "k_norm"):
+                    out[TENSOR_NAMES[key].format(i=i)] = (cfg.head_dim,)
         for prefix, (k, n, bias) in self.linear_shapes().items():
             if not is_exl2(prefix, self.src):
                 out[f"{prefix}.weight"] = (n, k)
@@ -242,11 +245,12 @@ class ModelParts:
         if not self.has_head() and not self.cfg.tie_word_embeddings:
             raise CheckpointError(f"{src.dir}: tensor {TENSOR_NAMES['head']}.weight not found and "
                                   f"tie_word_embeddings is false")
+        per_head = self.per_head_norm_shapes()
         for key, shape in self.dense_keys().items():
             got, dtype = src.header(key)
             if dtype not in ("F16", "BF16", "F32"):
                 raise CheckpointError(f"{src.file_of(key)}: tensor {key} has dtype {dtype}, expected F16, BF16 or F32")
-            if got != shape:
+            if got != shape and got != per_head.get(key):
                 raise CheckpointError(f"{src.file_of(key)}: tensor {key} has shape {got}, expected {shape} "
                                       f"(from {self.dir / 'config.json'})")
         for prefix, (k, n, bias) in self.linear_shapes().items():
@@ -264,6 +268,16 @@ class ModelParts:
                                       f"(from {self.dir / 'config.json'})")
             if bias and f"{prefix}.bias" not in src:
                 raise CheckpointError(f"{src.dir}: tensor {prefix}.bias is missing but expected by the architecture")
+
+    def per_head_norm_shapes(self) -> dict[str, tuple[int, int]]:
+        """The other shape a q/k norm weight may have: one row per head ([heads, D]), as ExLlamaV2's converter
+        writes it (it stores the weight as its loader holds it, repeated over the heads); ours and the
+        source's are [D]."""
+        cfg = self.cfg
+        if not cfg.arch.qk_norm:
+            return {}
+        return {TENSOR_NAMES[key].format(i=i): (heads, cfg.head_dim) for i in range(cfg.num_layers)
+                for key, heads in (("q_norm", cfg.num_heads), ("k_norm", cfg.num_kv_heads))}
 
     def check_finite(self, progress=None) -> None:
         """Read every tensor the model uses once and fail, naming it, on a NaN or infinity (the converter runs
@@ -285,6 +299,14 @@ class ModelParts:
         C = self.cfg.hidden_size
         return RMSNorm(self.src.get_float(TENSOR_NAMES[key].format(i=i), (C,), self.dtype, self.device),
                        self.cfg.rms_norm_eps)
+
+    def head_norm(self, key: str, i: int) -> RMSNorm:
+        """A per-head q or k norm: weight [D] (shared by the heads) or [heads, D] (see per_head_norm_shapes)."""
+        name = TENSOR_NAMES[key].format(i=i)
+        shape = self.src.shape(name)
+        if shape != self.per_head_norm_shapes().get(name):
+            shape = (self.cfg.head_dim,)
+        return RMSNorm(self.src.get_float(name, shape, self.dtype, self.device), self.cfg.rms_norm_eps)
 
     def embedding(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The embedding table [V, C] in ``dtype`` (default: the compute dtype)."""
@@ -311,8 +333,9 @@ class ModelParts:
                 raise CheckpointError(f"{src.dir}: layer {i}: partially quantized {what} "
                                       f"(EXL2: {[p for p in group if is_exl2(p, src)]})")
         lin = self.linear
+        qk_norms = (self.head_norm("q_norm", i), self.head_norm("k_norm", i)) if cfg.arch.qk_norm else ()
         attn = Attention(cfg, lin("q", i, C, H * D, cfg.qkv_bias), lin("k", i, C, Hkv * D, cfg.qkv_bias),
-                         lin("v", i, C, Hkv * D, cfg.qkv_bias), lin("o", i, H * D, C, cfg.o_bias))
+                         lin("v", i, C, Hkv * D, cfg.qkv_bias), lin("o", i, H * D, C, cfg.o_bias), *qk_norms)
         mlp = MLP(lin("gate", i, C, I, cfg.mlp_bias), lin("up", i, C, I, cfg.mlp_bias),
                   lin("down", i, I, C, cfg.mlp_bias))
         return Block(self.norm("attn_norm", i), attn, self.norm("mlp_norm", i), mlp)

@@ -1,4 +1,4 @@
-"""The one model definition: Llama layout (Qwen2, Llama, Mistral), no quantization code.
+"""The one model definition: Llama layout (Qwen2, Qwen3, Llama, Mistral), no quantization code.
 
 Linear layers are opaque modules (see linear.py); the loader decides what they are. Shapes:
 B batch, T new tokens in this call, P past tokens in the cache, S = P + T keys, C hidden size,
@@ -114,16 +114,28 @@ class Attention(nn.Module):
     # runtime/kv_calib.py (ensure_profile), None otherwise.
     kv_profile = None
 
-    def __init__(self, cfg: ModelConfig, q: nn.Module, k: nn.Module, v: nn.Module, o: nn.Module):
+    def __init__(self, cfg: ModelConfig, q: nn.Module, k: nn.Module, v: nn.Module, o: nn.Module,
+                 q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None):
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q, k, v, o
+        # Per-head norms (architectures whose row has qk_norm): weight [D], or [heads, D] one row per head
+        self.q_norm, self.k_norm = q_norm, k_norm
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
-    def forward(self, x, cos, sin, layer_cache=None, past_len: int = 0):
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries [B, T, H, D], keys and values [B, T, Hkv, D] of x [B, T, C], before RoPE (after the
+        per-head norms where the architecture has them)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, H, D]
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)  # [B, T, Hkv, D]
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)  # [B, T, Hkv, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # RMS over each head's D values
+        return q, k, v
+
+    def forward(self, x, cos, sin, layer_cache=None, past_len: int = 0):
+        B, T, _ = x.shape
+        q, k, v = self.project(x)
         k_pre = k
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if layer_cache is not None:

@@ -78,7 +78,7 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
 
 def build_tiny(kind: str, out_dir, *, tie: bool = False, dtype=torch.float32, max_shard_size=None,
                seed: int = 0, **overrides):
-    """Write a tiny random `kind` ("qwen2", "llama3", "mistral") checkpoint to out_dir; returns out_dir."""
+    """Write a tiny random `kind` ("qwen2", "qwen3", "llama3", "mistral") checkpoint to out_dir; returns out_dir."""
     import transformers as tf
 
     kw = dict(TINY, tie_word_embeddings=tie, **overrides)
@@ -93,6 +93,11 @@ def build_tiny(kind: str, out_dir, *, tie: bool = False, dtype=torch.float32, ma
             rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
             original_max_position_embeddings=64), **kw)
         cls = tf.LlamaForCausalLM
+    elif kind == "qwen3":
+        # head_dim 64 != hidden/heads (32), as in the real Qwen3 models; q/k norms randomised by randomize_
+        kw.setdefault("head_dim", 64)
+        cfg = tf.Qwen3Config(rope_theta=1e6, **kw)
+        cls = tf.Qwen3ForCausalLM
     elif kind == "mistral":
         cfg = tf.MistralConfig(sliding_window=None, **kw)
         cls = tf.MistralForCausalLM

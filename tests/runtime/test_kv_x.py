@@ -148,6 +148,34 @@ def test_cache_agrees_with_the_one_pass_emulation(tiny):
             assert abs(float((ref.exp() * (ref - emu)).sum(-1).mean()) - kl_q) < 1e-3 * kl_q, mode
 
 
+def test_qwen3_profile_and_emulation_see_the_normed_keys(tiny_builder, tmp_path):
+    """Qwen3 normalizes each query and key head before RoPE: the profile's statistics are of the normed keys
+    and queries (the ones the cache stores and reads), and the one-pass emulation applies the norms (exact
+    round trips give the model's own logits; q4x gives the cache's)."""
+    m = load_model(tiny_builder("qwen3", tmp_path / "q3", seed=3))
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, 512, (2, 48), generator=g)
+    stats = kv_calib.collect_stats(m, rows, sink=1)
+    with torch.no_grad():                       # layer 0's keys, computed by hand: norm, project, k_norm
+        x = torch.nn.functional.embedding(rows, m.embed_tokens).float()
+        _, k_pre, _ = m.layers[0].self_attn.project(m.layers[0].input_layernorm(x))
+    k = k_pre[:, 1:].reshape(-1, 2, 64).double()                        # sink dropped; [tokens, Hkv, D]
+    assert torch.allclose(stats[0].k_mean, k.mean(0), atol=1e-6)
+    raw = m.layers[0].self_attn.k_proj(m.layers[0].input_layernorm(x)).view(2, 48, 2, 64)[:, 1:]
+    assert not torch.allclose(stats[0].k_mean, raw.reshape(-1, 2, 64).double().mean(0), atol=1e-2)
+    prof = kv_calib.calibrate(m, rows, None, source="test rows")
+    kv_calib.attach(m, prof)
+    ids = _rows(1, 40, seed=7)
+    exact = lambda i: (None, None)  # noqa: E731
+    with torch.no_grad():
+        full = m(ids)[0]
+        assert float((kv_calib.emulate_logits(m, ids, exact, prof) - full).abs().max()) < 1e-4
+        tbt = _token_by_token(m, ids, KVCache(m.cfg, 40, mode="q4x"))[0]
+        emu = kv_calib.emulate_logits(m, ids, X_MODES["q4x"], prof)
+    assert float((tbt - full).abs().max()) > 1e-3          # the quantizer is on
+    assert float((tbt - emu).abs().max()) < 1e-3
+
+
 def test_emulation_of_the_fp16_cache(tiny):
     """The ablations' reference: emulate_logits with keys and values rounded to fp16 is the FP16 cache."""
     m, prof, _ = tiny

@@ -16,14 +16,27 @@ BASE = dict(architectures=["LlamaForCausalLM"], hidden_size=256, num_attention_h
 
 
 def test_table_rows():
-    assert set(ARCHITECTURES) == {"Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM"}
+    assert set(ARCHITECTURES) == {"Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM"}
     q = ARCHITECTURES["Qwen2ForCausalLM"]
-    assert q.qkv_bias and not q.o_bias and not q.mlp_bias
+    assert q.qkv_bias and not q.o_bias and not q.mlp_bias and not q.qk_norm
+    q3 = ARCHITECTURES["Qwen3ForCausalLM"]
+    assert q3.qk_norm and not (q3.qkv_bias or q3.o_bias or q3.mlp_bias or q3.bias_from_config or q3.requires_bos)
+    assert [a.name for a in ARCHITECTURES.values() if a.qk_norm] == ["Qwen3ForCausalLM"]
+
+
+def test_qwen3_head_dim_from_config_else_128():
+    """transformers' Qwen3Config defaults head_dim to 128, not hidden_size / heads (32 here)."""
+    q3 = {**BASE, "architectures": ["Qwen3ForCausalLM"]}
+    assert ModelConfig.from_dict(q3).head_dim == 128
+    c = ModelConfig.from_dict({**q3, "head_dim": 64, "attention_bias": True})
+    assert (c.head_dim, c.kv_dim) == (64, 128)
+    assert not (c.qkv_bias or c.o_bias)          # attention_bias is not read: ExLlamaV2's Qwen3 takes no bias
+    assert ModelConfig.from_dict(BASE).head_dim == 32   # the other rows: hidden_size / heads
 
 
 def test_unknown_architecture():
     with pytest.raises(UnsupportedArchitectureError, match="supported: LlamaForCausalLM, MistralForCausalLM, "
-                                                           "Qwen2ForCausalLM"):
+                                                           "Qwen2ForCausalLM, Qwen3ForCausalLM$"):
         get_arch(["FalconForCausalLM"])
     with pytest.raises(UnsupportedArchitectureError):
         ModelConfig.from_dict({**BASE, "architectures": None})

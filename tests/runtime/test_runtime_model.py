@@ -7,7 +7,8 @@ from exl2.runtime.model import attention, lower_right_mask
 
 # Logit tolerance vs transformers, float32. Measured max |ours - transformers| over Qwen2 (tied/untied,
 # bf16 source), Llama-3 scaled RoPE (fp16 source) and Mistral, 3 seeds x [2, 200] tokens, logits up to
-# |6|: 7.4e-6 (about 10 fp32 ulps at |6|; summation order differs: fused SDPA vs eager matmul). Bound
+# |6|: 7.4e-6 (about 10 fp32 ulps at |6|; summation order differs: fused SDPA vs eager matmul); Qwen3
+# (q/k norms, head_dim 64 != hidden/heads; tied/untied, bf16 source, 3 seeds): 7.5e-6. Bound
 # = ~7x that, for other BLAS builds / thread counts. Real bugs are orders larger: a dropped bias,
 # wrong RoPE scaling or a wrong mask moves logits by > 1e-2 (negative controls below).
 ATOL = 5e-5
@@ -26,6 +27,9 @@ def _ids(seed, B=2, T=200, vocab=512):
     ("llama3", {}),
     ("llama3", {"dtype": torch.float16}),
     ("mistral", {}),
+    ("qwen3", {}),
+    ("qwen3", {"tie": True}),
+    ("qwen3", {"dtype": torch.bfloat16}),
 ])
 def test_logits_match_transformers(tiny_checkpoint, hf_logits, kind, kw):
     d = tiny_checkpoint(kind, **kw)
@@ -72,7 +76,51 @@ def test_negative_control_bias_matters(tiny_checkpoint, hf_logits):
         assert (m(ids) - ref).abs().max().item() > 1e-2
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama3"])
+@pytest.mark.parametrize("which", ["q_norm", "k_norm"])
+def test_negative_control_qk_norm_matters(tiny_checkpoint, hf_logits, which):
+    """Qwen3's per-head norms are applied: without one of them, logits differ far beyond ATOL."""
+    d = tiny_checkpoint("qwen3")
+    ids = _ids(4)
+    ref = hf_logits(d, ids)
+    m = load_model(d)
+    attn = m.layers[1].self_attn
+    setattr(attn, which, torch.nn.Identity())
+    with torch.no_grad():
+        assert (m(ids) - ref).abs().max().item() > 1e-2
+
+
+def test_qk_norm_one_row_per_head_loads_the_same(tiny_checkpoint):
+    """ExLlamaV2's converter stores a q/k norm weight repeated over the heads ([heads, D]); a checkpoint in
+    that form gives the same logits as the source's [D] form, bit for bit."""
+    from safetensors.torch import load_file, save_file
+
+    d = tiny_checkpoint("qwen3")
+    ids = _ids(5, B=1, T=64)
+    with torch.no_grad():
+        ref = load_model(d)(ids)
+    t = load_file(str(d / "model.safetensors"))
+    for i in range(2):
+        for which, heads in (("q_norm", 4), ("k_norm", 2)):
+            key = f"model.layers.{i}.self_attn.{which}.weight"
+            t[key] = t[key].repeat(heads, 1).contiguous()  # [heads, D]
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+    m = load_model(d)
+    assert tuple(m.layers[0].self_attn.q_norm.weight.shape) == (4, 64)
+    with torch.no_grad():
+        assert torch.equal(m(ids), ref)
+
+
+def test_qwen3_with_attention_bias_is_refused(tiny_checkpoint):
+    """transformers gives a Qwen3 with attention_bias biases on q, k, v and o; ExLlamaV2's Qwen3 entry takes
+    none, so the loader refuses the checkpoint in one line naming a bias tensor."""
+    from exl2.runtime.loader import CheckpointError
+
+    d = tiny_checkpoint("qwen3", attention_bias=True, num_hidden_layers=1)
+    with pytest.raises(CheckpointError, match=r"self_attn\.q_proj\.bias is present but not expected"):
+        load_model(d)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama3", "qwen3"])
 def test_chunked_prefill_equals_full_pass(tiny_checkpoint, kind):
     m = load_model(tiny_checkpoint(kind))
     ids = _ids(3)
