@@ -1,8 +1,8 @@
 """Compile: the output directory ExLlamaV2 loads (docs/format.md sections 9 and 10).
 
-Tensors in model order (embedding; per layer input_layernorm, q, k, v, o, post_attention_layernorm,
-gate, up, down; final norm; lm_head), unquantized ones as fp16 under their HF names, quantized ones
-from ``out_tensor/``.  A shard is cut when the next module would pass the size limit; one file is named
+Tensors in model order (embedding; per layer input_layernorm, q, k, v, o, q_norm and k_norm where the
+architecture has them, post_attention_layernorm, gate, up, down; final norm; lm_head), unquantized ones as
+fp16 under their HF names and shapes, quantized ones from ``out_tensor/``.  A shard is cut when the next module would pass the size limit; one file is named
 ``output.safetensors``, several ``output-00001-of-0000N.safetensors``.  No index file is written (the
 loader globs ``*.safetensors``).
 
@@ -53,8 +53,9 @@ _SHARD = re.compile(r"output(-\d{5}-of-\d{5})?\.safetensors")
 OWN_FILES = frozenset({"config.json", "README.md", ORIGINAL_CARD, "measurement.json", "validation.json", "kld.png",
                        "exl2_kv.json"})
 
-# Fields ExLlamaV2 0.3.2 reads for every architecture but that Llama, Qwen2 and Mistral (as transformers defines
-# them, and as exl2 runs them) do not have: left in config.json they would change what ExLlamaV2 computes.
+# Fields ExLlamaV2 0.3.2 reads for every architecture but that Llama, Qwen2, Qwen3 and Mistral (as transformers
+# defines them, and as exl2 runs them) do not have: left in config.json they would change what ExLlamaV2
+# computes.  (``use_qk_norm`` is then written back for the architectures with q/k norms, see loader_config.)
 FOREIGN_FIELDS = ("logit_scale", "logits_scaling", "scale_emb", "embedding_multiplier", "residual_multiplier",
                   "scale_depth", "attn_logit_softcapping", "final_logit_softcapping", "norm_head",
                   "query_pre_attn_scalar", "attention_multiplier", "use_qk_norm", "partial_rotary_factor",
@@ -65,12 +66,15 @@ class OutputDirError(UserError, ValueError):
     """The output folder cannot be written without losing someone's files; one line says why."""
 
 
-def module_order(n_layers: int) -> list[tuple[str, str]]:
-    """(name, kind) in writing order; kind is "fp16" (from the source) or "exl2" (from out_tensor)."""
+def module_order(n_layers: int, qk_norm: bool = False) -> list[tuple[str, str]]:
+    """(name, kind) in writing order; kind is "fp16" (from the source) or "exl2" (from out_tensor).  The q/k
+    norms (``qk_norm``) follow o_proj, where ExLlamaV2's compile step puts them."""
     out = [(TENSOR_NAMES["embed"], "fp16")]
     for i in range(n_layers):
         out.append((TENSOR_NAMES["attn_norm"].format(i=i), "fp16"))
         out += [(TENSOR_NAMES[k].format(i=i), "exl2") for k in ("q", "k", "v", "o")]
+        if qk_norm:
+            out += [(TENSOR_NAMES[k].format(i=i), "fp16") for k in ("q_norm", "k_norm")]
         out.append((TENSOR_NAMES["mlp_norm"].format(i=i), "fp16"))
         out += [(TENSOR_NAMES[k].format(i=i), "exl2") for k in ("gate", "up", "down")]
     out.append((TENSOR_NAMES["norm"], "fp16"))
@@ -108,8 +112,10 @@ def loader_config(src: dict, cfg: ModelConfig, quantization_config: dict) -> dic
       ``original_max_position_embeddings``.  A ``rope_parameters`` dict is kept for transformers 5, with the
       same values.
     - one name in ``architectures``, an explicit ``rms_norm_eps`` (ExLlamaV2 has no default for these
-      architectures), ``head_dim``, ``num_key_value_heads`` and ``max_position_embeddings`` as integers.
-    - no :data:`FOREIGN_FIELDS` and no ``auto_map`` (its code is not copied).
+      architectures), ``head_dim`` (ExLlamaV2's default is hidden / heads, transformers' for Qwen3 is 128),
+      ``num_key_value_heads`` and ``max_position_embeddings`` as integers.
+    - no :data:`FOREIGN_FIELDS` and no ``auto_map`` (its code is not copied); ``use_qk_norm: true`` for an
+      architecture with q/k norms (ExLlamaV2's default for Qwen3 too, stated rather than left to it).
     """
     out = {k: v for k, v in src.items() if k not in FOREIGN_FIELDS and k not in ("auto_map", "rope_scaling")}
     out["architectures"] = [cfg.arch.name]
@@ -122,7 +128,9 @@ def loader_config(src: dict, cfg: ModelConfig, quantization_config: dict) -> dic
         out["rope_scaling"] = dict(cfg.rope_scaling)
     if "rope_parameters" in src:
         out["rope_parameters"] = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta}
-    if cfg.arch.bias_from_config and ("attention_bias" in src or cfg.o_bias):
+    if cfg.arch.qk_norm:
+        out["use_qk_norm"] = True
+    if "attention_bias" in cfg.arch.bias_from_config and ("attention_bias" in src or cfg.o_bias):
         out["attention_bias"] = cfg.o_bias
     if "mlp_bias" in src or cfg.mlp_bias:
         out["mlp_bias"] = cfg.mlp_bias
@@ -295,7 +303,7 @@ def _write_into(tmp: Path, parts: ModelParts, model_dir: Path, out_tensor: Path,
     # Cut shards by size before writing, so each shard's name can carry the count.
     shards: list[list[tuple[str, str]]] = [[]]
     size = 0
-    for name, kind in module_order(parts.cfg.num_layers):
+    for name, kind in module_order(parts.cfg.num_layers, parts.cfg.arch.qk_norm):
         n = module_bytes(name, kind) if limit else 0
         if limit and shards[-1] and size + n > limit:
             shards.append([])

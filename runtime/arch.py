@@ -21,7 +21,9 @@ class Arch:
     qkv_bias: bool  # q/k/v projections carry a bias
     o_bias: bool  # o_proj carries a bias
     mlp_bias: bool  # gate/up/down carry a bias
-    bias_from_config: bool  # Llama: `attention_bias` / `mlp_bias` in config.json override the row
+    # config.json fields that override the bias columns: "attention_bias" (q, k, v and o together) and
+    # "mlp_bias" (gate, up, down), each only where transformers reads it for this architecture
+    bias_from_config: tuple[str, ...]
     default_rope_theta: float
     default_eps: float
     requires_bos: bool  # ExLlamaV2's `requires_bos` (perplexity rows get a BOS prepended)
@@ -34,16 +36,18 @@ ARCHITECTURES: dict[str, Arch] = {
     a.name: a
     for a in (
         # docs/runtime.md section 1: q/k/v bias, no o bias; sliding_window read but full causal attention.
-        Arch("Qwen2ForCausalLM", qkv_bias=True, o_bias=False, mlp_bias=False, bias_from_config=False,
+        Arch("Qwen2ForCausalLM", qkv_bias=True, o_bias=False, mlp_bias=False, bias_from_config=(),
              default_rope_theta=10000.0, default_eps=1e-6, requires_bos=False),
-        Arch("LlamaForCausalLM", qkv_bias=False, o_bias=False, mlp_bias=False, bias_from_config=True,
+        Arch("LlamaForCausalLM", qkv_bias=False, o_bias=False, mlp_bias=False,
+             bias_from_config=("attention_bias", "mlp_bias"),
              default_rope_theta=10000.0, default_eps=1e-6, requires_bos=True),
-        Arch("MistralForCausalLM", qkv_bias=False, o_bias=False, mlp_bias=False, bias_from_config=False,
+        Arch("MistralForCausalLM", qkv_bias=False, o_bias=False, mlp_bias=False, bias_from_config=(),
              default_rope_theta=10000.0, default_eps=1e-6, requires_bos=True),
-        # q/k norms; no bias (transformers reads `attention_bias`, but ExLlamaV2's Qwen3 entry takes none, so
-        # a checkpoint with biases is refused by the loader); head_dim defaults to 128 as in transformers.
-        Arch("Qwen3ForCausalLM", qkv_bias=False, o_bias=False, mlp_bias=False, bias_from_config=False,
-             default_rope_theta=10000.0, default_eps=1e-6, requires_bos=False, qk_norm=True,
+        # q/k norms; `attention_bias` (default false) puts a bias on q, k, v and o, in transformers and in
+        # ExLlamaV2 (which reads it for every architecture whose entry has no bias); the MLP never has one;
+        # head_dim defaults to 128 as in transformers.
+        Arch("Qwen3ForCausalLM", qkv_bias=False, o_bias=False, mlp_bias=False,
+             bias_from_config=("attention_bias",), default_rope_theta=10000.0, default_eps=1e-6, requires_bos=False, qk_norm=True,
              default_head_dim=128),
     )
 }
@@ -144,8 +148,9 @@ class ModelConfig:
         max_pos = r.int("max_position_embeddings", default=2048, maximum=MAX_TOKEN_ID)
         theta, scaling = _parse_rope(r, arch, max_pos)
         qkv_bias, o_bias, mlp_bias = arch.qkv_bias, arch.o_bias, arch.mlp_bias
-        if arch.bias_from_config:  # Llama's attention_bias puts a bias on q, k, v and o (transformers)
+        if "attention_bias" in arch.bias_from_config:  # a bias on q, k, v and o (transformers)
             qkv_bias = o_bias = r.bool("attention_bias", default=qkv_bias)
+        if "mlp_bias" in arch.bias_from_config:
             mlp_bias = r.bool("mlp_bias", default=mlp_bias)
         vocab = r.int("vocab_size")
         bos = r.int("bos_token_id", default=None, minimum=0)

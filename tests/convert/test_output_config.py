@@ -21,6 +21,7 @@ from click.testing import CliRunner
 # (builder kind, extra config) -> one checkpoint per supported architecture and RoPE flavour
 CASES = {
     "qwen2": ("qwen2", {}),                                              # theta 1e6
+    "qwen3": ("qwen3", {}),                                              # theta 1e6, head_dim 64 != hidden/heads
     "llama3-scaled": ("llama3", {}),                                     # llama3 scaling, theta 5e5
     "llama-linear": ("llama3", {"rope_scaling": {"type": "linear", "factor": 2.0}, "rope_theta": 250000.0}),
     "mistral": ("mistral", {"rope_theta": 100000.0}),
@@ -130,3 +131,19 @@ def test_fields_exllamav2_would_refuse_or_misread(exllamav2, tmp_path):
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert "auto_map" not in written and "pad_token_id" not in written
     assert not set(FOREIGN_FIELDS) & set(written)
+
+
+def test_qwen3_head_dim_and_qk_norm_as_exllamav2_reads_them(exllamav2, tmp_path):
+    """A Qwen3 config.json without head_dim: transformers takes 128, ExLlamaV2 hidden / heads (64 here); the
+    written config states 128 and use_qk_norm, and restates attention_bias."""
+    src = dict(architectures=["Qwen3ForCausalLM"], hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=256, num_hidden_layers=1, vocab_size=512, rms_norm_eps=1e-6, attention_bias=True,
+               use_qk_norm=False)
+    for d, name in ((src, "src"), (loader_config(src, ModelConfig.from_dict(src), {"quant_method": "exl2"}), "out")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(d))
+    before = _exllamav2_reads(exllamav2, tmp_path / "src")
+    assert before.head_dim == 64 and not before.use_qk_norm
+    cfg = _exllamav2_reads(exllamav2, tmp_path / "out")
+    assert cfg.head_dim == 128 and cfg.use_qk_norm
+    assert cfg.arch.lm.attention_bias_qkv and cfg.arch.lm.attention_bias_o and not cfg.arch.lm.mlp_bias

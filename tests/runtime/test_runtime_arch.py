@@ -20,7 +20,8 @@ def test_table_rows():
     q = ARCHITECTURES["Qwen2ForCausalLM"]
     assert q.qkv_bias and not q.o_bias and not q.mlp_bias and not q.qk_norm
     q3 = ARCHITECTURES["Qwen3ForCausalLM"]
-    assert q3.qk_norm and not (q3.qkv_bias or q3.o_bias or q3.mlp_bias or q3.bias_from_config or q3.requires_bos)
+    assert q3.qk_norm and not (q3.qkv_bias or q3.o_bias or q3.mlp_bias or q3.requires_bos)
+    assert q3.bias_from_config == ("attention_bias",)
     assert [a.name for a in ARCHITECTURES.values() if a.qk_norm] == ["Qwen3ForCausalLM"]
 
 
@@ -28,10 +29,17 @@ def test_qwen3_head_dim_from_config_else_128():
     """transformers' Qwen3Config defaults head_dim to 128, not hidden_size / heads (32 here)."""
     q3 = {**BASE, "architectures": ["Qwen3ForCausalLM"]}
     assert ModelConfig.from_dict(q3).head_dim == 128
-    c = ModelConfig.from_dict({**q3, "head_dim": 64, "attention_bias": True})
-    assert (c.head_dim, c.kv_dim) == (64, 128)
-    assert not (c.qkv_bias or c.o_bias)          # attention_bias is not read: ExLlamaV2's Qwen3 takes no bias
+    c = ModelConfig.from_dict({**q3, "head_dim": 64})
+    assert (c.head_dim, c.kv_dim) == (64, 128) and not (c.qkv_bias or c.o_bias or c.mlp_bias)
     assert ModelConfig.from_dict(BASE).head_dim == 32   # the other rows: hidden_size / heads
+
+
+def test_qwen3_attention_bias_but_never_an_mlp_bias():
+    """transformers' Qwen3 reads attention_bias (q, k, v and o) but builds its MLP without bias whatever
+    mlp_bias says."""
+    c = ModelConfig.from_dict({**BASE, "architectures": ["Qwen3ForCausalLM"], "attention_bias": True,
+                               "mlp_bias": True})
+    assert c.qkv_bias and c.o_bias and not c.mlp_bias
 
 
 def test_unknown_architecture():
