@@ -60,11 +60,18 @@ def _check_targets(bits: list[float]) -> str | None:
     return None
 
 
-def _int_text(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError("is not a whole number") from None
+def _text_to(kind: type, why: str) -> Callable[[str], Any]:
+    """A command-line parser: ``kind(text)``, or ValueError(``why``)."""
+    def parse(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise ValueError(why) from None
+    return parse
+
+
+_int_text = _text_to(int, "is not a whole number")
+_float_text = _text_to(float, "is not a number")
 
 
 def _int_spec(value) -> int:
@@ -75,13 +82,6 @@ def _int_spec(value) -> int:
 
 def _at_least(least: int) -> Callable[[int], str | None]:
     return lambda v: None if v >= least else f"must be at least {least}"
-
-
-def _float_text(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError("is not a number") from None
 
 
 def _float_spec(value) -> float:
