@@ -313,13 +313,14 @@ def _humaneval(model, a: EvalArgs) -> dict:
     from tqdm import tqdm
 
     from .generate import TextTokenizer
-    from .humaneval import HumanEvalError, HumanEvalParams, evaluate_humaneval, load_problems, sandbox_report
+    from .humaneval import HumanEvalError, HumanEvalParams, evaluate_humaneval, load_problems
+    from .sandbox import SandboxError, sandbox_report
 
     tok = TextTokenizer(a.model_dir)
     try:
         n_problems = len(load_problems(a.problems))
         box = sandbox_report()
-    except HumanEvalError as e:
+    except (HumanEvalError, SandboxError) as e:
         raise UserError(f"--humaneval: {e}") from None
     if a.progress:
         held = [k for k in ("netns", "readonly", "caps_dropped") if box.get(k)]

@@ -7,6 +7,7 @@ import time
 
 import pytest
 from exl2.runtime import humaneval as he
+from exl2.runtime import sandbox as sb
 
 
 @pytest.mark.parametrize("n, c, k, want", [
@@ -56,28 +57,28 @@ def test_problems_load():
 
 
 def test_known_correct_completion_passes(problem):
-    r = he.run_sample(problem, problem["canonical_solution"])
+    r = sb.run_sample(problem, problem["canonical_solution"])
     assert r.passed, r.stderr
 
 
 def test_wrong_completion_fails(problem):
-    r = he.run_sample(problem, "    return True\n")
+    r = sb.run_sample(problem, "    return True\n")
     assert not r.passed and r.status == "failed" and "AssertionError" in r.stderr
 
 
 def test_syntax_error_and_crash_fail_and_the_next_sample_still_runs(problem):
-    assert not he.run_sample(problem, "    return (\n").passed
+    assert not sb.run_sample(problem, "    return (\n").passed
     crash = "    import ctypes; ctypes.string_at(0)\n"  # segfault
-    assert not he.run_sample(problem, crash).passed
+    assert not sb.run_sample(problem, crash).passed
     for early_exit in ("    import os; os._exit(0)\n", "    import sys; sys.exit(0)\n"):
-        r = he.run_sample(problem, early_exit)  # exit status 0, but check() never finished
+        r = sb.run_sample(problem, early_exit)  # exit status 0, but check() never finished
         assert not r.passed and "before the tests completed" in r.stderr
-    assert he.run_sample(problem, problem["canonical_solution"]).passed
+    assert sb.run_sample(problem, problem["canonical_solution"]).passed
 
 
 def test_infinite_loop_is_killed_within_the_limit(problem):
     t = time.monotonic()
-    r = he.run_sample(problem, "    while True:\n        pass\n", timeout=2.0)
+    r = sb.run_sample(problem, "    while True:\n        pass\n", timeout=2.0)
     elapsed = time.monotonic() - t
     assert r.status == "timeout" and not r.passed
     assert elapsed < 2.0 + 3.0  # the limit plus process start/kill slack
@@ -85,31 +86,31 @@ def test_infinite_loop_is_killed_within_the_limit(problem):
 
 def test_cpu_limit_signal_counts_as_timeout():
     # what the kernel sends when the CPU-seconds limit runs out before the wall clock (it did on a busy CI box)
-    r = he.run_program("import os, signal\nos.kill(os.getpid(), signal.SIGXCPU)\n", timeout=5.0)
+    r = sb.run_program("import os, signal\nos.kill(os.getpid(), signal.SIGXCPU)\n", timeout=5.0)
     assert r.status == "timeout" and not r.passed and r.returncode == -signal.SIGXCPU
-    r = he.run_program("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\n", timeout=5.0)
+    r = sb.run_program("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\n", timeout=5.0)
     assert r.status == "failed" and r.returncode == -signal.SIGTERM
 
 
 def test_memory_limit(problem):
-    r = he.run_sample(problem, "    x = bytearray(4 << 30)\n    return x\n", memory_mb=1024)
+    r = sb.run_sample(problem, "    x = bytearray(4 << 30)\n    return x\n", memory_mb=1024)
     assert not r.passed and "MemoryError" in r.stderr
 
 
 def test_os_system_cannot_create_a_file_outside_the_sandbox(problem, tmp_path):
-    rep = he.sandbox_report()
+    rep = sb.sandbox_report()
     if not (rep["readonly"] or rep["separate_uid"]):
         pytest.skip(f"neither a read-only file system nor a uid of its own for the sample here: {rep['degraded']}")
     target = tmp_path / "touched"
     code = f"    import os\n    os.system('touch {target}')\n    open({str(target)!r} + '2', 'w').write('x')\n"
-    r = he.run_sample(problem, code)
+    r = sb.run_sample(problem, code)
     assert not target.exists() and not (tmp_path / "touched2").exists()
     assert not r.passed  # the open() call raised (read-only file system or permission denied)
 
 
 def test_sandbox_report_is_honest():
     """Print what holds here; the write and network checks must match the launcher's own claims."""
-    rep = he.sandbox_report()
+    rep = sb.sandbox_report()
     print(rep)
     if rep["readonly"]:
         assert rep["write_outside_blocked"]
@@ -120,10 +121,10 @@ def test_sandbox_report_is_honest():
 
 
 def test_the_sample_cannot_reach_the_network(problem):
-    rep = he.sandbox_report()
+    rep = sb.sandbox_report()
     if not rep["netns"]:
         pytest.skip("no network namespace on this machine: network is only discouraged (proxy variables)")
     code = ("    import socket\n    s = socket.socket()\n    s.settimeout(2)\n"
             "    s.connect(('1.1.1.1', 80))\n")
-    r = he.run_sample(problem, code)
+    r = sb.run_sample(problem, code)
     assert not r.passed and "OSError" in r.stderr or "unreachable" in r.stderr.lower()

@@ -17,11 +17,12 @@ import time
 
 import pytest
 from exl2.runtime import humaneval as he
+from exl2.runtime import sandbox as sb
 
 
 @pytest.fixture(scope="module")
 def report():
-    return he.sandbox_report()
+    return sb.sandbox_report()
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def processes_with(token: str) -> list[int]:
 
 def codec() -> dict:
     g: dict = {}
-    exec(he._CODEC, g)
+    exec(sb._CODEC, g)
     return g
 
 
@@ -101,9 +102,9 @@ def test_canonical_solutions_pass_through_the_call_pipe(namespaces):
     tuples (107) and floats (130), use random inputs (53) or hashlib (162)."""
     probs = he.load_problems()
     for i in (32, 33, 38, 50, 53, 107, 130, 162):
-        r = he.run_sample(probs[i], probs[i]["canonical_solution"], namespaces=namespaces)
+        r = sb.run_sample(probs[i], probs[i]["canonical_solution"], namespaces=namespaces)
         assert r.passed, (i, r.stderr)
-    r = he.run_sample(probs[33], "    return sorted(l)\n", namespaces=namespaces)  # wrong: sorts everything
+    r = sb.run_sample(probs[33], "    return sorted(l)\n", namespaces=namespaces)  # wrong: sorts everything
     assert not r.passed and "AssertionError" in r.stderr
 
 
@@ -164,7 +165,7 @@ FAKES = {
 @pytest.mark.parametrize("namespaces", [True, False], ids=["namespaces", "no-namespaces"])
 @pytest.mark.parametrize("fake", sorted(FAKES))
 def test_a_sample_cannot_fake_a_pass(problem, fake, namespaces):
-    r = he.run_sample(problem, body(FAKES[fake]), namespaces=namespaces)
+    r = sb.run_sample(problem, body(FAKES[fake]), namespaces=namespaces)
     assert not r.passed and r.status == "failed", (r.stdout, r.stderr)
 
 
@@ -185,7 +186,7 @@ def test_an_always_equal_object_does_not_pass_here(problem, kind):
                         return True
                 return Yes("anything")
                 """}[kind]
-    r = he.run_sample(problem, body(code))
+    r = sb.run_sample(problem, body(code))
     assert not r.passed and r.status == "failed"
     if kind == "custom class":
         assert "cannot leave the sample process" in r.stderr
@@ -215,7 +216,7 @@ def test_the_installed_humaneval_data_is_hidden_from_the_sample(problem, report)
         exec(p["prompt"] + p["canonical_solution"], g)
         return g[p["entry_point"]](numbers, threshold)
         """
-    r = he.run_sample(problem, body(code))
+    r = sb.run_sample(problem, body(code))
     assert not r.passed and "no HumanEval data" in r.stdout
 
 
@@ -233,7 +234,7 @@ def test_the_sample_holds_only_its_stdio_and_call_pipes(problem):
                 pass
         print("fds", fds)
         """
-    r = he.run_sample(problem, body(code))
+    r = sb.run_sample(problem, body(code))
     fds = ast.literal_eval(r.stdout.split("fds", 1)[1].splitlines()[0])
     assert {0, 1, 2} <= set(fds) <= {0, 1, 2, 3, 4}, r.stdout + r.stderr  # stdio and the two call pipes
 
@@ -243,6 +244,7 @@ def test_the_sample_holds_only_its_stdio_and_call_pipes(problem):
 EVALUATOR = """
 import os, sys
 from exl2.runtime import humaneval as he
+from exl2.runtime import sandbox as sb
 victim = int(sys.argv[1])
 me = os.getpid()
 program = f'''
@@ -259,7 +261,7 @@ try:
 except OSError as e:
     print("could not kill group", e)
 '''
-r = he.run_program(program, timeout=10)
+r = sb.run_program(program, timeout=10)
 print(r.stdout)
 print("evaluator survived")
 """
@@ -297,7 +299,7 @@ def test_a_setsid_grandchild_does_not_outlive_the_run(report, parent_sleeps):
         pytest.skip(f"no PID namespace and no uid of its own: a setsid() child can escape ({report['degraded']})")
     token = f"exl2-setsid-{os.getpid()}-{parent_sleeps}-{time.monotonic_ns()}"
     try:
-        r = he.run_program(SETSID.format(token=token, parent_sleeps=parent_sleeps), timeout=3, max_procs=4)
+        r = sb.run_program(SETSID.format(token=token, parent_sleeps=parent_sleeps), timeout=3, max_procs=4)
         assert r.status == ("timeout" if parent_sleeps else "passed"), r.stderr
         deadline = time.monotonic() + 5  # a killed namespace is reaped asynchronously
         while processes_with(token) and time.monotonic() < deadline:
@@ -329,10 +331,10 @@ print("forked", n)
 
 def test_a_fork_bomb_is_bounded(report):
     need(report, "procs_limited")
-    r = he.run_program(FORK_BOMB, timeout=10, max_procs=8)
+    r = sb.run_program(FORK_BOMB, timeout=10, max_procs=8)
     assert r.status == "passed", r.stderr
     assert "forked 8" in r.stdout
-    r = he.run_program(FORK_BOMB, timeout=10)  # the default: no processes at all
+    r = sb.run_program(FORK_BOMB, timeout=10)  # the default: no processes at all
     assert "forked 0" in r.stdout
 
 
@@ -377,7 +379,7 @@ def test_host_unix_sockets_are_unreachable(report, open_dir, kind):
         servers.append(srv)
     os.chmod(path, 0o777)
     try:
-        r = he.run_program(CONNECT.format(path=path, abstract=abstract), timeout=10)
+        r = sb.run_program(CONNECT.format(path=path, abstract=abstract), timeout=10)
         srv = servers[0 if kind == "path" else 1]
         with pytest.raises(BlockingIOError):
             srv.accept()  # nobody connected
@@ -391,14 +393,14 @@ def test_host_unix_sockets_are_unreachable(report, open_dir, kind):
 def test_a_root_sample_cannot_read_a_0600_file(open_dir, namespaces):
     if os.geteuid() != 0:
         pytest.skip("the evaluator does not run as root: the sample cannot be root either")
-    rep = he.sandbox_report(namespaces=namespaces)
+    rep = sb.sandbox_report(namespaces=namespaces)
     if not (rep["separate_uid"] or rep["minimal_root"]):
         pytest.skip(f"the sample runs as root here: {rep['degraded']}")
     secret = os.path.join(open_dir, "secret")
     with open(secret, "w") as f:
         f.write("the-secret-text")
     os.chmod(secret, 0o600)
-    r = he.run_program(f"print(open({secret!r}).read())", timeout=10, namespaces=namespaces)
+    r = sb.run_program(f"print(open({secret!r}).read())", timeout=10, namespaces=namespaces)
     assert r.status == "failed" and "the-secret-text" not in r.stdout
     assert "PermissionError" in r.stderr or "FileNotFoundError" in r.stderr
     assert rep["uid"] != 0 or not rep["separate_uid"]
@@ -423,7 +425,7 @@ print("wrote MiB", total >> 20)
 
 def test_total_disk_writes_are_capped_and_the_run_finishes(report):
     need(report, "disk_capped")
-    r = he.run_program(WRITER, timeout=20, disk_mb=16)
+    r = sb.run_program(WRITER, timeout=20, disk_mb=16)
     assert r.status == "passed", r.stderr
     wrote = int(r.stdout.split("wrote MiB")[1])
     assert 8 <= wrote <= 16 and "No space left on device" in r.stdout
