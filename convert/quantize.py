@@ -32,7 +32,7 @@ from exl2.measure.measurement import entry_options
 from exl2.quant_kernels import codec, gptq
 from exl2.quant_kernels.qparams import HEAD_OPTIONS
 from exl2.runtime.loader import ModelParts
-from exl2.runtime.model import Rotary
+from exl2.runtime.model import Rotary, final_softcap
 
 RTN_HEAD_ELEMENTS = 1e9
 
@@ -159,7 +159,7 @@ def quantize_head(parts: ModelParts, states, input_ids: torch.Tensor, head_bits:
     nll, count = 0.0, 0
     with torch.no_grad():
         for h, ids in zip(normed[:ppl_rows], input_ids[:ppl_rows]):
-            logits = F.linear(h.float(), wq)[0, :-1]                            # [L-1, V]
+            logits = final_softcap(parts.cfg, F.linear(h.float(), wq))[0, :-1]   # [L-1, V]
             target = ids[1:].to(device)
             nll += float(F.cross_entropy(logits, target, reduction="sum"))
             count += target.numel()

@@ -19,6 +19,7 @@ from exl2.core.files import write_json_atomic, write_text_atomic
 from exl2.core.version import VERSION
 from exl2.measure.optimize import DEFAULT_NORMS, optimize as solve
 from exl2.runtime import kv_calib
+from exl2.runtime.kv_x import x_arch_error
 
 from . import card as cards
 from . import quantize as qpass
@@ -93,6 +94,10 @@ def kv_profile(job, bpw: float, out: Path) -> None:
     Runs after compile (which replaces the folder), so a job resumed after it writes the file again; a model
     that does not fit in memory gets none, and the runtime derives the profile when it loads the model."""
     if (out / kv_calib.PROFILE_FILE).exists():
+        return
+    why = x_arch_error(job.cfg)
+    if why is not None:
+        job.status({"stage": "kv_profile", "bpw_target": bpw, "file": None, "message": f"KV profile: skipped ({why})"})
         return
     rows = job.rows("quant")
     with job.peak(f"kv_profile:{bpw:.2f}"):

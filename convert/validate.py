@@ -95,14 +95,14 @@ def compare(fp_dir: str | Path, q_dir: str | Path, rows: torch.Tensor, device="c
         # own memory, in the converter)
         from exl2.runtime.kv_calib import attach
         from exl2.runtime.kv_profile import PROFILE_FILE, KVProfile
-        from exl2.runtime.kv_x import X_MODES
+        from exl2.runtime.kv_x import X_MODES, x_arch_error
 
         try:
             prof = KVProfile.load(q_dir, q.cfg)
         except ValueError as e:
             prof, why = None, str(e)
         else:
-            why = f"no {PROFILE_FILE} in {q_dir}"
+            why = x_arch_error(q.cfg) or f"no {PROFILE_FILE} in {q_dir}"
         if prof is not None:
             attach(q, prof)
         else:

@@ -66,16 +66,22 @@ class OutputDirError(UserError, ValueError):
     """The output folder cannot be written without losing someone's files; one line says why."""
 
 
-def module_order(n_layers: int, qk_norm: bool = False) -> list[tuple[str, str]]:
+def module_order(n_layers: int, qk_norm: bool = False, sandwich_norms: bool = False) -> list[tuple[str, str]]:
     """(name, kind) in writing order; kind is "fp16" (from the source) or "exl2" (from out_tensor).  The q/k
-    norms (``qk_norm``) follow o_proj, where ExLlamaV2's compile step puts them."""
+    norms (``qk_norm``) follow o_proj, where ExLlamaV2's compile step puts them; with ``sandwich_norms``
+    (Gemma) each module's two norms come before its projections, as there."""
     out = [(TENSOR_NAMES["embed"], "fp16")]
     for i in range(n_layers):
         out.append((TENSOR_NAMES["attn_norm"].format(i=i), "fp16"))
+        if sandwich_norms:
+            out.append((TENSOR_NAMES["attn_post_norm"].format(i=i), "fp16"))
         out += [(TENSOR_NAMES[k].format(i=i), "exl2") for k in ("q", "k", "v", "o")]
         if qk_norm:
             out += [(TENSOR_NAMES[k].format(i=i), "fp16") for k in ("q_norm", "k_norm")]
-        out.append((TENSOR_NAMES["mlp_norm"].format(i=i), "fp16"))
+        if sandwich_norms:
+            out += [(TENSOR_NAMES[k].format(i=i), "fp16") for k in ("mlp_pre_norm", "mlp_post_norm")]
+        else:
+            out.append((TENSOR_NAMES["mlp_norm"].format(i=i), "fp16"))
         out += [(TENSOR_NAMES[k].format(i=i), "exl2") for k in ("gate", "up", "down")]
     out.append((TENSOR_NAMES["norm"], "fp16"))
     out.append((TENSOR_NAMES["head"], "exl2"))
@@ -130,6 +136,14 @@ def loader_config(src: dict, cfg: ModelConfig, quantization_config: dict) -> dic
         out["rope_parameters"] = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta}
     if cfg.arch.qk_norm:
         out["use_qk_norm"] = True
+    if cfg.arch.sandwich_norms:
+        # Gemma: ExLlamaV2's defaults differ from transformers' (no caps, 1/sqrt(head_dim), no window), so every
+        # value is stated; a cap that is off is written null, which ExLlamaV2 reads as absent and transformers
+        # as off (absent, transformers would take its default)
+        scalar = cfg.query_pre_attn_scalar        # an integer where it is one: transformers 5 insists on it
+        out.update(query_pre_attn_scalar=int(scalar) if scalar == int(scalar) else scalar,
+                   sliding_window=cfg.sliding_window,
+                   attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.final_softcap)
     if "attention_bias" in cfg.arch.bias_from_config and ("attention_bias" in src or cfg.o_bias):
         out["attention_bias"] = cfg.o_bias
     if "mlp_bias" in src or cfg.mlp_bias:
@@ -303,7 +317,7 @@ def _write_into(tmp: Path, parts: ModelParts, model_dir: Path, out_tensor: Path,
     # Cut shards by size before writing, so each shard's name can carry the count.
     shards: list[list[tuple[str, str]]] = [[]]
     size = 0
-    for name, kind in module_order(parts.cfg.num_layers, parts.cfg.arch.qk_norm):
+    for name, kind in module_order(parts.cfg.num_layers, parts.cfg.arch.qk_norm, parts.cfg.arch.sandwich_norms):
         n = module_bytes(name, kind) if limit else 0
         if limit and shards[-1] and size + n > limit:
             shards.append([])

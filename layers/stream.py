@@ -5,6 +5,9 @@ A decoder layer is two *modules* in ExLlamaV2's sense, each with its residual ad
     self_attn:  y = x + o_proj(attn(q_proj(h), k_proj(h), v_proj(h)))     h = input_layernorm(x)
     mlp:        y = x + down_proj(silu(gate_proj(h)) * up_proj(h))         h = post_attention_layernorm(x)
 
+(Gemma: GELU for silu, h = pre_feedforward_layernorm(x), and each module's output normed before the add;
+:class:`~exl2.runtime.model.Block` computes both.)
+
 Calibration states are kept per row as float32 ``[1, L, C]`` tensors on the CPU (:func:`embed_rows` makes
 the first ones) and moved to the work device one row at a time, so device memory holds one layer's weights
 plus one row's activations.  :func:`collect` runs a module over every row and gathers its Hessians; the
@@ -17,13 +20,12 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from exl2.quant_kernels import gptq
 from exl2.quant_kernels.qparams import ATTN_OPTIONS, ATTN_PROJ, MLP_OPTIONS, MLP_PROJ, TABLES
 from exl2.runtime.loader import ModelParts
-from exl2.runtime.model import Block
+from exl2.runtime.model import Block, embed_tokens
 
 FP16_MAX = 65504.0
 
@@ -64,7 +66,8 @@ def embed_rows(parts: ModelParts, input_ids: torch.Tensor) -> list[torch.Tensor]
     ids = input_ids.clone()
     ids[(ids < 0) | (ids >= emb.shape[0])] = 0
     with torch.no_grad():
-        return [F.embedding(ids[r:r + 1].to(emb.device), emb).float().cpu() for r in range(ids.shape[0])]
+        return [embed_tokens(parts.cfg, ids[r:r + 1].to(emb.device), emb, torch.float32).cpu()
+                for r in range(ids.shape[0])]
 
 
 def linears(block: Block, spec: ModuleSpec) -> dict[str, nn.Module]:
@@ -75,8 +78,8 @@ def linears(block: Block, spec: ModuleSpec) -> dict[str, nn.Module]:
 def run_module(block: Block, spec: ModuleSpec, x: torch.Tensor, cos, sin) -> torch.Tensor:
     """The module's output including its residual add; x [1, L, C] -> [1, L, C]."""
     if spec.kind == "self_attn":
-        return x + block.self_attn(block.input_layernorm(x), cos, sin)
-    return x + block.mlp(block.post_attention_layernorm(x))
+        return block.attn_residual(x, cos, sin)
+    return block.mlp_residual(x)
 
 
 class _Recorder(nn.Module):

@@ -30,6 +30,25 @@ class Arch:
     qk_norm: bool = False  # an RMSNorm over each query and key head (head_dim wide, one weight shared by the
     #                        heads) between the projection and RoPE; ExLlamaV2's `use_qk_norm`
     default_head_dim: int | None = None  # head_dim when config.json has none (None: hidden_size / heads)
+    # Gemma's facts (docs/runtime.md section 1).  norm_offset: every RMSNorm scales by (offset + weight), the
+    # stored weight being centred on 0 (ExLlamaV2's `norm_constant_bias`).  sandwich_norms: the attention and
+    # MLP outputs are normed before their residual add (`post_attention_layernorm`, `post_feedforward_layernorm`)
+    # and the MLP's input norm is `pre_feedforward_layernorm`.  mlp_act: the gate's activation ("silu", or
+    # "gelu_tanh", GELU's tanh approximation).  embed_scale: embeddings are multiplied by sqrt(hidden_size)
+    # (`normalize_embeddings`).  softcap: config.json's attn_logit_softcapping / final_logit_softcapping are
+    # read, defaulting to the two values here (None: off); each caps its logits to cap * tanh(x / cap).
+    # default_query_pre_attn_scalar: the attention scale is query_pre_attn_scalar ** -0.5 where it is read (not
+    # None).  sliding_layers: which layers see only the last `sliding_window` keys: "alternating" (even layer
+    # indices, ExLlamaV2's `alternating_swa`), None (none).
+    norm_offset: float = 0.0
+    sandwich_norms: bool = False
+    mlp_act: str = "silu"
+    embed_scale: bool = False
+    softcap: tuple[float | None, float | None] | None = None
+    default_query_pre_attn_scalar: float | None = None
+    sliding_layers: str | None = None
+    default_sliding_window: int | None = None
+    default_tie_word_embeddings: bool = False  # when config.json does not say (transformers' default)
 
 
 ARCHITECTURES: dict[str, Arch] = {
@@ -49,6 +68,14 @@ ARCHITECTURES: dict[str, Arch] = {
         Arch("Qwen3ForCausalLM", qkv_bias=False, o_bias=False, mlp_bias=False,
              bias_from_config=("attention_bias",), default_rope_theta=10000.0, default_eps=1e-6, requires_bos=False, qk_norm=True,
              default_head_dim=128),
+        # (1 + w) norms, a norm after attention and around the MLP, GeGLU, embeddings times sqrt(hidden),
+        # soft-capped attention (50) and final (30) logits, scale query_pre_attn_scalar ** -0.5 (256), a
+        # 4096-token window on even layers; head_dim 256 and attention_bias as transformers' Gemma2Config.
+        Arch("Gemma2ForCausalLM", qkv_bias=False, o_bias=False, mlp_bias=False,
+             bias_from_config=("attention_bias",), default_rope_theta=10000.0, default_eps=1e-6, requires_bos=True,
+             default_head_dim=256, norm_offset=1.0, sandwich_norms=True, mlp_act="gelu_tanh", embed_scale=True,
+             softcap=(50.0, 30.0), default_query_pre_attn_scalar=256.0, sliding_layers="alternating",
+             default_sliding_window=4096, default_tie_word_embeddings=True),
     )
 }
 
@@ -64,6 +91,11 @@ TENSOR_NAMES = {
     "q_norm": "model.layers.{i}.self_attn.q_norm.weight",  # architectures with qk_norm only
     "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
     "mlp_norm": "model.layers.{i}.post_attention_layernorm.weight",
+    # sandwich_norms architectures: the attention output's norm is post_attention_layernorm (above), the MLP's
+    # input norm pre_feedforward_layernorm and its output's post_feedforward_layernorm
+    "attn_post_norm": "model.layers.{i}.post_attention_layernorm.weight",
+    "mlp_pre_norm": "model.layers.{i}.pre_feedforward_layernorm.weight",
+    "mlp_post_norm": "model.layers.{i}.post_feedforward_layernorm.weight",
     "gate": "model.layers.{i}.mlp.gate_proj",
     "up": "model.layers.{i}.mlp.up_proj",
     "down": "model.layers.{i}.mlp.down_proj",
@@ -117,8 +149,21 @@ class ModelConfig:
     mlp_bias: bool
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
-    sliding_window: int | None = None  # read, not applied (full causal attention, as ExLlamaV2)
+    sliding_window: int | None = None  # read; applied only on the layers of layer_windows
     quantization_config: dict | None = None  # EXL2 output dirs carry one (docs/format.md section 10)
+    # Gemma (Arch.softcap, default_query_pre_attn_scalar, sliding_layers); the defaults are every other row's
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    query_pre_attn_scalar: float | None = None  # None: the attention scale is 1 / sqrt(head_dim)
+    layer_windows: tuple[int | None, ...] = ()  # per layer: the window in keys, or None (full causal); () = none
+
+    @property
+    def attn_scale(self) -> float:
+        s = self.head_dim if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar
+        return 1.0 / math.sqrt(s)
+
+    def window(self, layer: int) -> int | None:
+        return self.layer_windows[layer] if self.layer_windows else None
 
     @property
     def kv_dim(self) -> int:
@@ -175,14 +220,16 @@ class ModelConfig:
             rope_theta=theta,
             rope_scaling=scaling,
             max_position_embeddings=max_pos,
-            tie_word_embeddings=r.bool("tie_word_embeddings", default=False),
+            tie_word_embeddings=r.bool("tie_word_embeddings", default=arch.default_tie_word_embeddings),
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=mlp_bias,
             bos_token_id=bos,
             eos_token_ids=eos,
-            sliding_window=r.int("sliding_window", default=None, minimum=0, maximum=MAX_TOKEN_ID),
+            sliding_window=r.int("sliding_window", default=arch.default_sliding_window, minimum=0,
+                                 maximum=MAX_TOKEN_ID),
             quantization_config=qconf,
+            **_gemma_fields(r, arch),
         )
 
     @classmethod
@@ -283,6 +330,39 @@ class _Reader:
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise self._bad("architectures", v, "a list of class names")
         return names
+
+
+def _gemma_fields(r: _Reader, arch: Arch) -> dict:
+    """Soft-capping, the attention scale and the per-layer windows of the architectures that have them (the
+    other rows: none of these, whatever config.json says, as transformers builds those models)."""
+    out: dict = {}
+    where = r.where
+    if arch.softcap is not None:
+        for key, default in zip(("attn_softcap", "final_softcap"), arch.softcap):
+            field = {"attn_softcap": "attn_logit_softcapping", "final_softcap": "final_logit_softcapping"}[key]
+            out[key] = r.float(field, default=None) if field in r.d else default
+    if arch.default_query_pre_attn_scalar is not None:
+        out["query_pre_attn_scalar"] = r.float("query_pre_attn_scalar", default=arch.default_query_pre_attn_scalar)
+    if arch.mlp_act == "gelu_tanh":
+        for key in ("hidden_activation", "hidden_act"):
+            act = r.d.get(key)
+            if act is not None and act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+                raise ConfigError(f"{where}: {key} {act!r} not supported for {arch.name}; supported: "
+                                  f"gelu_pytorch_tanh (what ExLlamaV2 runs)")
+            if act is not None:
+                break
+    if r.d.get("use_bidirectional_attention"):
+        raise ConfigError(f"{where}: use_bidirectional_attention is not supported (causal attention only)")
+    if arch.sliding_layers == "alternating":
+        layers = r.int("num_hidden_layers")
+        window = r.int("sliding_window", default=arch.default_sliding_window, maximum=MAX_TOKEN_ID)
+        expected = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+        given = r.d.get("layer_types")
+        if given is not None and given != expected:
+            raise ConfigError(f"{where}: layer_types differ from the alternating sliding/full layers ExLlamaV2 "
+                              f"runs for {arch.name} (sliding on even layers)")
+        out["layer_windows"] = tuple(window if t == "sliding_attention" else None for t in expected)
+    return out
 
 
 def rope_source(d: dict) -> dict:

@@ -94,8 +94,19 @@ X_MODES: dict[str, XScheme] = {
 MAX_BITS = 8
 
 
+def x_arch_error(cfg: ModelConfig) -> str | None:
+    """Why no x mode can run this architecture (its KV profile could not be measured), or None."""
+    if cfg.arch.sandwich_norms:   # kv_calib's profile and one-pass emulation model the Llama layout only
+        return (f"exl2's own cache modes are not supported for {cfg.arch.name} (their KV profile does not model "
+                f"its sliding windows, soft-capping and output norms); use fp16, q8, q6 or q4")
+    return None
+
+
 def x_mode_error(cfg: ModelConfig, scheme: XScheme) -> str | None:
     """Why a scheme cannot hold this model's keys and values, or None when it can."""
+    why = x_arch_error(cfg)
+    if why:
+        return why
     D = cfg.head_dim
     if D < 8 or D & (D - 1):
         return f"head_dim {D} is not a power of two of at least 8 (the x modes rotate whole heads); use fp16 or q4"

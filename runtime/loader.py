@@ -227,6 +227,9 @@ class ModelParts:
         for i in range(cfg.num_layers):
             out[TENSOR_NAMES["attn_norm"].format(i=i)] = (C,)
             out[TENSOR_NAMES["mlp_norm"].format(i=i)] = (C,)
+            if cfg.arch.sandwich_norms:
+                for key in ("mlp_pre_norm", "mlp_post_norm"):
+                    out[TENSOR_NAMES[key].format(i=i)] = (C,)
             if cfg.arch.qk_norm:
                 for key in ("q_norm", "k_norm"):
                     out[TENSOR_NAMES[key].format(i=i)] = (cfg.head_dim,)
@@ -298,7 +301,7 @@ class ModelParts:
     def norm(self, key: str, i: int = 0) -> RMSNorm:
         C = self.cfg.hidden_size
         return RMSNorm(self.src.get_float(TENSOR_NAMES[key].format(i=i), (C,), self.dtype, self.device),
-                       self.cfg.rms_norm_eps)
+                       self.cfg.rms_norm_eps, self.cfg.arch.norm_offset)
 
     def head_norm(self, key: str, i: int) -> RMSNorm:
         """A per-head q or k norm: weight [D] (shared by the heads) or [heads, D] (see per_head_norm_shapes)."""
@@ -306,7 +309,8 @@ class ModelParts:
         shape = self.src.shape(name)
         if shape != self.per_head_norm_shapes().get(name):
             shape = (self.cfg.head_dim,)
-        return RMSNorm(self.src.get_float(name, shape, self.dtype, self.device), self.cfg.rms_norm_eps)
+        return RMSNorm(self.src.get_float(name, shape, self.dtype, self.device), self.cfg.rms_norm_eps,
+                       self.cfg.arch.norm_offset)
 
     def embedding(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The embedding table [V, C] in ``dtype`` (default: the compute dtype)."""
@@ -335,9 +339,13 @@ class ModelParts:
         lin = self.linear
         qk_norms = (self.head_norm("q_norm", i), self.head_norm("k_norm", i)) if cfg.arch.qk_norm else ()
         attn = Attention(cfg, lin("q", i, C, H * D, cfg.qkv_bias), lin("k", i, C, Hkv * D, cfg.qkv_bias),
-                         lin("v", i, C, Hkv * D, cfg.qkv_bias), lin("o", i, H * D, C, cfg.o_bias), *qk_norms)
+                         lin("v", i, C, Hkv * D, cfg.qkv_bias), lin("o", i, H * D, C, cfg.o_bias), *qk_norms,
+                         window=cfg.window(i))
         mlp = MLP(lin("gate", i, C, I, cfg.mlp_bias), lin("up", i, C, I, cfg.mlp_bias),
-                  lin("down", i, I, C, cfg.mlp_bias))
+                  lin("down", i, I, C, cfg.mlp_bias), act=cfg.arch.mlp_act)
+        if cfg.arch.sandwich_norms:   # Gemma: norms after attention and around the MLP (see Block)
+            return Block(self.norm("attn_norm", i), attn, self.norm("mlp_pre_norm", i), mlp,
+                         self.norm("attn_post_norm", i), self.norm("mlp_post_norm", i))
         return Block(self.norm("attn_norm", i), attn, self.norm("mlp_norm", i), mlp)
 
     def has_head(self) -> bool:

@@ -1,4 +1,4 @@
-"""The one model definition: Llama layout (Qwen2, Qwen3, Llama, Mistral), no quantization code.
+"""The one model definition: Llama layout (Qwen2, Qwen3, Llama, Mistral, Gemma2), no quantization code.
 
 Linear layers are opaque modules (see linear.py); the loader decides what they are. Shapes:
 B batch, T new tokens in this call, P past tokens in the cache, S = P + T keys, C hidden size,
@@ -16,14 +16,17 @@ from .arch import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, weight: torch.Tensor, eps: float):
+    def __init__(self, weight: torch.Tensor, eps: float, offset: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.eps = eps
+        self.offset = offset  # Gemma: the scale is (offset + weight), applied in fp32 (Arch.norm_offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()  # statistics in fp32 whatever the compute dtype
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (xf * (self.offset + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 
@@ -80,10 +83,13 @@ def lower_right_mask(q_len: int, k_len: int, device=None) -> torch.Tensor:
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+              softcap: float | None = None, window: int | None = None) -> torch.Tensor:
     """Causal GQA attention of T new queries against S = P + T keys, fp32 softmax.
 
-    q [B, H, T, D], k/v [B, Hkv, S, D] -> [B, H, T, D] in q's dtype.
+    q [B, H, T, D], k/v [B, Hkv, S, D] -> [B, H, T, D] in q's dtype.  scale: default 1/sqrt(D).  softcap: the
+    scaled logits become softcap * tanh(logits / softcap).  window: a query sees only the last `window` keys
+    up to its own position (its own included).
     """
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} not 4-D/matching")
@@ -98,7 +104,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
         rep = H // Hkv
         k = k[:, :, None].expand(B, Hkv, rep, S, D).reshape(B, H, S, D)  # [B, H, S, D]
         v = v[:, :, None].expand(B, Hkv, rep, S, D).reshape(B, H, S, D)  # [B, H, S, D]
-    scale = 1.0 / math.sqrt(D)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if softcap is not None or (window is not None and window < S):
+        return _capped_windowed(q, k, v, scale, softcap, window).to(out_dtype)
     if T == S:  # no past: lower-right == top-left, let SDPA use its fused causal path
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     elif T == 1:  # one new token sees every key
@@ -109,15 +117,30 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return out.to(out_dtype)
 
 
+def _capped_windowed(q, k, v, scale: float, softcap: float | None, window: int | None) -> torch.Tensor:
+    """attention() written out, for what SDPA cannot do (soft-capping); fp32 q, k, v [B, H, T or S, D]."""
+    T, S = q.shape[2], k.shape[2]
+    s = (q @ k.transpose(-1, -2)) * scale  # [B, H, T, S]
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    mask = lower_right_mask(T, S, device=q.device)  # [T, S]
+    if window is not None:  # key j seen from absolute position p = S - T + i only when p - j < window
+        gap = torch.arange(S - T, S, device=q.device)[:, None] - torch.arange(S, device=q.device)[None, :]
+        mask &= gap < window
+    return s.masked_fill(~mask, float("-inf")).softmax(-1) @ v  # [B, H, T, D]
+
+
 class Attention(nn.Module):
     # The model's KV profile (runtime/kv_profile.py), which exl2's own cache modes (q4x, q3x) read; attached by
     # runtime/kv_calib.py (ensure_profile), None otherwise.
     kv_profile = None
 
     def __init__(self, cfg: ModelConfig, q: nn.Module, k: nn.Module, v: nn.Module, o: nn.Module,
-                 q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None):
+                 q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None, *, window: int | None = None):
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q, k, v, o
+        # this layer's sliding window (cfg.window(i)), the scale and the soft-capping of its logits
+        self.window, self.scale, self.softcap = window, cfg.attn_scale, cfg.attn_softcap
         # Per-head norms (architectures whose row has qk_norm): weight [D], or [heads, D] one row per head
         self.q_norm, self.k_norm = q_norm, k_norm
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -143,29 +166,46 @@ class Attention(nn.Module):
                 k, v = layer_cache.update_pre_rope(k_pre, k, v, past_len, cos, sin, self.kv_profile)
             else:
                 k, v = layer_cache.update(k, v, past_len)  # [B, S, Hkv, D] each
-        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, H, T, D]
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=self.scale,
+                        softcap=self.softcap, window=self.window)  # [B, H, T, D]
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, H*D]
         return self.o_proj(out)
 
 
 class MLP(nn.Module):
-    def __init__(self, gate: nn.Module, up: nn.Module, down: nn.Module):
+    def __init__(self, gate: nn.Module, up: nn.Module, down: nn.Module, act: str = "silu"):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = gate, up, down
+        self.act = act  # "silu" or "gelu_tanh" (Arch.mlp_act)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g = self.gate_proj(x)
+        g = F.silu(g) if self.act == "silu" else F.gelu(g, approximate="tanh")
+        return self.down_proj(g * self.up_proj(x))
 
 
 class Block(nn.Module):
-    def __init__(self, attn_norm: RMSNorm, attn: Attention, mlp_norm: RMSNorm, mlp: MLP):
+    """One decoder layer: two residual modules (ExLlamaV2's attention and MLP modules).  ``mlp_norm`` is the
+    MLP's input norm (HF ``post_attention_layernorm``, or Gemma's ``pre_feedforward_layernorm``); Gemma's
+    ``attn_out_norm`` / ``mlp_out_norm`` norm each module's output before the residual add."""
+
+    def __init__(self, attn_norm: RMSNorm, attn: Attention, mlp_norm: RMSNorm, mlp: MLP,
+                 attn_out_norm: RMSNorm | None = None, mlp_out_norm: RMSNorm | None = None):
         super().__init__()
         self.input_layernorm, self.self_attn = attn_norm, attn
         self.post_attention_layernorm, self.mlp = mlp_norm, mlp
+        self.attn_out_norm, self.mlp_out_norm = attn_out_norm, mlp_out_norm
+
+    def attn_residual(self, x, cos, sin, layer_cache=None, past_len: int = 0):
+        y = self.self_attn(self.input_layernorm(x), cos, sin, layer_cache, past_len)
+        return x + (y if self.attn_out_norm is None else self.attn_out_norm(y))
+
+    def mlp_residual(self, x):
+        y = self.mlp(self.post_attention_layernorm(x))
+        return x + (y if self.mlp_out_norm is None else self.mlp_out_norm(y))
 
     def forward(self, x, cos, sin, layer_cache=None, past_len: int = 0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer_cache, past_len)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return self.mlp_residual(self.attn_residual(x, cos, sin, layer_cache, past_len))
 
 
 class Model(nn.Module):
@@ -210,7 +250,7 @@ class Model(nn.Module):
             past = cache.past_len
             cache.check_append(B, T)
         input_ids = input_ids.to(self.device)
-        x = F.embedding(input_ids, self.embed_tokens).to(self.compute_dtype)  # [B, T, C]
+        x = self.embed(input_ids)  # [B, T, C]
         cos, sin = self.rotary.cos_sin(past, T)  # [T, D] each
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, None if cache is None else cache.layers[i], past)
@@ -218,4 +258,25 @@ class Model(nn.Module):
             cache.advance(T)
         if last_only:
             x = x[:, -1:]  # [B, 1, C]
-        return self.lm_head(self.norm(x)).float()  # [B, T or 1, V]
+        return self.logits(x)  # [B, T or 1, V]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, T] (on the model's device) -> the first residual states [B, T, C]."""
+        return embed_tokens(self.cfg, input_ids, self.embed_tokens, self.compute_dtype)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The last residual states [B, T, C] -> logits float32 [B, T, V] (final norm, head, soft-capping)."""
+        return final_softcap(self.cfg, self.lm_head(self.norm(x)).float())
+
+
+def embed_tokens(cfg: ModelConfig, ids: torch.Tensor, table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of the embedding table [V, C] for ids, in dtype; times sqrt(hidden_size) where the architecture
+    scales them (Gemma)."""
+    x = F.embedding(ids, table).to(dtype)
+    return x * math.sqrt(cfg.hidden_size) if cfg.arch.embed_scale else x
+
+
+def final_softcap(cfg: ModelConfig, logits: torch.Tensor) -> torch.Tensor:
+    """Logits soft-capped as the architecture does (cap * tanh(logits / cap)); unchanged otherwise."""
+    cap = cfg.final_softcap
+    return logits if cap is None else torch.tanh(logits / cap) * cap

@@ -23,11 +23,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.nn import functional as F
 
 from .arch import TENSOR_NAMES, ModelConfig
 from .loader import ModelParts, is_exl2
-from .model import Rotary
+from .model import Rotary, embed_tokens, final_softcap
 
 STREAM_CHOICES = ("auto", "always", "never")
 FIT_FRACTION = 0.9          # a model is loaded whole only when it needs at most this share of the free memory
@@ -55,7 +54,7 @@ class StreamedModel:
     def logits(self, r: int) -> torch.Tensor:
         """Row r's logits [L, V], float32, on the device."""
         x = self.states[r].to(self.device)                                   # [1, L, C]
-        return self.head(x).float()[0]                                       # [L, V]
+        return final_softcap(self.cfg, self.head(x).float())[0]              # [L, V]
 
     def check_rows(self, rows: torch.Tensor, what: str) -> None:
         if tuple(rows.shape) != tuple(self.rows.shape) or not torch.equal(rows.long(), self.rows):
@@ -92,8 +91,8 @@ def stream_forward(parts: ModelParts, row_sets: Sequence[torch.Tensor], *,
     cpu = torch.device("cpu")
     emb = parts.embedding()                                                  # [V, C]
     _release(parts)
-    states = [[F.embedding(rows[r:r + 1].to(device), emb).to(cpu) for r in range(rows.shape[0])]
-              for rows in sets]                                              # [1, L_i, C] each
+    states = [[embed_tokens(parts.cfg, rows[r:r + 1].to(device), emb, emb.dtype).to(cpu)
+               for r in range(rows.shape[0])] for rows in sets]              # [1, L_i, C] each
     del emb
     rotary = Rotary(parts.cfg).to(device)
     tables = {L: rotary.cos_sin(0, L) for L in {rows.shape[1] for rows in sets}}

@@ -78,7 +78,8 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
 
 def build_tiny(kind: str, out_dir, *, tie: bool = False, dtype=torch.float32, max_shard_size=None,
                seed: int = 0, **overrides):
-    """Write a tiny random `kind` ("qwen2", "qwen3", "llama3", "mistral") checkpoint to out_dir; returns out_dir."""
+    """Write a tiny random `kind` ("qwen2", "qwen3", "llama3", "mistral", "gemma2") checkpoint to out_dir; returns
+    out_dir."""
     import transformers as tf
 
     kw = dict(TINY, tie_word_embeddings=tie, **overrides)
@@ -101,11 +102,24 @@ def build_tiny(kind: str, out_dir, *, tie: bool = False, dtype=torch.float32, ma
     elif kind == "mistral":
         cfg = tf.MistralConfig(sliding_window=None, **kw)
         cls = tf.MistralForCausalLM
+    elif kind == "gemma2":
+        # head_dim 64 != hidden/heads; a query_pre_attn_scalar != head_dim; a 16-token window (the tests'
+        # rows are longer); caps low enough that tanh bends the tiny model's logits
+        for k, v in dict(head_dim=64, query_pre_attn_scalar=48, sliding_window=16, attn_logit_softcapping=2.0,
+                         final_logit_softcapping=3.0).items():
+            kw.setdefault(k, v)
+        cfg = tf.Gemma2Config(**kw)
+        cls = tf.Gemma2ForCausalLM
     else:
         raise ValueError(kind)
     torch.manual_seed(seed)
     model = cls(cfg)
     randomize_(model, seed)
+    if kind.startswith("gemma"):  # Gemma's norms scale by (1 + w): centre the random weights on 0, U(-0.5, 0.5)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.sub_(1.0)
     model = model.to(dtype)
     extra = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(out_dir, **extra)

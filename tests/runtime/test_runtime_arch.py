@@ -1,5 +1,6 @@
 """config.json parsing and the architecture table."""
 import json
+import math
 
 import pytest
 import torch
@@ -16,7 +17,8 @@ BASE = dict(architectures=["LlamaForCausalLM"], hidden_size=256, num_attention_h
 
 
 def test_table_rows():
-    assert set(ARCHITECTURES) == {"Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM"}
+    assert {"Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM",
+            "Gemma2ForCausalLM"} <= set(ARCHITECTURES)
     q = ARCHITECTURES["Qwen2ForCausalLM"]
     assert q.qkv_bias and not q.o_bias and not q.mlp_bias and not q.qk_norm
     q3 = ARCHITECTURES["Qwen3ForCausalLM"]
@@ -43,7 +45,8 @@ def test_qwen3_attention_bias_but_never_an_mlp_bias():
 
 
 def test_unknown_architecture():
-    with pytest.raises(UnsupportedArchitectureError, match="supported: LlamaForCausalLM, MistralForCausalLM, "
+    with pytest.raises(UnsupportedArchitectureError, match="supported: Gemma2ForCausalLM, LlamaForCausalLM, "
+                                                           "MistralForCausalLM, (Phi3ForCausalLM, )?"
                                                            "Qwen2ForCausalLM, Qwen3ForCausalLM$"):
         get_arch(["FalconForCausalLM"])
     with pytest.raises(UnsupportedArchitectureError):
@@ -117,3 +120,32 @@ def test_from_file_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**BASE, "hidden_size": None}))
     with pytest.raises(ValueError, match="hidden_size"):
         ModelConfig.from_file(tmp_path)
+
+GEMMA2 = dict(architectures=["Gemma2ForCausalLM"], hidden_size=256, num_attention_heads=8, num_key_value_heads=4,
+              intermediate_size=512, num_hidden_layers=5, vocab_size=1000)
+
+
+def test_gemma2_defaults_are_transformers():
+    """A Gemma2 config.json with no optional field: transformers' Gemma2Config defaults (head_dim 256, caps 50
+    and 30, query_pre_attn_scalar 256, window 4096 on even layers, tied head)."""
+    c = ModelConfig.from_dict(GEMMA2)
+    assert (c.head_dim, c.attn_softcap, c.final_softcap, c.query_pre_attn_scalar) == (256, 50.0, 30.0, 256.0)
+    assert c.layer_windows == (4096, None, 4096, None, 4096) and c.tie_word_embeddings
+    assert c.attn_scale == 1 / 16 and c.arch.requires_bos and c.arch.norm_offset == 1.0
+    c = ModelConfig.from_dict({**GEMMA2, "attn_logit_softcapping": None, "final_logit_softcapping": 7,
+                               "query_pre_attn_scalar": 64, "sliding_window": 8, "head_dim": 32})
+    assert (c.attn_softcap, c.final_softcap, c.attn_scale, c.window(0), c.window(1)) == (None, 7.0, 0.125, 8, None)
+    other = ModelConfig.from_dict({**BASE, "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 64})
+    assert other.final_softcap is None and other.attn_scale == 1 / math.sqrt(32) and other.layer_windows == ()
+
+
+@pytest.mark.parametrize("extra,match", [
+    ({"layer_types": ["full_attention"] * 5}, "layer_types differ"),
+    ({"hidden_activation": "gelu"}, "hidden_activation 'gelu' not supported"),
+    ({"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+])
+def test_gemma2_refuses_what_exllamav2_would_run_differently(extra, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_dict({**GEMMA2, **extra})
+    ok = ["sliding_attention", "full_attention"] * 2 + ["sliding_attention"]
+    assert ModelConfig.from_dict({**GEMMA2, "layer_types": ok}).window(4) == 4096

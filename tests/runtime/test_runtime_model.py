@@ -31,6 +31,9 @@ def _ids(seed, B=2, T=200, vocab=512):
     ("qwen3", {"tie": True}),
     ("qwen3", {"dtype": torch.bfloat16}),
     ("qwen3", {"attention_bias": True}),   # q, k, v and o biases (randomised)
+    ("gemma2", {"tie": True}),             # 16-token window on layer 0 (rows of 200), caps 2 and 3, (1 + w) norms
+    ("gemma2", {}),
+    ("gemma2", {"dtype": torch.bfloat16, "attention_bias": True}),
 ])
 def test_logits_match_transformers(tiny_checkpoint, hf_logits, kind, kw):
     d = tiny_checkpoint(kind, **kw)
@@ -111,7 +114,46 @@ def test_qk_norm_one_row_per_head_loads_the_same(tiny_checkpoint):
         assert torch.equal(m(ids), ref)
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama3", "qwen3"])
+@pytest.mark.parametrize("what", ["window", "attn_softcap", "final_softcap", "scale", "embed_scale", "norm_offset",
+                                  "out_norms", "gelu"])
+def test_gemma2_negative_controls(tiny_checkpoint, hf_logits, what):
+    """Each of Gemma2's differences from the Llama layout is exercised by the tiny checkpoint: computing without
+    it moves the logits far beyond ATOL."""
+    import dataclasses
+
+    d = tiny_checkpoint("gemma2", tie=True)
+    ids = _ids(2)
+    ref = hf_logits(d, ids)
+    m = load_model(d)
+    cfg = m.cfg
+    if what == "window":
+        m.layers[0].self_attn.window = None
+    elif what in ("attn_softcap", "scale"):
+        for b in m.layers:
+            if what == "attn_softcap":
+                b.self_attn.softcap = None
+            else:
+                b.self_attn.scale = cfg.head_dim ** -0.5
+    elif what == "final_softcap":
+        m.cfg = dataclasses.replace(cfg, final_softcap=None)
+    elif what == "embed_scale":
+        m.cfg = dataclasses.replace(cfg, arch=dataclasses.replace(cfg.arch, embed_scale=False))
+    elif what == "norm_offset":
+        for mod in m.modules():
+            if hasattr(mod, "offset"):
+                mod.offset = 0.0
+    elif what == "out_norms":
+        for b in m.layers:
+            b.attn_out_norm = b.mlp_out_norm = None
+    else:
+        for b in m.layers:
+            b.mlp.act = "silu"
+    with torch.no_grad():
+        err = (m(ids) - ref).abs().max().item()
+    assert err > 1e-2, f"{what}: {err:.3g}"
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama3", "qwen3", "gemma2"])
 def test_chunked_prefill_equals_full_pass(tiny_checkpoint, kind):
     m = load_model(tiny_checkpoint(kind))
     ids = _ids(3)
