@@ -27,6 +27,14 @@ class Arch:
     default_rope_theta: float
     default_eps: float
     requires_bos: bool  # ExLlamaV2's `requires_bos` (perplexity rows get a BOS prepended)
+    # Source tensors that stack several projections along the output dimension, as (fused key, the part keys in
+    # stacking order), keys of TENSOR_NAMES: the loader reads each part as its rows of the fused tensor, so the
+    # model, the converter and the output see the parts (ExLlamaV2 quantizes and stores them split too).
+    fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    rope_types: tuple[str, ...] | None = None  # the RoPE types accepted (None: every one of ROPE_TYPES)
+    # transformers reads `partial_rotary_factor` (RoPE on the first part of each head only); exl2 rotates whole
+    # heads, so a value other than 1 is refused
+    partial_rotary: bool = False
     qk_norm: bool = False  # an RMSNorm over each query and key head (head_dim wide, one weight shared by the
     #                        heads) between the projection and RoPE; ExLlamaV2's `use_qk_norm`
     default_head_dim: int | None = None  # head_dim when config.json has none (None: hidden_size / heads)
@@ -62,6 +70,13 @@ ARCHITECTURES: dict[str, Arch] = {
              default_rope_theta=10000.0, default_eps=1e-6, requires_bos=True),
         Arch("MistralForCausalLM", qkv_bias=False, o_bias=False, mlp_bias=False, bias_from_config=(),
              default_rope_theta=10000.0, default_eps=1e-6, requires_bos=True),
+        # q, k and v stored as one qkv_proj, gate and up as one gate_up_proj (gate first); no bias anywhere
+        # (transformers' Phi3 builds none and reads no bias field); eps 1e-5; plain RoPE only: the longrope
+        # ("su") scaling of the long-context models and a partial rotary factor are refused.
+        Arch("Phi3ForCausalLM", qkv_bias=False, o_bias=False, mlp_bias=False, bias_from_config=(),
+             default_rope_theta=10000.0, default_eps=1e-5, requires_bos=False,
+             fused=(("qkv", ("q", "k", "v")), ("gate_up", ("gate", "up"))), rope_types=("default",),
+             partial_rotary=True),
         # q/k norms; `attention_bias` (default false) puts a bias on q, k, v and o, in transformers and in
         # ExLlamaV2 (which reads it for every architecture whose entry has no bias); the MLP never has one;
         # head_dim defaults to 128 as in transformers.
@@ -88,6 +103,7 @@ TENSOR_NAMES = {
     "k": "model.layers.{i}.self_attn.k_proj",
     "v": "model.layers.{i}.self_attn.v_proj",
     "o": "model.layers.{i}.self_attn.o_proj",
+    "qkv": "model.layers.{i}.self_attn.qkv_proj",  # fused q, k, v (Arch.fused)
     "q_norm": "model.layers.{i}.self_attn.q_norm.weight",  # architectures with qk_norm only
     "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
     "mlp_norm": "model.layers.{i}.post_attention_layernorm.weight",
@@ -99,6 +115,7 @@ TENSOR_NAMES = {
     "gate": "model.layers.{i}.mlp.gate_proj",
     "up": "model.layers.{i}.mlp.up_proj",
     "down": "model.layers.{i}.mlp.down_proj",
+    "gate_up": "model.layers.{i}.mlp.gate_up_proj",  # fused gate, up (Arch.fused)
     "norm": "model.norm.weight",
     "head": "lm_head",
 }
@@ -388,8 +405,16 @@ def _parse_rope(r: _Reader, arch: Arch, max_pos: int) -> tuple[float, dict | Non
     else:
         theta = r.float("rope_theta", default=arch.default_rope_theta)
     rtype = src.get("rope_type") or src.get("type") or "default"
-    if not isinstance(rtype, str) or rtype not in ROPE_TYPES:
-        raise ConfigError(f"{where}: rope type {rtype!r} not supported; supported: {', '.join(ROPE_TYPES)}")
+    supported = arch.rope_types or ROPE_TYPES
+    if not isinstance(rtype, str) or rtype not in supported:
+        key = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+        raise ConfigError(f"{where}: {key} type {rtype!r} not supported for {arch.name}; supported: "
+                          f"{', '.join(supported)}")
+    if arch.partial_rotary:     # transformers reads the RoPE dict's value first, then the top-level one
+        prf = src.get("partial_rotary_factor", d.get("partial_rotary_factor"))
+        if prf is not None and r.float("partial_rotary_factor", source={"partial_rotary_factor": prf}) != 1.0:
+            raise ConfigError(f"{where}: partial_rotary_factor {prf} not supported for {arch.name}: exl2 applies "
+                              f"RoPE to whole heads (1.0)")
     for key in ("rope_type", "type"):       # both present must agree
         if src.get(key) is not None and src[key] != rtype:
             raise ConfigError(f"{where}: RoPE settings name two types ({src.get('rope_type')!r} and {src.get('type')!r})")

@@ -39,6 +39,7 @@ class TensorSource:
             raise CheckpointError(f"{self.dir}: not a directory")
         self._files: dict[str, Path] = {}  # key -> file
         self._handles: dict[Path, object] = {}
+        self._views: dict[str, tuple[str, int, int]] = {}  # key -> (stored key, first row, end row): add_view
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
             self._from_index(index)
@@ -91,14 +92,27 @@ class TensorSource:
         calls this between layers to keep its resident size at one layer."""
         self._handles.clear()
 
+    def add_view(self, key: str, stored: str, start: int, end: int) -> None:
+        """Make ``key`` name rows [start, end) of the stored tensor ``stored`` (one part of a fused projection,
+        Arch.fused): it is then found, sized and read like a stored tensor, but not listed by keys()."""
+        self._views[key] = (stored, start, end)
+
     def __contains__(self, key: str) -> bool:
-        return key in self._files
+        return key in self._files or key in self._views
 
     def keys(self) -> list[str]:
+        """The stored tensors (not the views)."""
         return list(self._files)
 
     def file_of(self, key: str) -> Path:
-        return self._files[key]
+        return self._files[self._views[key][0] if key in self._views else key]
+
+    def label(self, key: str) -> str:
+        """How messages name a tensor: its key, or for a view the stored tensor and rows it reads."""
+        if key not in self._views:
+            return key
+        stored, start, end = self._views[key]
+        return f"{stored} (rows {start}:{end}, read as {key})"
 
     def shape(self, key: str) -> tuple[int, ...]:
         """The stored shape, read from the header without loading the tensor."""
@@ -106,6 +120,10 @@ class TensorSource:
 
     def header(self, key: str) -> tuple[tuple[int, ...], str]:
         """(shape, safetensors dtype name such as "F16"), read from the header without loading the tensor."""
+        if key in self._views:
+            stored, start, end = self._views[key]
+            shape, dtype = self.header(stored)
+            return (end - start, *shape[1:]), dtype
         if key not in self._files:
             raise CheckpointError(f"{self.dir}: tensor {key} not found in any safetensors file")
         handle = self._open(self._files[key])
@@ -115,27 +133,30 @@ class TensorSource:
         return tuple(sl.get_shape()), sl.get_dtype()
 
     def get(self, key: str) -> torch.Tensor:
-        """The stored tensor (CPU, stored dtype). Missing or unreadable -> CheckpointError naming it."""
-        if key not in self._files:
-            raise CheckpointError(f"{self.dir}: tensor {key} not found in any safetensors file")
-        path = self._files[key]
+        """The stored tensor (CPU, stored dtype); a view's rows only. Missing or unreadable -> CheckpointError
+        naming it."""
+        stored, rows = (self._views[key][0], self._views[key][1:]) if key in self._views else (key, None)
+        if stored not in self._files:
+            raise CheckpointError(f"{self.dir}: tensor {stored} not found in any safetensors file")
+        path = self._files[stored]
         handle = self._open(path)
-        if key not in handle.keys():
-            raise CheckpointError(f"{path}: tensor {key} is listed in the index but missing from the file")
+        if stored not in handle.keys():
+            raise CheckpointError(f"{path}: tensor {stored} is listed in the index but missing from the file")
         try:
-            return handle.get_tensor(key)
+            return handle.get_tensor(stored) if rows is None else handle.get_slice(stored)[rows[0]:rows[1]]
         except Exception as e:
-            raise CheckpointError(f"{path}: cannot read tensor {key} ({e})") from None
+            raise CheckpointError(f"{path}: cannot read tensor {stored} ({e})") from None
 
     def get_float(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
         """A floating tensor checked for dtype and shape, converted to `dtype` on `device`."""
         t = self.get(key)
+        name = self.label(key)
         if t.dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"{self.file_of(key)}: tensor {key} has dtype {t.dtype}, expected fp16/bf16/fp32")
+            raise CheckpointError(f"{self.file_of(key)}: tensor {name} has dtype {t.dtype}, expected fp16/bf16/fp32")
         if tuple(t.shape) != tuple(shape):
-            raise CheckpointError(f"{self.file_of(key)}: tensor {key} has shape {tuple(t.shape)}, "
+            raise CheckpointError(f"{self.file_of(key)}: tensor {name} has shape {tuple(t.shape)}, "
                                   f"expected {tuple(shape)}")
-        check_finite(t, key, self.file_of(key))
+        check_finite(t, name, self.file_of(key))
         return t.to(device=device, dtype=dtype)
 
 
@@ -198,6 +219,7 @@ class ModelParts:
         self.dir = Path(model_dir)
         self.cfg = load_config(model_dir)
         self.src = TensorSource(model_dir)
+        self.split_fused()
         if exl2 not in _linear.EXL2_MODES:
             raise ValueError(f"exl2 mode {exl2!r}: use one of {', '.join(_linear.EXL2_MODES)}")
         if linear_factory is None:
@@ -282,6 +304,37 @@ class ModelParts:
         return {TENSOR_NAMES[key].format(i=i): (heads, cfg.head_dim) for i in range(cfg.num_layers)
                 for key, heads in (("q_norm", cfg.num_heads), ("k_norm", cfg.num_kv_heads))}
 
+    def split_fused(self) -> None:
+        """Where the checkpoint stores a fused projection of the architecture (Arch.fused, e.g. Phi-3's
+        qkv_proj), make each part's name a view of its rows: the parts' output features, stacked in the row's
+        order (the rows ExLlamaV2 and transformers read for each).  A checkpoint that stores the parts
+        themselves (an EXL2 output) is read as it is."""
+        cfg, src = self.cfg, self.src
+        shapes = self.linear_shapes() if cfg.arch.fused else {}
+        for i in range(cfg.num_layers):
+            for fused, part_keys in cfg.arch.fused:
+                prefix = TENSOR_NAMES[fused].format(i=i)
+                parts = [TENSOR_NAMES[p].format(i=i) for p in part_keys]
+                rows = [shapes[p][1] for p in parts]
+                for suffix in ("weight", "bias"):
+                    key = f"{prefix}.{suffix}"
+                    if key not in src:
+                        continue
+                    both = [f"{p}.{suffix}" for p in parts if f"{p}.{suffix}" in src]
+                    if both:
+                        raise CheckpointError(f"{src.file_of(key)}: tensor {key} and {both[0]} are both stored; "
+                                              f"expected one of the two forms")
+                    want = (sum(rows), shapes[parts[0]][0])[: 2 if suffix == "weight" else 1]
+                    got = src.header(key)[0]
+                    if got != want:
+                        raise CheckpointError(f"{src.file_of(key)}: tensor {key} has shape {got}, expected {want} "
+                                              f"({' + '.join(map(str, rows))} rows of {', '.join(part_keys)}, "
+                                              f"from {self.dir / 'config.json'})")
+                    start = 0
+                    for p, n in zip(parts, rows):
+                        src.add_view(f"{p}.{suffix}", key, start, start + n)
+                        start += n
+
     def check_finite(self, progress=None) -> None:
         """Read every tensor the model uses once and fail, naming it, on a NaN or infinity (the converter runs
         this before any work; loading checks each tensor again as it is read).  ``progress(done, total)``."""
@@ -290,7 +343,7 @@ class ModelParts:
             if is_exl2(prefix, self.src):
                 keys += [f"{prefix}.{s}" for s in ("q_scale_max", "bias") if f"{prefix}.{s}" in self.src]
         for j, key in enumerate(keys):
-            check_finite(self.src.get(key), key, self.src.file_of(key))
+            check_finite(self.src.get(key), self.src.label(key), self.src.file_of(key))
             if progress:
                 progress(j + 1, len(keys))
 

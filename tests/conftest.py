@@ -99,6 +99,11 @@ def build_tiny(kind: str, out_dir, *, tie: bool = False, dtype=torch.float32, ma
         kw.setdefault("head_dim", 64)
         cfg = tf.Qwen3Config(rope_theta=1e6, **kw)
         cls = tf.Qwen3ForCausalLM
+    elif kind == "phi3":
+        # fused qkv_proj and gate_up_proj; Phi-4's rope_theta; token ids inside the tiny vocabulary (Phi3Config's
+        # defaults, 1 and 32000, are not)
+        cfg = tf.Phi3Config(rope_theta=250000.0, bos_token_id=1, eos_token_id=2, pad_token_id=None, **kw)
+        cls = tf.Phi3ForCausalLM
     elif kind == "mistral":
         cfg = tf.MistralConfig(sliding_window=None, **kw)
         cls = tf.MistralForCausalLM

