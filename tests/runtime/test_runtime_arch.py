@@ -160,6 +160,7 @@ def test_from_file_errors(tmp_path):
     with pytest.raises(ValueError, match="hidden_size"):
         ModelConfig.from_file(tmp_path)
 
+
 GEMMA2 = dict(architectures=["Gemma2ForCausalLM"], hidden_size=256, num_attention_heads=8, num_key_value_heads=4,
               intermediate_size=512, num_hidden_layers=5, vocab_size=1000)
 
