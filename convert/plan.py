@@ -25,6 +25,7 @@ states stay in system memory.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from exl2.layers.stream import MODULES, module_specs
 from exl2.measure.measure import VARIANT_BUDGET
 from exl2.quant_kernels.codec import padded_columns
 from exl2.quant_kernels.qparams import HEAD_OPTIONS, distinct_options
-from exl2.runtime.arch import ModelConfig
+from exl2.runtime.arch import TENSOR_NAMES, ModelConfig
 from exl2.runtime.cache import MODES as CACHE_MODES
 from exl2.runtime.cache import bytes_per_token
 from exl2.runtime.evaluate import SCORE_CHUNK
@@ -133,6 +134,15 @@ def _stored_bytes(src: TensorSource) -> int:
     return total
 
 
+def _embedding_stored_bytes(cfg: ModelConfig, src: TensorSource | None) -> int:
+    """Bytes of the embedding table as the checkpoint stores it (2 per element when only the config is known)."""
+    if src is not None:
+        with contextlib.suppress(KeyError, OSError):      # no such tensor: the loader reports it later
+            dtype = src.header(TENSOR_NAMES["embed"])[1]
+            return cfg.vocab_size * cfg.hidden_size * {"F32": 4, "F16": 2, "BF16": 2}.get(dtype, 2)
+    return 2 * cfg.vocab_size * cfg.hidden_size
+
+
 def _layer_weight_bytes(cfg: ModelConfig) -> int:
     return 4 * sum(k * n + (n if b else 0) for k, n, b in projection_shapes(cfg).values()) + 2 * 4 * cfg.hidden_size
 
@@ -202,8 +212,14 @@ def make_plan(model_dir: str | Path, *, bits: list[float], head_bits: int, rows:
         st = 4 * measurement_rows * measurement_length * C
         extra, what = _module_peaks(cfg, measurement_length, variants=True, tables=tables, asym=False)
         on_host = base + 2 * st + (0 if cuda else layer_w + extra)
-        p.ram["measure"] = Estimate(on_host, f"base {_gib(base)} + states and reference outputs 2 x {_gib(st)}"
-                                    + ("" if cuda else f" + layer weights {_gib(layer_w)} + {what} {_gib(extra)}"))
+        how = (f"base {_gib(base)} + states and reference outputs 2 x {_gib(st)}"
+               + ("" if cuda else f" + layer weights {_gib(layer_w)} + {what} {_gib(extra)}"))
+        # the first step embeds the rows: the table read as stored, its fp32 copy, and the states being made
+        embed = base + st + 4 * V * C + _embedding_stored_bytes(cfg, src)
+        if embed > on_host:
+            on_host, how = embed, (f"base {_gib(base)} + embedding the rows: the table as stored and in fp32 "
+                                   f"{_gib(embed - base - st)} + states {_gib(st)}")
+        p.ram["measure"] = Estimate(on_host, how)
         if cuda:
             p.vram["measure"] = Estimate(layer_w // 2 + extra, f"layer weights fp16 + {what} (not measured on a GPU)")
     st_q = 4 * rows * length * C
