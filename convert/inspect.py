@@ -8,7 +8,10 @@ import torch
 from safetensors import safe_open
 
 from exl2.quant_kernels import codec
+from exl2.runtime.arch import ARCHITECTURES
 from exl2.runtime.loader import TensorSource
+
+_WEIGHT_PREFIXES = sorted({a.weight_prefix for a in ARCHITECTURES.values() if a.weight_prefix})
 
 # What ExLlamaV2 (0.3.2) can load.  Its safetensors reader (stloader.convert_dtype) knows five dtypes and stops
 # at any other (int64, float64, int8, uint8, bool, fp8): STORABLE.  The EXL2 kernel then checks exact types
@@ -74,7 +77,7 @@ def inspect_dir(model_dir: str | Path) -> dict:
         layers.append(layer_report(p, t))
     tensors = unreadable_tensors(src, prefixes)
     ok = [r for r in layers if "error" not in r]
-    decoder = [r for r in ok if r["layer"] != "lm_head"]
+    decoder = [r for r in ok if _short(r["layer"]) != "lm_head"]
     total_bits = sum(r["bits"] for r in decoder)
     total_w = sum(r["in_features"] * r["out_features_padded"] for r in decoder)
     files = sorted(p.name for p in Path(model_dir).glob("*.safetensors"))
@@ -101,7 +104,16 @@ def unreadable_tensors(src: TensorSource, prefixes) -> list[str]:
     return out
 
 
+def _short(prefix: str) -> str:
+    """A layer's name without an architecture's text-model prefix (Arch.weight_prefix, e.g. language_model.)."""
+    for p in _WEIGHT_PREFIXES:
+        if prefix.startswith(p):
+            return prefix[len(p):]
+    return prefix
+
+
 def _model_order(prefix: str):
+    prefix = _short(prefix)
     parts = prefix.split(".")
     if prefix == "lm_head":
         return (1 << 30, "")

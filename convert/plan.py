@@ -185,7 +185,7 @@ def make_plan(model_dir: str | Path, *, bits: list[float], head_bits: int, rows:
     src = None
     if cfg is None:
         cfg = ModelConfig.from_file(model_dir / "config.json")
-        src = TensorSource(model_dir)
+        src = TensorSource(model_dir, strip=cfg.arch.weight_prefix)
     C, V = cfg.hidden_size, cfg.vocab_size
     lo, hi, numel = bpw_range(cfg, tables)
     head_qp = HEAD_OPTIONS[head_bits]

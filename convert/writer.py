@@ -4,7 +4,8 @@ Tensors in model order (embedding; per layer input_layernorm, q, k, v, o, q_norm
 architecture has them, post_attention_layernorm, gate, up, down; final norm; lm_head), unquantized ones as
 fp16 under their HF names and shapes, quantized ones from ``out_tensor/``.  A shard is cut when the next module would pass the size limit; one file is named
 ``output.safetensors``, several ``output-00001-of-0000N.safetensors``.  No index file is written (the
-loader globs ``*.safetensors``).
+loader globs ``*.safetensors``).  A multimodal wrapper (Gemma3) writes its text model under its prefix
+(``language_model.``) and then copies the tensors ExLlamaV2 copies (Arch.copied_prefixes), as stored.
 
 ``config.json`` is the source's with every field ExLlamaV2's loader reads restated in the form it reads
 (:func:`loader_config`), plus ``quantization_config``.  Of the source's other files only what a loader
@@ -18,6 +19,7 @@ Files get the permissions the user's umask gives new files (safetensors alone wo
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -44,7 +46,7 @@ ORIGINAL_CARD = "ORIGINAL_CARD.md"
 LOADER_FILES = frozenset({
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json", "chat_template.json",
-    "chat_template.jinja",
+    "chat_template.jinja", "preprocessor_config.json",
 })
 _LICENCE = re.compile(r"(licen[cs]e|notice|use_policy|copying)([-_.][\w.-]*)?(\.(txt|md))?", re.IGNORECASE)
 _SHARD = re.compile(r"output(-\d{5}-of-\d{5})?\.safetensors")
@@ -123,6 +125,8 @@ def loader_config(src: dict, cfg: ModelConfig, quantization_config: dict) -> dic
     - no :data:`FOREIGN_FIELDS` and no ``auto_map`` (its code is not copied); ``use_qk_norm: true`` for an
       architecture with q/k norms (ExLlamaV2's default for Qwen3 too, stated rather than left to it).
     """
+    if cfg.arch.text_config:
+        return _nested_config(src, cfg, quantization_config)
     out = {k: v for k, v in src.items() if k not in FOREIGN_FIELDS and k not in ("auto_map", "rope_scaling")}
     out["architectures"] = [cfg.arch.name]
     out.update(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -153,6 +157,52 @@ def loader_config(src: dict, cfg: ModelConfig, quantization_config: dict) -> dic
         out.pop("pad_token_id")            # ExLlamaV2 reads an integer or nothing
     out["quantization_config"] = quantization_config
     return out
+
+
+# A multimodal wrapper's config.json (Arch.text_config): the fields ExLlamaV2 0.3.2 reads at the top level only
+# (config.py: use_qk_norm, sliding_window_pattern, both caps; architectures and quantization_config), of which
+# the pattern and the caps are also the text model's for transformers.
+_TOP_ONLY = ("architectures", "quantization_config", "use_qk_norm")
+_TOP_TOO = ("sliding_window_pattern", "attn_logit_softcapping", "final_logit_softcapping")
+_STATED = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+           "head_dim", "vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling",
+           "tie_word_embeddings", "query_pre_attn_scalar", "sliding_window", "attention_bias", "mlp_bias",
+           "rope_local_base_freq", *_TOP_TOO}
+
+
+def _nested_config(src: dict, cfg: ModelConfig, quantization_config: dict) -> dict:
+    """loader_config for a config.json whose text fields sit under text_config (Gemma3ForConditionalGeneration).
+
+    The text model's fields are written as for a flat config into text_config (ExLlamaV2 reads them there when
+    the top level lacks them, transformers reads only them), and where the top level also states one it gets
+    the same value (ExLlamaV2 reads the top level first).  The RoPE is stated in both layouts: rope_theta and
+    rope_scaling (the full layers', which ExLlamaV2 and transformers 4 read), rope_local_base_freq, and
+    transformers 5's rope_parameters per layer type.  The token ids stay where the source has them;
+    vision_config and every other top-level field are kept.
+    """
+    text_src = src.get("text_config") or {}
+    flat = {k: v for k, v in src.items() if k not in ("text_config", "vision_config")}
+    flat.update(text_src)
+    flat_out = loader_config({**flat, "architectures": ["-"]}, dataclasses.replace(
+        cfg, arch=dataclasses.replace(cfg.arch, text_config=False)), quantization_config)
+    flat_out.pop("rope_parameters", None)
+    flat_out["rope_local_base_freq"] = cfg.local_rope_theta
+    flat_out["sliding_window_pattern"] = cfg.sliding_window_pattern
+    top = {k: v for k, v in src.items() if k not in FOREIGN_FIELDS and k not in ("auto_map", "text_config")}
+    text = {k: v for k, v in text_src.items() if k not in FOREIGN_FIELDS and k not in ("auto_map", "rope_scaling")}
+    stated = set(flat_out) - set(flat) | _STATED      # what loader_config states, rather than carries over
+    for k, v in flat_out.items():
+        if k in _TOP_ONLY or k in _TOP_TOO or (k in top and k in stated):
+            top[k] = v
+        if k not in _TOP_ONLY and (k in text_src or k in stated):
+            text[k] = v
+    if cfg.rope_scaling is None:
+        top.pop("rope_scaling", None)
+    full = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta}
+    text["rope_parameters"] = {"full_attention": full,
+                               "sliding_attention": {"rope_type": "default", "rope_theta": cfg.local_rope_theta}}
+    top["text_config"] = text
+    return top
 
 
 def _without_auto_map(text: str) -> str | None:
@@ -301,23 +351,37 @@ def _swap_in(tmp: Path, target: Path) -> None:
 
 def _write_into(tmp: Path, parts: ModelParts, model_dir: Path, out_tensor: Path, target: Path, limit: int | None,
                 quantization_config: dict, extra_files: dict[str, str] | None) -> list[Path]:
+    arch = parts.cfg.arch
+    prefix = arch.weight_prefix         # the text model's names in the output, as in the source (ExLlamaV2's lm_prefix)
+
     def module_tensors(name: str, kind: str) -> dict[str, torch.Tensor]:
         if kind == "exl2":
             path = out_tensor / f"{name}.safetensors"
             if not path.exists():
                 raise FileNotFoundError(f"{path}: quantized tensors of {name} missing (quantization incomplete)")
-            return load_file(str(path))
-        return {name: parts.src.get(name).to(torch.float16)}
+            return {prefix + k: v for k, v in load_file(str(path)).items()}
+        if kind == "copy":          # Arch.copied_prefixes: as stored, renamed as ExLlamaV2 does
+            out = name
+            for old, new in arch.copied_renames:
+                out = out.replace(old, new)
+            return {out: parts.src.get(name)}
+        return {prefix + name: parts.src.get(name).to(torch.float16)}
 
     def module_bytes(name: str, kind: str) -> int:
         if kind == "exl2":   # the file is the tensors plus a small header
             return (out_tensor / f"{name}.safetensors").stat().st_size
+        if kind == "copy":
+            t = parts.src.get(name)
+            return t.numel() * t.element_size()
         return 2 * math.prod(parts.src.shape(name))          # written as fp16
 
+    order = module_order(parts.cfg.num_layers, arch.qk_norm, arch.sandwich_norms)
+    keys = parts.src.keys()
+    order += [(k, "copy") for p in arch.copied_prefixes for k in sorted(keys) if k.startswith(p)]
     # Cut shards by size before writing, so each shard's name can carry the count.
     shards: list[list[tuple[str, str]]] = [[]]
     size = 0
-    for name, kind in module_order(parts.cfg.num_layers, parts.cfg.arch.qk_norm, parts.cfg.arch.sandwich_norms):
+    for name, kind in order:
         n = module_bytes(name, kind) if limit else 0
         if limit and shards[-1] and size + n > limit:
             shards.append([])

@@ -57,6 +57,24 @@ class Arch:
     sliding_layers: str | None = None
     default_sliding_window: int | None = None
     default_tie_word_embeddings: bool = False  # when config.json does not say (transformers' default)
+    # Gemma3's facts.  sliding_layers "pattern": a window on every layer but each sliding_window_pattern-th
+    # ((i + 1) % pattern != 0; default default_sliding_window_pattern), ExLlamaV2's alternating_swa with
+    # `sliding_window_pattern`.  local_rope_theta: the windowed layers' RoPE base, unscaled (ExLlamaV2's fixed
+    # `sliding_rope_theta`, scale 1); rope_theta and its scaling apply to the other layers.  text_config: the
+    # text model's fields sit under config.json's "text_config" (a multimodal wrapper).  weight_prefix: the text
+    # model's tensor names carry this prefix in the checkpoint (ExLlamaV2's `lm_prefix`); other tensors (the
+    # vision tower, the projector) are not the text model's.  config_defaults: (field, value) where config.json
+    # may leave a field out and transformers' and ExLlamaV2's defaults agree.
+    default_sliding_window_pattern: int | None = None
+    local_rope_theta: float | None = None
+    text_config: bool = False
+    weight_prefix: str = ""
+    config_defaults: tuple[tuple[str, object], ...] = ()
+    # Tensors the converter carries into the output unquantized, as stored, after the text model's (ExLlamaV2's
+    # compile step copies its vision tower's and projector's, `vt_prefix` / `mmp_prefix`): name prefixes, and
+    # (old, new) substring renames applied to their names as ExLlamaV2's `keymap` does.
+    copied_prefixes: tuple[str, ...] = ()
+    copied_renames: tuple[tuple[str, str], ...] = ()
 
 
 ARCHITECTURES: dict[str, Arch] = {
@@ -91,6 +109,19 @@ ARCHITECTURES: dict[str, Arch] = {
              default_head_dim=256, norm_offset=1.0, sandwich_norms=True, mlp_act="gelu_tanh", embed_scale=True,
              softcap=(50.0, 30.0), default_query_pre_attn_scalar=256.0, sliding_layers="alternating",
              default_sliding_window=4096, default_tie_word_embeddings=True),
+        # The text model of Gemma 3 (ExLlamaV2 0.3.2 reads this name, not Gemma3ForCausalLM): Gemma2's layout with
+        # per-head q/k norms (also 1 + w), no soft-capping by default, a window on five layers of six, RoPE base
+        # 1e6 (with the config's scaling, linear x8 in the 4B+ models) on the full layers and 10000 unscaled on
+        # the windowed ones; config.json nests the text fields under text_config, tensors under language_model.
+        Arch("Gemma3ForConditionalGeneration", qkv_bias=False, o_bias=False, mlp_bias=False,
+             bias_from_config=("attention_bias",), default_rope_theta=1e6, default_eps=1e-6, requires_bos=True,
+             qk_norm=True, default_head_dim=256, norm_offset=1.0, sandwich_norms=True, mlp_act="gelu_tanh",
+             embed_scale=True, softcap=(None, None), default_query_pre_attn_scalar=256.0, sliding_layers="pattern",
+             default_sliding_window=4096, default_tie_word_embeddings=True, default_sliding_window_pattern=6,
+             local_rope_theta=10000.0, text_config=True, weight_prefix="language_model.",
+             config_defaults=(("vocab_size", 262208), ("num_attention_heads", 8), ("num_key_value_heads", 4)),
+             copied_prefixes=("multi_modal_projector.", "vision_tower.vision_model."),
+             copied_renames=(("mm_input_projection_weight", "mm_input_projection.weight"),)),
     )
 }
 
@@ -173,6 +204,8 @@ class ModelConfig:
     final_softcap: float | None = None
     query_pre_attn_scalar: float | None = None  # None: the attention scale is 1 / sqrt(head_dim)
     layer_windows: tuple[int | None, ...] = ()  # per layer: the window in keys, or None (full causal); () = none
+    sliding_window_pattern: int | None = None  # Gemma3: every pattern-th layer is a full one (Arch.sliding_layers)
+    local_rope_theta: float | None = None  # Gemma3: the windowed layers' RoPE base, unscaled; None: one RoPE
 
     @property
     def attn_scale(self) -> float:
@@ -194,6 +227,9 @@ class ModelConfig:
             raise ConfigError(f"{where}: expected a JSON object, found {type(d).__name__}")
         r = _Reader(d, where)
         arch = get_arch(r.architectures(), where)
+        if arch.text_config:
+            d = _text_fields(d, arch, where)
+            r = _Reader(d, where)
         hidden = r.int("hidden_size")
         heads = r.int("num_attention_heads")
         head_dim = r.int("head_dim", default=arch.default_head_dim)
@@ -370,6 +406,27 @@ def _gemma_fields(r: _Reader, arch: Arch) -> dict:
                 break
     if r.d.get("use_bidirectional_attention"):
         raise ConfigError(f"{where}: use_bidirectional_attention is not supported (causal attention only)")
+    if arch.sliding_layers == "pattern":
+        layers = r.int("num_hidden_layers")
+        window = r.int("sliding_window", default=arch.default_sliding_window, maximum=MAX_TOKEN_ID)
+        given = r.d.get("layer_types")
+        if given is not None:   # transformers 5 states the layer types; they must follow one pattern
+            if not isinstance(given, list):
+                raise ConfigError(f"{where}: layer_types must be a list, found {type(given).__name__}")
+            # the first full layer's position is the pattern (none: any pattern above the depth)
+            pattern = given.index("full_attention") + 1 if "full_attention" in given else layers + 1
+            expected = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+            if given != expected:
+                raise ConfigError(f"{where}: layer_types do not follow one sliding_window_pattern (a full layer "
+                                  f"every n-th), the only layout ExLlamaV2 runs for {arch.name}")
+        else:
+            pattern = r.int("sliding_window_pattern", default=arch.default_sliding_window_pattern)
+        if pattern < 2:
+            raise ConfigError(f"{where}: sliding_window_pattern {pattern} not supported for {arch.name} "
+                              f"(ExLlamaV2 reads a pattern below 2 as alternating layers)")
+        out["sliding_window_pattern"] = pattern
+        out["layer_windows"] = tuple(None if (i + 1) % pattern == 0 else window for i in range(layers))
+        out["local_rope_theta"] = _local_rope(r, arch)
     if arch.sliding_layers == "alternating":
         layers = r.int("num_hidden_layers")
         window = r.int("sliding_window", default=arch.default_sliding_window, maximum=MAX_TOKEN_ID)
@@ -380,6 +437,51 @@ def _gemma_fields(r: _Reader, arch: Arch) -> dict:
                               f"runs for {arch.name} (sliding on even layers)")
         out["layer_windows"] = tuple(window if t == "sliding_attention" else None for t in expected)
     return out
+
+
+def _text_fields(d: dict, arch: Arch, where: str) -> dict:
+    """config.json of a multimodal wrapper -> one flat dict of the text model's fields: text_config's fields
+    over the top level's (as transformers reads the text model), except the token ids, which ExLlamaV2 reads
+    from the top level only; then the row's config_defaults where a field is absent.  A top-level
+    sliding_window_pattern (what ExLlamaV2 reads) that disagrees with the text model's is refused."""
+    text = d.get("text_config")
+    if text is None:
+        text = {}
+    if not isinstance(text, dict):
+        raise ConfigError(f"{where}: text_config must be an object, found {type(text).__name__}")
+    flat = {k: v for k, v in d.items() if k not in ("text_config", "vision_config")}
+    flat.update({k: v for k, v in text.items()
+                 if not (k in ("bos_token_id", "eos_token_id") and d.get(k) is not None)})
+    for k, v in arch.config_defaults:
+        if flat.get(k) is None:
+            flat[k] = v
+    top, inner = d.get("sliding_window_pattern"), text.get("sliding_window_pattern")
+    if top is not None and inner is not None and top != inner:
+        raise ConfigError(f"{where}: sliding_window_pattern {top} (top level, which ExLlamaV2 reads) differs from "
+                          f"text_config's {inner} (which transformers reads)")
+    return flat
+
+
+def _local_rope(r: _Reader, arch: Arch) -> float:
+    """The windowed layers' RoPE base (Arch.local_rope_theta), from either layout: transformers 5's
+    rope_parameters["sliding_attention"] or 4.x's rope_local_base_freq.  ExLlamaV2 runs them at its fixed base
+    without scaling, so any other base or a scaling of these layers is refused."""
+    where, src = r.where, r.d.get("rope_parameters")
+    local = src.get("sliding_attention") if isinstance(src, dict) else None
+    if local is not None:
+        if not isinstance(local, dict):
+            raise ConfigError(f"{where}: rope_parameters.sliding_attention must be an object")
+        rtype = local.get("rope_type") or local.get("type") or "default"
+        if rtype != "default":
+            raise ConfigError(f"{where}: rope_parameters.sliding_attention type {rtype!r} not supported for "
+                              f"{arch.name} (ExLlamaV2 runs the windowed layers' RoPE unscaled)")
+        theta = r.float("rope_theta", default=arch.local_rope_theta, source=local)
+    else:
+        theta = r.float("rope_local_base_freq", default=arch.local_rope_theta)
+    if theta != arch.local_rope_theta:
+        raise ConfigError(f"{where}: the windowed layers' RoPE base {theta:g} not supported for {arch.name} "
+                          f"(ExLlamaV2 runs them at {arch.local_rope_theta:g})")
+    return theta
 
 
 def rope_source(d: dict) -> dict:
@@ -396,6 +498,11 @@ def _parse_rope(r: _Reader, arch: Arch, max_pos: int) -> tuple[float, dict | Non
         if d.get(key) is not None and not isinstance(d[key], dict):
             raise ConfigError(f"{where}: {key} must be an object, found {type(d[key]).__name__}")
     src = rope_source(d)
+    if arch.local_rope_theta is not None and not d.get("rope_scaling") and \
+            {"full_attention", "sliding_attention"} & set(src):
+        src = src.get("full_attention") or {}   # transformers 5's RoPE per layer type: the full layers' here,
+        if not isinstance(src, dict):            # the windowed layers' in _local_rope
+            raise ConfigError(f"{where}: rope_parameters.full_attention must be an object")
     nested = [k for k, v in src.items() if isinstance(v, dict)]
     if nested:      # transformers 5 nests RoPE settings by layer type for models that mix them (Gemma 3)
         raise ConfigError(f"{where}: RoPE settings per layer type ({', '.join(nested)}) are not supported for "

@@ -20,7 +20,7 @@ from exl2.quant_kernels.codec import padded_columns
 from . import linear as _linear
 
 from .arch import TENSOR_NAMES, ModelConfig
-from .model import MLP, Attention, Block, Model, RMSNorm
+from .model import MLP, Attention, Block, Model, RMSNorm, Rotary
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -33,18 +33,22 @@ class CheckpointError(UserError, ValueError):
 class TensorSource:
     """Maps tensor key -> safetensors file of a model directory; reads tensors on demand."""
 
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, strip: str = ""):
+        """strip: a prefix taken off the names that carry it (see strip_prefix)."""
         self.dir = Path(model_dir)
         if not self.dir.is_dir():
             raise CheckpointError(f"{self.dir}: not a directory")
         self._files: dict[str, Path] = {}  # key -> file
         self._handles: dict[Path, object] = {}
         self._views: dict[str, tuple[str, int, int]] = {}  # key -> (stored key, first row, end row): add_view
+        self._stored: dict[str, str] = {}  # key -> its name in the file, where strip_prefix renamed it
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
             self._from_index(index)
         else:
             self._from_glob()
+        if strip:
+            self.strip_prefix(strip)
 
     def _from_index(self, index: Path) -> None:
         try:
@@ -92,6 +96,16 @@ class TensorSource:
         calls this between layers to keep its resident size at one layer."""
         self._handles.clear()
 
+    def strip_prefix(self, prefix: str) -> None:
+        """Name every stored tensor whose name starts with ``prefix`` without it (Arch.weight_prefix: a
+        multimodal checkpoint's text model); reads still use the stored name.  The others keep their names."""
+        for key in [k for k in self._files if k.startswith(prefix)]:
+            short = key[len(prefix):]
+            if short in self._files:
+                raise CheckpointError(f"{self.dir}: tensors {key} and {short} both present")
+            self._files[short] = self._files.pop(key)
+            self._stored[short] = key
+
     def add_view(self, key: str, stored: str, start: int, end: int) -> None:
         """Make ``key`` name rows [start, end) of the stored tensor ``stored`` (one part of a fused projection,
         Arch.fused): it is then found, sized and read like a stored tensor, but not listed by keys()."""
@@ -127,9 +141,10 @@ class TensorSource:
         if key not in self._files:
             raise CheckpointError(f"{self.dir}: tensor {key} not found in any safetensors file")
         handle = self._open(self._files[key])
-        if key not in handle.keys():
-            raise CheckpointError(f"{self._files[key]}: tensor {key} is listed in the index but missing from the file")
-        sl = handle.get_slice(key)
+        name = self._stored.get(key, key)
+        if name not in handle.keys():
+            raise CheckpointError(f"{self._files[key]}: tensor {name} is listed in the index but missing from the file")
+        sl = handle.get_slice(name)
         return tuple(sl.get_shape()), sl.get_dtype()
 
     def get(self, key: str) -> torch.Tensor:
@@ -140,12 +155,13 @@ class TensorSource:
             raise CheckpointError(f"{self.dir}: tensor {stored} not found in any safetensors file")
         path = self._files[stored]
         handle = self._open(path)
-        if stored not in handle.keys():
-            raise CheckpointError(f"{path}: tensor {stored} is listed in the index but missing from the file")
+        name = self._stored.get(stored, stored)
+        if name not in handle.keys():
+            raise CheckpointError(f"{path}: tensor {name} is listed in the index but missing from the file")
         try:
-            return handle.get_tensor(stored) if rows is None else handle.get_slice(stored)[rows[0]:rows[1]]
+            return handle.get_tensor(name) if rows is None else handle.get_slice(name)[rows[0]:rows[1]]
         except Exception as e:
-            raise CheckpointError(f"{path}: cannot read tensor {stored} ({e})") from None
+            raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from None
 
     def get_float(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
         """A floating tensor checked for dtype and shape, converted to `dtype` on `device`."""
@@ -218,7 +234,7 @@ class ModelParts:
             raise ValueError(f"dtype {dtype} not supported; use float32 (CPU) or float16 (CUDA)")
         self.dir = Path(model_dir)
         self.cfg = load_config(model_dir)
-        self.src = TensorSource(model_dir)
+        self.src = TensorSource(model_dir, strip=self.cfg.arch.weight_prefix)
         self.split_fused()
         if exl2 not in _linear.EXL2_MODES:
             raise ValueError(f"exl2 mode {exl2!r}: use one of {', '.join(_linear.EXL2_MODES)}")
@@ -393,13 +409,19 @@ class ModelParts:
         qk_norms = (self.head_norm("q_norm", i), self.head_norm("k_norm", i)) if cfg.arch.qk_norm else ()
         attn = Attention(cfg, lin("q", i, C, H * D, cfg.qkv_bias), lin("k", i, C, Hkv * D, cfg.qkv_bias),
                          lin("v", i, C, Hkv * D, cfg.qkv_bias), lin("o", i, H * D, C, cfg.o_bias), *qk_norms,
-                         window=cfg.window(i))
+                         window=cfg.window(i), rotary=self.local_rotary(i))
         mlp = MLP(lin("gate", i, C, I, cfg.mlp_bias), lin("up", i, C, I, cfg.mlp_bias),
                   lin("down", i, I, C, cfg.mlp_bias), act=cfg.arch.mlp_act)
         if cfg.arch.sandwich_norms:   # Gemma: norms after attention and around the MLP (see Block)
             return Block(self.norm("attn_norm", i), attn, self.norm("mlp_pre_norm", i), mlp,
                          self.norm("attn_post_norm", i), self.norm("mlp_post_norm", i))
         return Block(self.norm("attn_norm", i), attn, self.norm("mlp_norm", i), mlp)
+
+    def local_rotary(self, i: int) -> Rotary | None:
+        """Layer i's own RoPE where it differs from the model's (Gemma3's windowed layers), else None."""
+        if self.cfg.local_rope_theta is None or self.cfg.window(i) is None:
+            return None
+        return Rotary(self.cfg, local=True).to(self.device)
 
     def has_head(self) -> bool:
         """Whether the checkpoint stores its own head (FP or EXL2); the ExLlamaV2 loader tries lm_head first."""

@@ -1,4 +1,5 @@
-"""The one model definition: Llama layout (Qwen2, Qwen3, Llama, Mistral, Gemma2), no quantization code.
+"""The one model definition: Llama layout (Qwen2, Qwen3, Llama, Mistral, Gemma2, Gemma3), no quantization
+code.
 
 Linear layers are opaque modules (see linear.py); the loader decides what they are. Shapes:
 B batch, T new tokens in this call, P past tokens in the cache, S = P + T keys, C hidden size,
@@ -6,6 +7,7 @@ H query heads, Hkv key/value heads, D head_dim, V vocabulary.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -54,8 +56,11 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 class Rotary(nn.Module):
     """NeoX / rotate-half RoPE; angles, cos and sin in fp32."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, *, local: bool = False):
+        """local: the RoPE of Gemma3's windowed layers (cfg.local_rope_theta, unscaled)."""
         super().__init__()
+        if local:
+            cfg = dataclasses.replace(cfg, rope_theta=cfg.local_rope_theta, rope_scaling=None)
         inv = rope_inv_freq(cfg)  # [D/2] fp32
         self.register_buffer("inv_freq", inv, persistent=False)
 
@@ -136,9 +141,12 @@ class Attention(nn.Module):
     kv_profile = None
 
     def __init__(self, cfg: ModelConfig, q: nn.Module, k: nn.Module, v: nn.Module, o: nn.Module,
-                 q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None, *, window: int | None = None):
+                 q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None, *, window: int | None = None,
+                 rotary: "Rotary | None" = None):
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q, k, v, o
+        # A RoPE of this layer's own (Gemma3's windowed layers): its angles replace the cos/sin passed in
+        self.rotary = rotary
         # this layer's sliding window (cfg.window(i)), the scale and the soft-capping of its logits
         self.window, self.scale, self.softcap = window, cfg.attn_scale, cfg.attn_softcap
         # Per-head norms (architectures whose row has qk_norm): weight [D], or [heads, D] one row per head
@@ -160,6 +168,8 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.project(x)
         k_pre = k
+        if self.rotary is not None:
+            cos, sin = self.rotary.cos_sin(past_len, T)  # [T, D] each
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if layer_cache is not None:
             if getattr(layer_cache, "takes_pre_rope", False):  # exl2's own modes (kv_x.py) take pre-RoPE keys

@@ -78,8 +78,8 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
 
 def build_tiny(kind: str, out_dir, *, tie: bool = False, dtype=torch.float32, max_shard_size=None,
                seed: int = 0, **overrides):
-    """Write a tiny random `kind` ("qwen2", "qwen3", "llama3", "mistral", "gemma2") checkpoint to out_dir; returns
-    out_dir."""
+    """Write a tiny random `kind` ("qwen2", "qwen3", "llama3", "mistral", "gemma2", "gemma3") checkpoint to out_dir;
+    returns out_dir."""
     import transformers as tf
 
     kw = dict(TINY, tie_word_embeddings=tie, **overrides)
@@ -115,6 +115,21 @@ def build_tiny(kind: str, out_dir, *, tie: bool = False, dtype=torch.float32, ma
             kw.setdefault(k, v)
         cfg = tf.Gemma2Config(**kw)
         cls = tf.Gemma2ForCausalLM
+    elif kind == "gemma3":
+        # Gemma3ForConditionalGeneration: the text model as gemma2's (no caps: Gemma3's default) with q/k norms,
+        # a full layer every 2nd (windowed layers 0 and 2 of 3 unless overridden), linear RoPE scaling x8 on
+        # the full layers; a one-layer vision tower (ignored by exl2, present as in the real checkpoints)
+        tie_top = kw.pop("tie_word_embeddings")
+        kw["num_hidden_layers"] = overrides.get("num_hidden_layers", 3)
+        for k, v in dict(head_dim=64, query_pre_attn_scalar=48, sliding_window=16, sliding_window_pattern=2,
+                         rope_scaling={"rope_type": "linear", "factor": 8.0}).items():
+            kw.setdefault(k, v)
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=28, patch_size=14)
+        cfg = tf.Gemma3Config(text_config=dict(kw, tie_word_embeddings=tie_top), vision_config=vision,
+                              mm_tokens_per_image=4, boi_token_index=500, eoi_token_index=501,
+                              image_token_index=502, tie_word_embeddings=tie_top)
+        cls = tf.Gemma3ForConditionalGeneration
     else:
         raise ValueError(kind)
     torch.manual_seed(seed)

@@ -24,7 +24,8 @@ def test_table_rows():
     q3 = ARCHITECTURES["Qwen3ForCausalLM"]
     assert q3.qk_norm and not (q3.qkv_bias or q3.o_bias or q3.mlp_bias or q3.requires_bos)
     assert q3.bias_from_config == ("attention_bias",)
-    assert [a.name for a in ARCHITECTURES.values() if a.qk_norm] == ["Qwen3ForCausalLM"]
+    assert [a.name for a in ARCHITECTURES.values() if a.qk_norm] == ["Qwen3ForCausalLM",
+                                                                     "Gemma3ForConditionalGeneration"]
 
 
 def test_qwen3_head_dim_from_config_else_128():
@@ -45,7 +46,8 @@ def test_qwen3_attention_bias_but_never_an_mlp_bias():
 
 
 def test_unknown_architecture():
-    with pytest.raises(UnsupportedArchitectureError, match="supported: Gemma2ForCausalLM, LlamaForCausalLM, "
+    with pytest.raises(UnsupportedArchitectureError, match="supported: Gemma2ForCausalLM, "
+                                                           "Gemma3ForConditionalGeneration, LlamaForCausalLM, "
                                                            "MistralForCausalLM, (Phi3ForCausalLM, )?"
                                                            "Qwen2ForCausalLM, Qwen3ForCausalLM$"):
         get_arch(["FalconForCausalLM"])
@@ -189,3 +191,45 @@ def test_gemma2_refuses_what_exllamav2_would_run_differently(extra, match):
         ModelConfig.from_dict({**GEMMA2, **extra})
     ok = ["sliding_attention", "full_attention"] * 2 + ["sliding_attention"]
     assert ModelConfig.from_dict({**GEMMA2, "layer_types": ok}).window(4) == 4096
+
+
+# Gemma3ForConditionalGeneration's config.json: the text fields under text_config, as the real checkpoints
+GEMMA3 = dict(architectures=["Gemma3ForConditionalGeneration"], eos_token_id=[1, 106],
+              text_config=dict(hidden_size=256, intermediate_size=512, num_hidden_layers=7, sliding_window=1024,
+                               rope_scaling={"rope_type": "linear", "factor": 8.0}, eos_token_id=1),
+              vision_config=dict(hidden_size=1152))
+
+
+def test_gemma3_text_config_and_defaults():
+    """text_config's fields are read, with transformers' Gemma3TextConfig defaults where ExLlamaV2's agree (8
+    heads, 4 KV heads, vocabulary 262208, head_dim 256); the token ids at the top level (ExLlamaV2 reads them
+    there); a full layer every 6th; RoPE 1e6 scaled on the full layers, 10000 on the windowed ones."""
+    c = ModelConfig.from_dict(GEMMA3)
+    assert (c.hidden_size, c.num_heads, c.num_kv_heads, c.vocab_size, c.head_dim) == (256, 8, 4, 262208, 256)
+    assert c.eos_token_ids == [1, 106] and c.tie_word_embeddings and c.arch.qk_norm
+    assert c.layer_windows == (1024,) * 5 + (None, 1024) and c.sliding_window_pattern == 6
+    assert (c.rope_theta, c.rope_scaling, c.local_rope_theta) == (1e6, {"rope_type": "linear", "factor": 8.0}, 1e4)
+    assert (c.attn_softcap, c.final_softcap, c.query_pre_attn_scalar) == (None, None, 256.0)
+    # transformers 5's layout: RoPE per layer type, layer_types stated
+    t5 = dict(GEMMA3["text_config"], rope_scaling=None, layer_types=["sliding_attention", "full_attention"] * 3
+              + ["sliding_attention"], rope_parameters={
+                  "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 5e5},
+                  "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+    c = ModelConfig.from_dict({**GEMMA3, "text_config": t5})
+    assert c.sliding_window_pattern == 2 and c.layer_windows == (1024, None) * 3 + (1024,)
+    assert (c.rope_theta, c.rope_scaling["factor"]) == (5e5, 4.0)
+
+
+@pytest.mark.parametrize("text,top,match", [
+    ({"layer_types": ["sliding_attention", "full_attention", "full_attention"] + ["sliding_attention"] * 4},
+     {}, "layer_types do not follow one sliding_window_pattern"),
+    ({"sliding_window_pattern": 1}, {}, "sliding_window_pattern 1 not supported"),
+    ({"sliding_window_pattern": 3}, {"sliding_window_pattern": 6}, "differs from text_config's 3"),
+    ({"rope_local_base_freq": 20000.0}, {}, "windowed layers' RoPE base 20000 not supported"),
+    ({"rope_parameters": {"sliding_attention": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling": None},
+     {}, "sliding_attention type 'linear' not supported"),
+    ({"hidden_activation": "gelu"}, {}, "hidden_activation 'gelu' not supported"),
+])
+def test_gemma3_refuses_what_exllamav2_would_run_differently(text, top, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_dict({**GEMMA3, **top, "text_config": {**GEMMA3["text_config"], **text}})

@@ -38,6 +38,11 @@ def _ids(seed, B=2, T=200, vocab=512):
     ("gemma2", {"tie": True}),             # 16-token window on layer 0 (rows of 200), caps 2 and 3, (1 + w) norms
     ("gemma2", {}),
     ("gemma2", {"dtype": torch.bfloat16, "attention_bias": True}),
+    # Gemma3ForConditionalGeneration's text model: windowed layers 0 and 2 (16 keys; base 10000), full layer 1
+    # (base 1e6, linear x8), q/k norms (1 + w), tensors under language_model.; these 3 x seeds 0-2: max 3.1e-6
+    ("gemma3", {"tie": True}),
+    ("gemma3", {}),
+    ("gemma3", {"dtype": torch.bfloat16, "attention_bias": True}),
 ])
 def test_logits_match_transformers(tiny_checkpoint, hf_logits, kind, kw):
     d = tiny_checkpoint(kind, **kw)
@@ -157,7 +162,33 @@ def test_gemma2_negative_controls(tiny_checkpoint, hf_logits, what):
     assert err > 1e-2, f"{what}: {err:.3g}"
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama3", "qwen3", "gemma2"])
+@pytest.mark.parametrize("what", ["local_rope", "global_scaling", "qk_norm_offset"])
+def test_gemma3_negative_controls(tiny_checkpoint, hf_logits, what):
+    """Gemma3's differences from Gemma2 are exercised by the tiny checkpoint: the windowed layers' own RoPE,
+    the full layers' scaled RoPE and the (1 + w) of the q/k norms each move the logits beyond ATOL when left
+    out."""
+    from exl2.runtime.model import Rotary
+
+    d = tiny_checkpoint("gemma3", tie=True)
+    ids = _ids(2)
+    ref = hf_logits(d, ids)
+    m = load_model(d)
+    assert [b.self_attn.rotary is not None for b in m.layers] == [True, False, True]
+    if what == "local_rope":
+        for b in m.layers:
+            b.self_attn.rotary = None
+    elif what == "global_scaling":
+        import dataclasses
+        m.rotary = Rotary(dataclasses.replace(m.cfg, rope_scaling=None))
+    else:
+        for b in m.layers:
+            b.self_attn.q_norm.offset = b.self_attn.k_norm.offset = 0.0
+    with torch.no_grad():
+        err = (m(ids) - ref).abs().max().item()
+    assert err > 1e-2, f"{what}: {err:.3g}"
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama3", "qwen3", "gemma2", "gemma3"])
 def test_chunked_prefill_equals_full_pass(tiny_checkpoint, kind):
     m = load_model(tiny_checkpoint(kind))
     ids = _ids(3)
