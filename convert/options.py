@@ -148,7 +148,7 @@ class Option:
     from_spec: Callable[[Any], Any] | None = None          # exl2-batch value -> value; None: not a spec key
     spec_key: str | None = None                            # the spec's name for it, if not `name`
     check: Callable[[Any], str | None] = lambda v: None    # the value -> why it is not allowed, or None
-    invalidates: str | None = None     # "measure" or "quant": finished work a change of value invalidates
+    invalidates: tuple[str, ...] = ()  # "measure", "quant": the finished work a change of value invalidates
     legacy: Any = None                 # the value job files written before the option existed used
     recorded_as: str | None = None     # where quantization_config records it ("head_bits", "exl2.tables")
 
@@ -181,7 +181,7 @@ OPTIONS: tuple[Option, ...] = (
            "measurement.", flags=("-b", "--bits"), metavar="BPW[,BPW...]", show_default="4.125",
            from_text=_targets_text, from_spec=_targets_spec, spec_key="bpw", check=_check_targets),
     Option("head_bits", 6, "Bits of the output head.", flags=("-hb", "--head-bits"), choices=VALID_BITS,
-           from_text=_int_text, from_spec=_int_spec, check=_one_of(VALID_BITS), invalidates="quant",
+           from_text=_int_text, from_spec=_int_spec, check=_one_of(VALID_BITS), invalidates=("quant",),
            recorded_as="head_bits"),
     # --- measurement reuse
     Option("measurement", None, "Reuse this measurement.json instead of measuring.", flags=("-m", "--measurement"),
@@ -193,22 +193,22 @@ OPTIONS: tuple[Option, ...] = (
     # --- calibration
     Option("cal_dataset", None, "Calibration data: parquet, jsonl or text. Default: the embedded mix.",
            flags=("-c", "--cal-dataset"), metavar="FILE", show_default=False, from_spec=_path_spec,
-           invalidates="measure quant"),
+           invalidates=("measure", "quant")),
     Option("rows", 100, "Quantization rows.", flags=("-r", "--dataset-rows"), metavar="N", from_text=_int_text,
-           from_spec=_int_spec, check=_at_least(1), invalidates="quant"),
+           from_spec=_int_spec, check=_at_least(1), invalidates=("quant",)),
     Option("length", 2048, "Tokens per quantization row.", flags=("-l", "--length"), metavar="N",
-           from_text=_int_text, from_spec=_int_spec, check=_at_least(2), invalidates="quant"),
+           from_text=_int_text, from_spec=_int_spec, check=_at_least(2), invalidates=("quant",)),
     Option("measurement_rows", 16, "Measurement rows.", flags=("-mr", "--measurement-rows"), metavar="N",
-           from_text=_int_text, from_spec=_int_spec, check=_at_least(1), invalidates="measure"),
+           from_text=_int_text, from_spec=_int_spec, check=_at_least(1), invalidates=("measure",)),
     Option("measurement_length", 2048, "Tokens per measurement row.", flags=("-ml", "--measurement-length"),
-           metavar="N", from_text=_int_text, from_spec=_int_spec, check=_at_least(2), invalidates="measure"),
+           metavar="N", from_text=_int_text, from_spec=_int_spec, check=_at_least(2), invalidates=("measure",)),
     Option("seed", 0, "Seed of the random calibration rows.", flags=("--seed",), metavar="N", from_text=_int_text,
-           from_spec=_int_spec, invalidates="measure quant"),
+           from_spec=_int_spec, invalidates=("measure", "quant")),
     # --- the method
     Option("tables", "exl2", "Options to measure: ExLlamaV2's tables, or those plus our candidates with 8-bit "
            "leading rows (docs/options.md; why: docs/decisions/0006-extended-option-tables-and-norm.md). "
            "Ignored with -m.", flags=("--tables",), choices=tuple(TABLES),
-           from_spec=str, check=_one_of(tuple(TABLES)), invalidates="measure", legacy="exl2",
+           from_spec=str, check=_one_of(tuple(TABLES)), invalidates=("measure",), legacy="exl2",
            recorded_as="exl2.tables"),
     Option("norm", None, "Allocate by minimising the sum of module errors to this power (2: squared errors). "
            "Default: ExLlamaV2's sweep of norms 1.5-3.5, keeping the one with the smallest maximum module error.",
@@ -221,7 +221,7 @@ OPTIONS: tuple[Option, ...] = (
            f"{ASYM_FEW_TOKENS:g} (why: docs/decisions/0007-asymmetric-calibration.md). Costs one more copy of the "
            "calibration states and extra forward passes.",
            flags=("--asym",), metavar="ALPHA|auto", show_default="auto", from_text=_asym_text,
-           from_spec=_asym_spec, check=_check_asym, invalidates="quant", legacy=0.0, recorded_as="exl2.asym"),
+           from_spec=_asym_spec, check=_check_asym, invalidates=("quant",), legacy=0.0, recorded_as="exl2.asym"),
     # --- output and running
     Option("shard_mib", 8192, "Maximum shard size in MiB; 0 for one file.", flags=("-ss", "--shard-size"),
            metavar="MIB", from_text=_int_text, check=_at_least(0)),
@@ -248,9 +248,8 @@ ConvertOptions.__doc__ = "The converter's options (see OPTIONS for what each mea
 
 # The resume rules: the parameters whose change makes finished measurement or quantization unusable.  The
 # job adds the two it derives itself (the checkpoint's and the measurement's hash).
-MEASURE_PARAMS = ("checkpoint_sha256",) + tuple(o.name for o in OPTIONS if "measure" in (o.invalidates or "").split())
-QUANT_PARAMS = (("checkpoint_sha256",) + tuple(o.name for o in OPTIONS if "quant" in (o.invalidates or "").split())
-                + ("measurement_sha256",))
+MEASURE_PARAMS = ("checkpoint_sha256",) + tuple(o.name for o in OPTIONS if "measure" in o.invalidates)
+QUANT_PARAMS = ("checkpoint_sha256",) + tuple(o.name for o in OPTIONS if "quant" in o.invalidates) + ("measurement_sha256",)
 LEGACY = {o.name: o.legacy for o in OPTIONS if o.legacy is not None}
 
 
