@@ -249,7 +249,8 @@ ConvertOptions.__doc__ = "The converter's options (see OPTIONS for what each mea
 # The resume rules: the parameters whose change makes finished measurement or quantization unusable.  The
 # job adds the two it derives itself (the checkpoint's and the measurement's hash).
 MEASURE_PARAMS = ("checkpoint_sha256",) + tuple(o.name for o in OPTIONS if "measure" in o.invalidates)
-QUANT_PARAMS = ("checkpoint_sha256",) + tuple(o.name for o in OPTIONS if "quant" in o.invalidates) + ("measurement_sha256",)
+QUANT_PARAMS = (("checkpoint_sha256",) + tuple(o.name for o in OPTIONS if "quant" in o.invalidates)
+                + ("measurement_sha256",))
 LEGACY = {o.name: o.legacy for o in OPTIONS if o.legacy is not None}
 
 
