@@ -51,6 +51,7 @@ class Arch:
     norm_offset: float = 0.0
     sandwich_norms: bool = False
     mlp_act: str = "silu"
+    legacy_gelu: bool = False  # config.json's hidden_act "gelu" means mlp_act gelu_tanh (transformers' Gemma 1)
     embed_scale: bool = False
     softcap: tuple[float | None, float | None] | None = None
     default_query_pre_attn_scalar: float | None = None
@@ -101,6 +102,14 @@ ARCHITECTURES: dict[str, Arch] = {
         Arch("Qwen3ForCausalLM", qkv_bias=False, o_bias=False, mlp_bias=False,
              bias_from_config=("attention_bias",), default_rope_theta=10000.0, default_eps=1e-6, requires_bos=False, qk_norm=True,
              default_head_dim=128),
+        # Gemma 1: the Llama layout with Gemma's (1 + w) norms, GeGLU and embeddings times sqrt(hidden); no
+        # post-norms, caps or windows, scale 1 / sqrt(head_dim); head_dim 256, a tied head and attention_bias as
+        # transformers' GemmaConfig (ExLlamaV2 0.3.2 architecture.py:538-552: Gemma2's entry less the post-norms and
+        # the window).
+        Arch("GemmaForCausalLM", qkv_bias=False, o_bias=False, mlp_bias=False,
+             bias_from_config=("attention_bias",), default_rope_theta=10000.0, default_eps=1e-6, requires_bos=True,
+             default_head_dim=256, norm_offset=1.0, mlp_act="gelu_tanh", legacy_gelu=True, embed_scale=True,
+             default_tie_word_embeddings=True),
         # (1 + w) norms, a norm after attention and around the MLP, GeGLU, embeddings times sqrt(hidden),
         # soft-capped attention (50) and final (30) logits, scale query_pre_attn_scalar ** -0.5 (256), a
         # 4096-token window on even layers; head_dim 256 and attention_bias as transformers' Gemma2Config.
@@ -399,7 +408,8 @@ def _gemma_fields(r: _Reader, arch: Arch) -> dict:
     if arch.mlp_act == "gelu_tanh":
         for key in ("hidden_activation", "hidden_act"):
             act = r.d.get(key)
-            if act is not None and act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            legacy = arch.legacy_gelu and key == "hidden_act" and act == "gelu"
+            if act is not None and act not in ("gelu_pytorch_tanh", "gelu_tanh") and not legacy:
                 raise ConfigError(f"{where}: {key} {act!r} not supported for {arch.name}; supported: "
                                   f"gelu_pytorch_tanh (what ExLlamaV2 runs)")
             if act is not None:

@@ -46,11 +46,13 @@ def test_qwen3_attention_bias_but_never_an_mlp_bias():
 
 
 def test_unknown_architecture():
-    with pytest.raises(UnsupportedArchitectureError, match="supported: Gemma2ForCausalLM, "
-                                                           "Gemma3ForConditionalGeneration, LlamaForCausalLM, "
-                                                           "MistralForCausalLM, (Phi3ForCausalLM, )?"
-                                                           "Qwen2ForCausalLM, Qwen3ForCausalLM$"):
+    """One line naming every row of the table, sorted (the list grows with the table; these are in it)."""
+    assert {"Gemma2ForCausalLM", "Gemma3ForConditionalGeneration", "GemmaForCausalLM", "LlamaForCausalLM",
+            "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"} <= set(ARCHITECTURES)
+    with pytest.raises(UnsupportedArchitectureError) as e:
         get_arch(["FalconForCausalLM"])
+    assert str(e.value) == ("config.json: unsupported architecture ['FalconForCausalLM']; supported: "
+                            + ", ".join(sorted(ARCHITECTURES)))
     with pytest.raises(UnsupportedArchitectureError):
         ModelConfig.from_dict({**BASE, "architectures": None})
 
@@ -191,6 +193,39 @@ def test_gemma2_refuses_what_exllamav2_would_run_differently(extra, match):
         ModelConfig.from_dict({**GEMMA2, **extra})
     ok = ["sliding_attention", "full_attention"] * 2 + ["sliding_attention"]
     assert ModelConfig.from_dict({**GEMMA2, "layer_types": ok}).window(4) == 4096
+
+
+GEMMA = {**GEMMA2, "architectures": ["GemmaForCausalLM"]}
+
+
+def test_gemma_defaults_are_transformers():
+    """Gemma 1 with no optional field: transformers' GemmaConfig defaults (head_dim 256, tied head) and none of
+    Gemma2's caps, scalar or windows, whatever config.json says (transformers' Gemma reads none of them)."""
+    c = ModelConfig.from_dict(GEMMA)
+    assert (c.head_dim, c.attn_softcap, c.final_softcap, c.query_pre_attn_scalar) == (256, None, None, None)
+    assert c.layer_windows == () and c.tie_word_embeddings and c.attn_scale == 1 / 16
+    assert c.arch.requires_bos and c.arch.norm_offset == 1.0 and c.arch.embed_scale and not c.arch.sandwich_norms
+    c = ModelConfig.from_dict({**GEMMA, "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 64,
+                               "sliding_window": 8, "head_dim": 32, "attention_bias": True})
+    assert (c.final_softcap, c.attn_scale, c.window(0)) == (None, 1 / math.sqrt(32), None) and c.o_bias
+
+
+@pytest.mark.parametrize("acts,ok", [
+    ({"hidden_act": "gelu"}, True),       # the released configs' legacy value: transformers runs tanh GELU
+    ({"hidden_act": "gelu", "hidden_activation": "gelu_pytorch_tanh"}, True),
+    ({"hidden_act": "gelu_pytorch_tanh"}, True),
+    ({"hidden_act": "silu"}, False),
+    ({"hidden_activation": "gelu"}, False),   # transformers 4.x ran exact GELU for it; ExLlamaV2 runs tanh
+])
+def test_gemma_activation(acts, ok):
+    if ok:
+        assert ModelConfig.from_dict({**GEMMA, **acts}).arch.mlp_act == "gelu_tanh"
+    else:
+        with pytest.raises(ValueError, match="not supported for GemmaForCausalLM"):
+            ModelConfig.from_dict({**GEMMA, **acts})
+    if acts == {"hidden_act": "gelu"}:       # Gemma2 and Gemma3 have no such legacy value
+        with pytest.raises(ValueError, match="hidden_act 'gelu' not supported"):
+            ModelConfig.from_dict({**GEMMA2, **acts})
 
 
 # Gemma3ForConditionalGeneration's config.json: the text fields under text_config, as the real checkpoints

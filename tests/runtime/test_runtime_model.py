@@ -35,6 +35,10 @@ def _ids(seed, B=2, T=200, vocab=512):
     ("qwen3", {"tie": True}),
     ("qwen3", {"dtype": torch.bfloat16}),
     ("qwen3", {"attention_bias": True}),   # q, k, v and o biases (randomised)
+    # Gemma 1: (1 + w) norms, GeGLU, embeddings times sqrt(hidden), head_dim 64 != hidden / heads
+    ("gemma", {"tie": True}),
+    ("gemma", {}),
+    ("gemma", {"dtype": torch.bfloat16, "attention_bias": True}),
     ("gemma2", {"tie": True}),             # 16-token window on layer 0 (rows of 200), caps 2 and 3, (1 + w) norms
     ("gemma2", {}),
     ("gemma2", {"dtype": torch.bfloat16, "attention_bias": True}),
@@ -188,7 +192,31 @@ def test_gemma3_negative_controls(tiny_checkpoint, hf_logits, what):
     assert err > 1e-2, f"{what}: {err:.3g}"
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama3", "qwen3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("what", ["embed_scale", "norm_offset", "gelu"])
+def test_gemma_negative_controls(tiny_checkpoint, hf_logits, what):
+    """Each of Gemma 1's differences from the Llama layout is exercised by the tiny checkpoint: computing without
+    it moves the logits far beyond ATOL."""
+    import dataclasses
+
+    d = tiny_checkpoint("gemma", tie=True)
+    ids = _ids(2)
+    ref = hf_logits(d, ids)
+    m = load_model(d)
+    if what == "embed_scale":
+        m.cfg = dataclasses.replace(m.cfg, arch=dataclasses.replace(m.cfg.arch, embed_scale=False))
+    elif what == "norm_offset":
+        for mod in m.modules():
+            if hasattr(mod, "offset"):
+                mod.offset = 0.0
+    else:
+        for b in m.layers:
+            b.mlp.act = "silu"
+    with torch.no_grad():
+        err = (m(ids) - ref).abs().max().item()
+    assert err > 1e-2, f"{what}: {err:.3g}"
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama3", "qwen3", "gemma", "gemma2", "gemma3"])
 def test_chunked_prefill_equals_full_pass(tiny_checkpoint, kind):
     m = load_model(tiny_checkpoint(kind))
     ids = _ids(3)
