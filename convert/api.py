@@ -255,6 +255,9 @@ class Job:
         except (ValueError, OSError) as e:      # ConfigError names the file already
             named = str(self.in_dir) in str(e)
             raise ConvertError(str(e) if named else f"{self.in_dir / 'config.json'}: {e}") from None
+        if self.cfg.arch.moe:   # the runtime reads these; measuring and quantizing experts is not built yet
+            raise ConvertError(f"{self.in_dir / 'config.json'}: {self.cfg.arch.name}: converting a mixture of "
+                               f"experts is not supported yet (the runtime loads and runs it)")
         # checks every tensor's shape; fp32 as the measurement and quantization passes compute (preflight)
         self.parts = ModelParts(self.in_dir, device=self.o.device, dtype=torch.float32)
         self._check_folders()

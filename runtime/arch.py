@@ -76,6 +76,15 @@ class Arch:
     # (old, new) substring renames applied to their names as ExLlamaV2's `keymap` does.
     copied_prefixes: tuple[str, ...] = ()
     copied_renames: tuple[tuple[str, str], ...] = ()
+    # Mixture of experts (docs/runtime.md section 1): the key of MOE_NAMES naming the router and the experts'
+    # tensors (None: a dense MLP), and the config.json fields of the expert count and of each expert's
+    # intermediate size.  Every layer's MLP is sparse (ExLlamaV2 builds no dense layers in these models); the
+    # router's softmax weights of the top num_experts_per_tok experts are renormalised to sum to 1 (ExLlamaV2
+    # always does; an architecture whose config may say otherwise names that field in moe_renorm_field).
+    moe: str | None = None
+    moe_experts_field: str = "num_local_experts"
+    moe_intermediate_field: str = "intermediate_size"
+    moe_renorm_field: str | None = None
 
 
 ARCHITECTURES: dict[str, Arch] = {
@@ -131,7 +140,20 @@ ARCHITECTURES: dict[str, Arch] = {
              config_defaults=(("vocab_size", 262208), ("num_attention_heads", 8), ("num_key_value_heads", 4)),
              copied_prefixes=("multi_modal_projector.", "vision_tower.vision_model."),
              copied_renames=(("mm_input_projection_weight", "mm_input_projection.weight"),)),
+        # Mistral's layout with a sparse MLP: a router (block_sparse_moe.gate) over num_local_experts SwiGLU
+        # experts (w1 gate, w3 up, w2 down), the top num_experts_per_tok weights renormalised; eps 1e-5 and
+        # RoPE base 1e6 as transformers' MixtralConfig.
+        Arch("MixtralForCausalLM", qkv_bias=False, o_bias=False, mlp_bias=False, bias_from_config=(),
+             default_rope_theta=1e6, default_eps=1e-5, requires_bos=True, moe="mixtral"),
     )
+}
+
+# The sparse MLP's tensors per Arch.moe (prefixes, as TENSOR_NAMES): `{i}` the layer, `{e}` the expert.
+MOE_NAMES = {
+    "mixtral": {"router": "model.layers.{i}.block_sparse_moe.gate",
+                "gate": "model.layers.{i}.block_sparse_moe.experts.{e}.w1",
+                "up": "model.layers.{i}.block_sparse_moe.experts.{e}.w3",
+                "down": "model.layers.{i}.block_sparse_moe.experts.{e}.w2"},
 }
 
 # HF tensor names (gguf-py style table). `{i}` is the layer index. Linear keys are prefixes: the loader
@@ -215,6 +237,11 @@ class ModelConfig:
     layer_windows: tuple[int | None, ...] = ()  # per layer: the window in keys, or None (full causal); () = none
     sliding_window_pattern: int | None = None  # Gemma3: every pattern-th layer is a full one (Arch.sliding_layers)
     local_rope_theta: float | None = None  # Gemma3: the windowed layers' RoPE base, unscaled; None: one RoPE
+    # Mixture of experts (Arch.moe): experts per layer (0: a dense MLP), experts each token is routed to, and
+    # whether their router weights are renormalised to sum to 1; intermediate_size is then each expert's
+    num_experts: int = 0
+    experts_per_token: int = 0
+    norm_topk_prob: bool = True
 
     @property
     def attn_scale(self) -> float:
@@ -273,7 +300,7 @@ class ModelConfig:
             arch=arch,
             vocab_size=vocab,
             hidden_size=hidden,
-            intermediate_size=r.int("intermediate_size"),
+            intermediate_size=r.int(arch.moe_intermediate_field if arch.moe else "intermediate_size"),
             num_layers=r.int("num_hidden_layers"),
             num_heads=heads,
             num_kv_heads=kv_heads,
@@ -292,6 +319,7 @@ class ModelConfig:
                                  maximum=MAX_TOKEN_ID),
             quantization_config=qconf,
             **_gemma_fields(r, arch),
+            **_moe_fields(r, arch),
         )
 
     @classmethod
@@ -447,6 +475,21 @@ def _gemma_fields(r: _Reader, arch: Arch) -> dict:
                               f"runs for {arch.name} (sliding on even layers)")
         out["layer_windows"] = tuple(window if t == "sliding_attention" else None for t in expected)
     return out
+
+
+def _moe_fields(r: _Reader, arch: Arch) -> dict:
+    """The expert count, experts per token and renormalisation of a mixture-of-experts row (none otherwise)."""
+    if arch.moe is None:
+        return {}
+    n = r.int(arch.moe_experts_field)
+    k = r.int("num_experts_per_tok")
+    if k > n:
+        raise ConfigError(f"{r.where}: num_experts_per_tok {k} exceeds {arch.moe_experts_field} {n}")
+    renorm = r.bool(arch.moe_renorm_field, default=True) if arch.moe_renorm_field else True
+    if not renorm:
+        raise ConfigError(f"{r.where}: {arch.moe_renorm_field} false is not supported for {arch.name} (ExLlamaV2 "
+                          f"always renormalises the top-k router weights)")
+    return {"num_experts": n, "experts_per_token": k, "norm_topk_prob": renorm}
 
 
 def _text_fields(d: dict, arch: Arch, where: str) -> dict:

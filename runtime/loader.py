@@ -19,8 +19,8 @@ from exl2.quant_kernels.codec import padded_columns
 
 from . import linear as _linear
 
-from .arch import TENSOR_NAMES, ModelConfig
-from .model import MLP, Attention, Block, Model, RMSNorm, Rotary
+from .arch import MOE_NAMES, TENSOR_NAMES, ModelConfig
+from .model import MLP, Attention, Block, Model, RMSNorm, Rotary, SparseMLP
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -252,7 +252,15 @@ class ModelParts:
         per_layer = {"q": (C, H * D, cfg.qkv_bias), "k": (C, Hkv * D, cfg.qkv_bias), "v": (C, Hkv * D, cfg.qkv_bias),
                      "o": (H * D, C, cfg.o_bias), "gate": (C, I, cfg.mlp_bias), "up": (C, I, cfg.mlp_bias),
                      "down": (I, C, cfg.mlp_bias)}
+        if cfg.arch.moe:   # the router and every expert's gate/up/down in place of the dense MLP's
+            for k in ("gate", "up", "down"):
+                del per_layer[k]
         out = {TENSOR_NAMES[k].format(i=i): v for i in range(cfg.num_layers) for k, v in per_layer.items()}
+        for i in range(cfg.num_layers if cfg.arch.moe else 0):
+            out[self.router_prefix(i)] = (C, cfg.num_experts, False)
+            for e in range(cfg.num_experts):
+                names = self.expert_prefixes(i, e)
+                out.update({names["gate"]: (C, I, False), names["up"]: (C, I, False), names["down"]: (I, C, False)})
         if self.has_head():
             out[TENSOR_NAMES["head"]] = (C, cfg.vocab_size, False)
         return out
@@ -364,8 +372,31 @@ class ModelParts:
                 progress(j + 1, len(keys))
 
     def linear(self, key: str, i: int, k_in: int, n_out: int, bias: bool) -> torch.nn.Module:
-        return self.linear_factory(TENSOR_NAMES[key].format(i=i), self.src, in_features=k_in, out_features=n_out,
-                                   bias=bias, dtype=self.dtype, device=self.device)
+        return self.linear_at(TENSOR_NAMES[key].format(i=i), k_in, n_out, bias)
+
+    def linear_at(self, prefix: str, k_in: int, n_out: int, bias: bool) -> torch.nn.Module:
+        return self.linear_factory(prefix, self.src, in_features=k_in, out_features=n_out, bias=bias,
+                                   dtype=self.dtype, device=self.device)
+
+    def router_prefix(self, i: int) -> str:
+        """Layer i's router (a mixture of experts, Arch.moe)."""
+        return MOE_NAMES[self.cfg.arch.moe]["router"].format(i=i)
+
+    def expert_prefixes(self, i: int, e: int) -> dict[str, str]:
+        """Layer i's expert e: its "gate", "up" and "down" projections' prefixes."""
+        names = MOE_NAMES[self.cfg.arch.moe]
+        return {k: names[k].format(i=i, e=e) for k in ("gate", "up", "down")}
+
+    def sparse_mlp(self, i: int) -> SparseMLP:
+        cfg = self.cfg
+        C, I = cfg.hidden_size, cfg.intermediate_size
+        experts = []
+        for e in range(cfg.num_experts):
+            n = self.expert_prefixes(i, e)
+            experts.append(MLP(self.linear_at(n["gate"], C, I, False), self.linear_at(n["up"], C, I, False),
+                               self.linear_at(n["down"], I, C, False), act=cfg.arch.mlp_act))
+        router = self.linear_at(self.router_prefix(i), C, cfg.num_experts, False)
+        return SparseMLP(router, experts, cfg.experts_per_token, cfg.norm_topk_prob)
 
     def norm(self, key: str, i: int = 0) -> RMSNorm:
         C = self.cfg.hidden_size
@@ -399,7 +430,10 @@ class ModelParts:
         cfg, src = self.cfg, self.src
         C, D, H, Hkv, I = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
         attn_keys = [TENSOR_NAMES[k].format(i=i) for k in ("q", "k", "v", "o")]
-        mlp_keys = [TENSOR_NAMES[k].format(i=i) for k in ("gate", "up", "down")]
+        if cfg.arch.moe:
+            mlp_keys = [p for e in range(cfg.num_experts) for p in self.expert_prefixes(i, e).values()]
+        else:
+            mlp_keys = [TENSOR_NAMES[k].format(i=i) for k in ("gate", "up", "down")]
         for group, what in ((attn_keys, "attention"), (mlp_keys, "MLP")):
             kinds = {is_exl2(p, src) for p in group}
             if len(kinds) > 1:
@@ -410,8 +444,11 @@ class ModelParts:
         attn = Attention(cfg, lin("q", i, C, H * D, cfg.qkv_bias), lin("k", i, C, Hkv * D, cfg.qkv_bias),
                          lin("v", i, C, Hkv * D, cfg.qkv_bias), lin("o", i, H * D, C, cfg.o_bias), *qk_norms,
                          window=cfg.window(i), rotary=self.local_rotary(i))
-        mlp = MLP(lin("gate", i, C, I, cfg.mlp_bias), lin("up", i, C, I, cfg.mlp_bias),
-                  lin("down", i, I, C, cfg.mlp_bias), act=cfg.arch.mlp_act)
+        if cfg.arch.moe:
+            mlp = self.sparse_mlp(i)
+        else:
+            mlp = MLP(lin("gate", i, C, I, cfg.mlp_bias), lin("up", i, C, I, cfg.mlp_bias),
+                      lin("down", i, I, C, cfg.mlp_bias), act=cfg.arch.mlp_act)
         if cfg.arch.sandwich_norms:   # Gemma: norms after attention and around the MLP (see Block)
             return Block(self.norm("attn_norm", i), attn, self.norm("mlp_pre_norm", i), mlp,
                          self.norm("attn_post_norm", i), self.norm("mlp_post_norm", i))

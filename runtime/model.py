@@ -1,5 +1,5 @@
-"""The one model definition: Llama layout (Qwen2, Qwen3, Llama, Mistral, Gemma2, Gemma3), no quantization
-code.
+"""The one model definition: Llama layout (Qwen2, Qwen3, Llama, Mistral, Gemma2, Gemma3; Mixtral's
+mixture of experts), no quantization code.
 
 Linear layers are opaque modules (see linear.py); the loader decides what they are. Shapes:
 B batch, T new tokens in this call, P past tokens in the cache, S = P + T keys, C hidden size,
@@ -194,12 +194,42 @@ class MLP(nn.Module):
         return self.down_proj(g * self.up_proj(x))
 
 
+class SparseMLP(nn.Module):
+    """A mixture of experts (Arch.moe): the router's logits [N, E] over the experts, softmax in fp32, the top
+    ``top_k`` experts of each token with their weights renormalised to sum to 1 (``renorm``), then each expert
+    (an :class:`MLP`) run on the tokens routed to it and its output added, times its weight, to theirs."""
+
+    def __init__(self, router: nn.Module, experts: list[MLP], top_k: int, renorm: bool = True):
+        super().__init__()
+        self.router, self.experts = router, nn.ModuleList(experts)
+        self.top_k, self.renorm = top_k, renorm
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, C] -> (weights [N, top_k] in x's dtype, expert indices [N, top_k])."""
+        probs = F.softmax(self.router(x).float(), dim=-1)  # [N, E] fp32
+        w, idx = torch.topk(probs, self.top_k, dim=-1)  # [N, k] each
+        if self.renorm:
+            w = w / w.sum(dim=-1, keepdim=True)
+        return w.to(x.dtype), idx
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N, C]
+        w, idx = self.route(x)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(idx == e)  # the tokens routed to e, and which of their k choices it is
+            if tok.numel():
+                out.index_add_(0, tok, expert(x[tok]) * w[tok, slot, None])
+        return out.reshape(shape)
+
+
 class Block(nn.Module):
     """One decoder layer: two residual modules (ExLlamaV2's attention and MLP modules).  ``mlp_norm`` is the
     MLP's input norm (HF ``post_attention_layernorm``, or Gemma's ``pre_feedforward_layernorm``); Gemma's
     ``attn_out_norm`` / ``mlp_out_norm`` norm each module's output before the residual add."""
 
-    def __init__(self, attn_norm: RMSNorm, attn: Attention, mlp_norm: RMSNorm, mlp: MLP,
+    def __init__(self, attn_norm: RMSNorm, attn: Attention, mlp_norm: RMSNorm, mlp: MLP | SparseMLP,
                  attn_out_norm: RMSNorm | None = None, mlp_out_norm: RMSNorm | None = None):
         super().__init__()
         self.input_layernorm, self.self_attn = attn_norm, attn

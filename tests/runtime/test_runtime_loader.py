@@ -108,7 +108,7 @@ def test_unknown_architecture_lists_supported(tiny_checkpoint):
     cfg["architectures"] = ["GPTNeoXForCausalLM"]
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedArchitectureError,
-                       match=r"GPTNeoXForCausalLM.*LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, "
+                       match=r"GPTNeoXForCausalLM.*LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Phi3ForCausalLM, "
                              r"Qwen2ForCausalLM"):
         load_model(d)
 
