@@ -140,6 +140,11 @@ def loader_config(src: dict, cfg: ModelConfig, quantization_config: dict) -> dic
         out["rope_parameters"] = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta}
     if cfg.arch.qk_norm:
         out["use_qk_norm"] = True
+    if cfg.arch.multipliers:
+        # Granite: the four fields stated (ExLlamaV2 reads the same names; without attention_multiplier it would
+        # scale attention by 1 / sqrt(head_dim), transformers by 1.0)
+        out.update(embedding_multiplier=cfg.embedding_multiplier, residual_multiplier=cfg.residual_multiplier,
+                   attention_multiplier=cfg.attention_multiplier, logits_scaling=cfg.logits_scaling)
     if cfg.arch.sandwich_norms:
         # Gemma: ExLlamaV2's defaults differ from transformers' (no caps, 1/sqrt(head_dim), no window), so every
         # value is stated; a cap that is off is written null, which ExLlamaV2 reads as absent and transformers

@@ -38,6 +38,11 @@ class Arch:
     qk_norm: bool = False  # an RMSNorm over each query and key head (head_dim wide, one weight shared by the
     #                        heads) between the projection and RoPE; ExLlamaV2's `use_qk_norm`
     default_head_dim: int | None = None  # head_dim when config.json has none (None: hidden_size / heads)
+    # Granite's: config.json's embedding_multiplier (embeddings times it), residual_multiplier (each module's
+    # output times it before the residual add), attention_multiplier (the attention scale) and logits_scaling (the
+    # logits divided by it) are read, each 1.0 when absent as in transformers; ExLlamaV2 reads the same four
+    # fields for every architecture (config.py: scale_emb, scale_depth, attention_multiplier, logit_scale).
+    multipliers: bool = False
     # Gemma's facts (docs/runtime.md section 1).  norm_offset: every RMSNorm scales by (offset + weight), the
     # stored weight being centred on 0 (ExLlamaV2's `norm_constant_bias`).  sandwich_norms: the attention and
     # MLP outputs are normed before their residual add (`post_attention_layernorm`, `post_feedforward_layernorm`)
@@ -111,6 +116,11 @@ ARCHITECTURES: dict[str, Arch] = {
         Arch("Qwen3ForCausalLM", qkv_bias=False, o_bias=False, mlp_bias=False,
              bias_from_config=("attention_bias",), default_rope_theta=10000.0, default_eps=1e-6, requires_bos=False, qk_norm=True,
              default_head_dim=128),
+        # Granite (3.x): the Llama layout with the four multipliers; attention_bias and mlp_bias read, as
+        # transformers' GraniteConfig (ExLlamaV2 0.3.2 architecture.py:891-899 reads it as a plain Llama entry).
+        Arch("GraniteForCausalLM", qkv_bias=False, o_bias=False, mlp_bias=False,
+             bias_from_config=("attention_bias", "mlp_bias"), default_rope_theta=10000.0, default_eps=1e-6,
+             requires_bos=False, multipliers=True),
         # Gemma 1: the Llama layout with Gemma's (1 + w) norms, GeGLU and embeddings times sqrt(hidden); no
         # post-norms, caps or windows, scale 1 / sqrt(head_dim); head_dim 256, a tied head and attention_bias as
         # transformers' GemmaConfig (ExLlamaV2 0.3.2 architecture.py:538-552: Gemma2's entry less the post-norms and
@@ -237,6 +247,11 @@ class ModelConfig:
     layer_windows: tuple[int | None, ...] = ()  # per layer: the window in keys, or None (full causal); () = none
     sliding_window_pattern: int | None = None  # Gemma3: every pattern-th layer is a full one (Arch.sliding_layers)
     local_rope_theta: float | None = None  # Gemma3: the windowed layers' RoPE base, unscaled; None: one RoPE
+    # Granite (Arch.multipliers); the defaults change nothing.  attention_multiplier None: the scale as above
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
     # Mixture of experts (Arch.moe): experts per layer (0: a dense MLP), experts each token is routed to, and
     # whether their router weights are renormalised to sum to 1; intermediate_size is then each expert's
     num_experts: int = 0
@@ -245,6 +260,8 @@ class ModelConfig:
 
     @property
     def attn_scale(self) -> float:
+        if self.attention_multiplier is not None:
+            return self.attention_multiplier
         s = self.head_dim if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar
         return 1.0 / math.sqrt(s)
 
@@ -314,6 +331,7 @@ class ModelConfig:
             o_bias=o_bias,
             mlp_bias=mlp_bias,
             bos_token_id=bos,
+            **_multiplier_fields(r, arch),
             eos_token_ids=eos,
             sliding_window=r.int("sliding_window", default=arch.default_sliding_window, minimum=0,
                                  maximum=MAX_TOKEN_ID),
@@ -490,6 +508,16 @@ def _moe_fields(r: _Reader, arch: Arch) -> dict:
         raise ConfigError(f"{r.where}: {arch.moe_renorm_field} false is not supported for {arch.name} (ExLlamaV2 "
                           f"always renormalises the top-k router weights)")
     return {"num_experts": n, "experts_per_token": k, "norm_topk_prob": renorm}
+
+
+def _multiplier_fields(r: _Reader, arch: Arch) -> dict:
+    """Granite's four multipliers (Arch.multipliers), transformers' default 1.0 for each; none for other rows."""
+    if not arch.multipliers:
+        return {}
+    return {"embedding_multiplier": r.float("embedding_multiplier", default=1.0),
+            "residual_multiplier": r.float("residual_multiplier", default=1.0),
+            "attention_multiplier": r.float("attention_multiplier", default=1.0),
+            "logits_scaling": r.float("logits_scaling", default=1.0)}
 
 
 def _text_fields(d: dict, arch: Arch, where: str) -> dict:

@@ -452,7 +452,8 @@ class ModelParts:
         if cfg.arch.sandwich_norms:   # Gemma: norms after attention and around the MLP (see Block)
             return Block(self.norm("attn_norm", i), attn, self.norm("mlp_pre_norm", i), mlp,
                          self.norm("attn_post_norm", i), self.norm("mlp_post_norm", i))
-        return Block(self.norm("attn_norm", i), attn, self.norm("mlp_norm", i), mlp)
+        return Block(self.norm("attn_norm", i), attn, self.norm("mlp_norm", i), mlp,
+                     residual_scale=cfg.residual_multiplier)
 
     def local_rotary(self, i: int) -> Rotary | None:
         """Layer i's own RoPE where it differs from the model's (Gemma3's windowed layers), else None."""

@@ -227,22 +227,28 @@ class SparseMLP(nn.Module):
 class Block(nn.Module):
     """One decoder layer: two residual modules (ExLlamaV2's attention and MLP modules).  ``mlp_norm`` is the
     MLP's input norm (HF ``post_attention_layernorm``, or Gemma's ``pre_feedforward_layernorm``); Gemma's
-    ``attn_out_norm`` / ``mlp_out_norm`` norm each module's output before the residual add."""
+    ``attn_out_norm`` / ``mlp_out_norm`` norm each module's output before the residual add; Granite's
+    ``residual_scale`` (its residual_multiplier) multiplies each module's output before the add."""
 
     def __init__(self, attn_norm: RMSNorm, attn: Attention, mlp_norm: RMSNorm, mlp: MLP | SparseMLP,
-                 attn_out_norm: RMSNorm | None = None, mlp_out_norm: RMSNorm | None = None):
+                 attn_out_norm: RMSNorm | None = None, mlp_out_norm: RMSNorm | None = None,
+                 residual_scale: float = 1.0):
         super().__init__()
+        self.residual_scale = residual_scale
         self.input_layernorm, self.self_attn = attn_norm, attn
         self.post_attention_layernorm, self.mlp = mlp_norm, mlp
         self.attn_out_norm, self.mlp_out_norm = attn_out_norm, mlp_out_norm
 
     def attn_residual(self, x, cos, sin, layer_cache=None, past_len: int = 0):
         y = self.self_attn(self.input_layernorm(x), cos, sin, layer_cache, past_len)
-        return x + (y if self.attn_out_norm is None else self.attn_out_norm(y))
+        return x + self._scaled(y if self.attn_out_norm is None else self.attn_out_norm(y))
 
     def mlp_residual(self, x):
         y = self.mlp(self.post_attention_layernorm(x))
-        return x + (y if self.mlp_out_norm is None else self.mlp_out_norm(y))
+        return x + self._scaled(y if self.mlp_out_norm is None else self.mlp_out_norm(y))
+
+    def _scaled(self, y):
+        return y if self.residual_scale == 1.0 else y * self.residual_scale
 
     def forward(self, x, cos, sin, layer_cache=None, past_len: int = 0):
         return self.mlp_residual(self.attn_residual(x, cos, sin, layer_cache, past_len))
@@ -311,12 +317,17 @@ class Model(nn.Module):
 
 def embed_tokens(cfg: ModelConfig, ids: torch.Tensor, table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Rows of the embedding table [V, C] for ids, in dtype; times sqrt(hidden_size) where the architecture
-    scales them (Gemma)."""
+    scales them (Gemma), times embedding_multiplier where config.json sets one (Granite)."""
     x = F.embedding(ids, table).to(dtype)
+    if cfg.embedding_multiplier != 1.0:
+        x = x * cfg.embedding_multiplier
     return x * math.sqrt(cfg.hidden_size) if cfg.arch.embed_scale else x
 
 
 def final_softcap(cfg: ModelConfig, logits: torch.Tensor) -> torch.Tensor:
-    """Logits soft-capped as the architecture does (cap * tanh(logits / cap)); unchanged otherwise."""
+    """Logits soft-capped as the architecture does (cap * tanh(logits / cap)), or divided by logits_scaling
+    (Granite); unchanged otherwise."""
+    if cfg.logits_scaling != 1.0:
+        logits = logits / cfg.logits_scaling
     cap = cfg.final_softcap
     return logits if cap is None else torch.tanh(logits / cap) * cap

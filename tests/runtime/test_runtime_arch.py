@@ -198,6 +198,23 @@ def test_gemma2_refuses_what_exllamav2_would_run_differently(extra, match):
 GEMMA = {**GEMMA2, "architectures": ["GemmaForCausalLM"]}
 
 
+def test_granite_multipliers_read_with_transformers_defaults():
+    """GraniteConfig's four multipliers default to 1.0 (the attention scale too, not 1 / sqrt(head_dim)); the
+    other rows read none of them, whatever config.json says."""
+    g = {**BASE, "architectures": ["GraniteForCausalLM"]}
+    c = ModelConfig.from_dict(g)
+    assert (c.embedding_multiplier, c.residual_multiplier, c.attention_multiplier, c.logits_scaling) == (1, 1, 1, 1)
+    assert c.attn_scale == 1.0 and not c.arch.requires_bos and not (c.qkv_bias or c.mlp_bias)
+    c = ModelConfig.from_dict({**g, "embedding_multiplier": 12, "residual_multiplier": 0.22,
+                               "attention_multiplier": 0.0078125, "logits_scaling": 16, "mlp_bias": True})
+    assert (c.embedding_multiplier, c.residual_multiplier, c.logits_scaling) == (12.0, 0.22, 16.0)
+    assert c.attn_scale == 0.0078125 and c.mlp_bias
+    with pytest.raises(ValueError, match="logits_scaling is 0"):
+        ModelConfig.from_dict({**g, "logits_scaling": 0})
+    other = ModelConfig.from_dict({**BASE, "embedding_multiplier": 12, "attention_multiplier": 0.5})
+    assert other.embedding_multiplier == 1.0 and other.attn_scale == 1 / math.sqrt(32)
+
+
 def test_gemma_defaults_are_transformers():
     """Gemma 1 with no optional field: transformers' GemmaConfig defaults (head_dim 256, tied head) and none of
     Gemma2's caps, scalar or windows, whatever config.json says (transformers' Gemma reads none of them)."""

@@ -35,6 +35,10 @@ def _ids(seed, B=2, T=200, vocab=512):
     ("qwen3", {"tie": True}),
     ("qwen3", {"dtype": torch.bfloat16}),
     ("qwen3", {"attention_bias": True}),   # q, k, v and o biases (randomised)
+    # Granite: embedding, residual, attention and logits multipliers (3, 0.5, 0.05, 2)
+    ("granite", {}),
+    ("granite", {"tie": True}),
+    ("granite", {"dtype": torch.bfloat16, "attention_bias": True, "mlp_bias": True}),
     # Gemma 1: (1 + w) norms, GeGLU, embeddings times sqrt(hidden), head_dim 64 != hidden / heads
     ("gemma", {"tie": True}),
     ("gemma", {}),
@@ -216,7 +220,31 @@ def test_gemma_negative_controls(tiny_checkpoint, hf_logits, what):
     assert err > 1e-2, f"{what}: {err:.3g}"
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama3", "qwen3", "gemma", "gemma2", "gemma3"])
+@pytest.mark.parametrize("what", ["embedding_multiplier", "residual_multiplier", "attention_multiplier",
+                                  "logits_scaling"])
+def test_granite_negative_controls(tiny_checkpoint, hf_logits, what):
+    """Each of Granite's multipliers is exercised by the tiny checkpoint: computing without it (1.0, or the
+    default 1 / sqrt(head_dim) attention scale) moves the logits far beyond ATOL."""
+    import dataclasses
+
+    d = tiny_checkpoint("granite")
+    ids = _ids(2)
+    ref = hf_logits(d, ids)
+    m = load_model(d)
+    if what == "residual_multiplier":
+        for b in m.layers:
+            b.residual_scale = 1.0
+    elif what == "attention_multiplier":
+        for b in m.layers:
+            b.self_attn.scale = m.cfg.head_dim ** -0.5
+    else:
+        m.cfg = dataclasses.replace(m.cfg, **{what: 1.0})
+    with torch.no_grad():
+        err = (m(ids) - ref).abs().max().item()
+    assert err > 1e-2, f"{what}: {err:.3g}"
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama3", "qwen3", "granite", "gemma", "gemma2", "gemma3"])
 def test_chunked_prefill_equals_full_pass(tiny_checkpoint, kind):
     m = load_model(tiny_checkpoint(kind))
     ids = _ids(3)
