@@ -68,20 +68,23 @@ class OutputDirError(UserError, ValueError):
     """The output folder cannot be written without losing someone's files; one line says why."""
 
 
-def module_order(n_layers: int, qk_norm: bool = False, sandwich_norms: bool = False) -> list[tuple[str, str]]:
+def module_order(n_layers: int, qk_norm: bool = False, sandwich_norms: bool = False,
+                 norm_names: tuple[tuple[str, str], ...] = ()) -> list[tuple[str, str]]:
     """(name, kind) in writing order; kind is "fp16" (from the source) or "exl2" (from out_tensor).  The q/k
     norms (``qk_norm``) follow o_proj, where ExLlamaV2's compile step puts them; with ``sandwich_norms``
-    (Gemma) each module's two norms come before its projections, as there."""
+    (Gemma) each module's two norms come before its projections, as there.  ``norm_names``: the
+    architecture's own names for norms (Arch.norm_names, GLM-4)."""
+    names = {**TENSOR_NAMES, **dict(norm_names)}
     out = [(TENSOR_NAMES["embed"], "fp16")]
     for i in range(n_layers):
         out.append((TENSOR_NAMES["attn_norm"].format(i=i), "fp16"))
         if sandwich_norms:
-            out.append((TENSOR_NAMES["attn_post_norm"].format(i=i), "fp16"))
+            out.append((names["attn_post_norm"].format(i=i), "fp16"))
         out += [(TENSOR_NAMES[k].format(i=i), "exl2") for k in ("q", "k", "v", "o")]
         if qk_norm:
             out += [(TENSOR_NAMES[k].format(i=i), "fp16") for k in ("q_norm", "k_norm")]
         if sandwich_norms:
-            out += [(TENSOR_NAMES[k].format(i=i), "fp16") for k in ("mlp_pre_norm", "mlp_post_norm")]
+            out += [(names[k].format(i=i), "fp16") for k in ("mlp_pre_norm", "mlp_post_norm")]
         else:
             out.append((TENSOR_NAMES["mlp_norm"].format(i=i), "fp16"))
         out += [(TENSOR_NAMES[k].format(i=i), "exl2") for k in ("gate", "up", "down")]
@@ -140,13 +143,20 @@ def loader_config(src: dict, cfg: ModelConfig, quantization_config: dict) -> dic
         out["rope_parameters"] = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta}
     if cfg.arch.qk_norm:
         out["use_qk_norm"] = True
+    if cfg.arch.default_partial_rotary is not None:
+        # GLM-4: ExLlamaV2 reads partial_rotary_factor at the top level (default 1) and attention_bias as q/k/v's
+        # bias (default false), transformers 0.5 and true
+        out["partial_rotary_factor"] = cfg.rotary_dim / cfg.head_dim
+        if "rope_parameters" in out:     # where transformers 5 keeps it
+            out["rope_parameters"]["partial_rotary_factor"] = out["partial_rotary_factor"]
+        out["attention_bias"] = cfg.qkv_bias
     if cfg.arch.multipliers:
         # Granite: the four fields stated (ExLlamaV2 reads the same names; without attention_multiplier it would
         # scale attention by 1 / sqrt(head_dim), transformers by 1.0)
         out.update(embedding_multiplier=cfg.embedding_multiplier, residual_multiplier=cfg.residual_multiplier,
                    attention_multiplier=cfg.attention_multiplier, logits_scaling=cfg.logits_scaling)
-    if cfg.arch.sandwich_norms:
-        # Gemma: ExLlamaV2's defaults differ from transformers' (no caps, 1/sqrt(head_dim), no window), so every
+    if cfg.arch.softcap is not None:
+        # Gemma2/3: ExLlamaV2's defaults differ from transformers' (no caps, 1/sqrt(head_dim), no window), so every
         # value is stated; a cap that is off is written null, which ExLlamaV2 reads as absent and transformers
         # as off (absent, transformers would take its default)
         scalar = cfg.query_pre_attn_scalar        # an integer where it is one: transformers 5 insists on it
@@ -380,7 +390,7 @@ def _write_into(tmp: Path, parts: ModelParts, model_dir: Path, out_tensor: Path,
             return t.numel() * t.element_size()
         return 2 * math.prod(parts.src.shape(name))          # written as fp16
 
-    order = module_order(parts.cfg.num_layers, arch.qk_norm, arch.sandwich_norms)
+    order = module_order(parts.cfg.num_layers, arch.qk_norm, arch.sandwich_norms, norm_names=arch.norm_names)
     keys = parts.src.keys()
     order += [(k, "copy") for p in arch.copied_prefixes for k in sorted(keys) if k.startswith(p)]
     # Cut shards by size before writing, so each shard's name can carry the count.

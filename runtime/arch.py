@@ -43,6 +43,13 @@ class Arch:
     # logits divided by it) are read, each 1.0 when absent as in transformers; ExLlamaV2 reads the same four
     # fields for every architecture (config.py: scale_emb, scale_depth, attention_multiplier, logit_scale).
     multipliers: bool = False
+    # GLM-4's: RoPE rotates the pairs (2j, 2j + 1) (ExLlamaV2's RopeStyle.GPTJ) instead of (j, j + D/2), on the
+    # first partial_rotary_factor of each head only (read from config.json, default_partial_rotary when absent;
+    # None: the factor is not run, see partial_rotary).  norm_names: (TENSOR_NAMES key, name) where this
+    # architecture's norm has another name than Gemma's.
+    rope_interleaved: bool = False
+    default_partial_rotary: float | None = None
+    norm_names: tuple[tuple[str, str], ...] = ()
     # Gemma's facts (docs/runtime.md section 1).  norm_offset: every RMSNorm scales by (offset + weight), the
     # stored weight being centred on 0 (ExLlamaV2's `norm_constant_bias`).  sandwich_norms: the attention and
     # MLP outputs are normed before their residual add (`post_attention_layernorm`, `post_feedforward_layernorm`)
@@ -150,6 +157,18 @@ ARCHITECTURES: dict[str, Arch] = {
              config_defaults=(("vocab_size", 262208), ("num_attention_heads", 8), ("num_key_value_heads", 4)),
              copied_prefixes=("multi_modal_projector.", "vision_tower.vision_model."),
              copied_renames=(("mm_input_projection_weight", "mm_input_projection.weight"),)),
+        # GLM-4 (0414): a norm after attention and after the MLP (post_self_attn_layernorm, post_mlp_layernorm; the
+        # MLP's input norm is post_attention_layernorm), plain RMSNorm, gate and up fused in gate_up_proj (gate
+        # first), SiLU; RoPE interleaved on the first half of each head (partial_rotary_factor 0.5); a bias on
+        # q, k and v (never o) from attention_bias, default true; head_dim 128, eps 1.5625e-7, as transformers'
+        # Glm4Config (ExLlamaV2 0.3.2 architecture.py:902-920).
+        Arch("Glm4ForCausalLM", qkv_bias=True, o_bias=False, mlp_bias=False, bias_from_config=("attention_bias_qkv",),
+             default_rope_theta=10000.0, default_eps=1.5625e-7, requires_bos=False, default_head_dim=128,
+             fused=(("gate_up", ("gate", "up")),), sandwich_norms=True, rope_interleaved=True,
+             default_partial_rotary=0.5,
+             norm_names=(("attn_post_norm", "model.layers.{i}.post_self_attn_layernorm.weight"),
+                         ("mlp_pre_norm", "model.layers.{i}.post_attention_layernorm.weight"),
+                         ("mlp_post_norm", "model.layers.{i}.post_mlp_layernorm.weight"))),
         # Mistral's layout with a sparse MLP: a router (block_sparse_moe.gate) over num_local_experts SwiGLU
         # experts (w1 gate, w3 up, w2 down), the top num_experts_per_tok weights renormalised; eps 1e-5 and
         # RoPE base 1e6 as transformers' MixtralConfig.
@@ -206,6 +225,11 @@ class UnsupportedArchitectureError(ConfigError):
 _REQUIRED, _UNSET = object(), object()
 
 
+def tensor_name(arch: Arch, key: str) -> str:
+    """TENSOR_NAMES[key], or this architecture's own name for it (Arch.norm_names)."""
+    return dict(arch.norm_names).get(key) or TENSOR_NAMES[key]
+
+
 def get_arch(names: list[str] | str | None, where: str = "config.json") -> Arch:
     """The row for the first supported name in `architectures`; a clear error otherwise."""
     if isinstance(names, str):
@@ -252,6 +276,7 @@ class ModelConfig:
     residual_multiplier: float = 1.0
     attention_multiplier: float | None = None
     logits_scaling: float = 1.0
+    rotary_dim: int | None = None  # GLM-4: RoPE on each head's first rotary_dim values (None: all head_dim)
     # Mixture of experts (Arch.moe): experts per layer (0: a dense MLP), experts each token is routed to, and
     # whether their router weights are renormalised to sum to 1; intermediate_size is then each expert's
     num_experts: int = 0
@@ -301,6 +326,8 @@ class ModelConfig:
         qkv_bias, o_bias, mlp_bias = arch.qkv_bias, arch.o_bias, arch.mlp_bias
         if "attention_bias" in arch.bias_from_config:  # a bias on q, k, v and o (transformers)
             qkv_bias = o_bias = r.bool("attention_bias", default=qkv_bias)
+        if "attention_bias_qkv" in arch.bias_from_config:  # the same field on q, k and v only (GLM-4)
+            qkv_bias = r.bool("attention_bias", default=qkv_bias)
         if "mlp_bias" in arch.bias_from_config:
             mlp_bias = r.bool("mlp_bias", default=mlp_bias)
         vocab = r.int("vocab_size")
@@ -332,6 +359,7 @@ class ModelConfig:
             mlp_bias=mlp_bias,
             bos_token_id=bos,
             **_multiplier_fields(r, arch),
+            **_partial_rotary_fields(r, arch, head_dim),
             eos_token_ids=eos,
             sliding_window=r.int("sliding_window", default=arch.default_sliding_window, minimum=0,
                                  maximum=MAX_TOKEN_ID),
@@ -508,6 +536,22 @@ def _moe_fields(r: _Reader, arch: Arch) -> dict:
         raise ConfigError(f"{r.where}: {arch.moe_renorm_field} false is not supported for {arch.name} (ExLlamaV2 "
                           f"always renormalises the top-k router weights)")
     return {"num_experts": n, "experts_per_token": k, "norm_topk_prob": renorm}
+
+
+def _partial_rotary_fields(r: _Reader, arch: Arch, head_dim: int) -> dict:
+    """GLM-4's rotary_dim: head_dim times partial_rotary_factor (the RoPE dict's, else the top level's, else the
+    row's default), an even number of at least 2; none for other rows."""
+    if arch.default_partial_rotary is None:
+        return {}
+    src = rope_source(r.d)
+    prf = src.get("partial_rotary_factor", r.d.get("partial_rotary_factor"))
+    prf = arch.default_partial_rotary if prf is None else \
+        r.float("partial_rotary_factor", source={"partial_rotary_factor": prf}, maximum=1.0)
+    dim = int(head_dim * prf)
+    if dim < 2 or dim % 2:
+        raise ConfigError(f"{r.where}: partial_rotary_factor {prf:g} of head_dim {head_dim} gives {dim} rotary "
+                          f"values; expected an even number of at least 2")
+    return {"rotary_dim": dim}
 
 
 def _multiplier_fields(r: _Reader, arch: Arch) -> dict:

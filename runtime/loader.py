@@ -19,7 +19,7 @@ from exl2.quant_kernels.codec import padded_columns
 
 from . import linear as _linear
 
-from .arch import MOE_NAMES, TENSOR_NAMES, ModelConfig
+from .arch import MOE_NAMES, TENSOR_NAMES, ModelConfig, tensor_name
 from .model import MLP, Attention, Block, Model, RMSNorm, Rotary, SparseMLP
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -275,7 +275,7 @@ class ModelParts:
             out[TENSOR_NAMES["mlp_norm"].format(i=i)] = (C,)
             if cfg.arch.sandwich_norms:
                 for key in ("mlp_pre_norm", "mlp_post_norm"):
-                    out[TENSOR_NAMES[key].format(i=i)] = (C,)
+                    out[tensor_name(cfg.arch, key).format(i=i)] = (C,)
             if cfg.arch.qk_norm:
                 for key in ("q_norm", "k_norm"):
                     out[TENSOR_NAMES[key].format(i=i)] = (cfg.head_dim,)
@@ -400,7 +400,7 @@ class ModelParts:
 
     def norm(self, key: str, i: int = 0) -> RMSNorm:
         C = self.cfg.hidden_size
-        return RMSNorm(self.src.get_float(TENSOR_NAMES[key].format(i=i), (C,), self.dtype, self.device),
+        return RMSNorm(self.src.get_float(tensor_name(self.cfg.arch, key).format(i=i), (C,), self.dtype, self.device),
                        self.cfg.rms_norm_eps, self.cfg.arch.norm_offset)
 
     def head_norm(self, key: str, i: int) -> RMSNorm:

@@ -35,7 +35,7 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies [D/2] fp32, scaling applied. Computed in fp32 the way the reference
     implementations (Meta's Llama, transformers) do, so angles agree bit for bit where possible."""
-    D = cfg.head_dim
+    D = cfg.rotary_dim or cfg.head_dim  # GLM-4: the rotated part of each head
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))  # [D/2]
     s = cfg.rope_scaling
     if s is None:
@@ -54,7 +54,8 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
-    """NeoX / rotate-half RoPE; angles, cos and sin in fp32."""
+    """NeoX / rotate-half RoPE, or GPT-J / interleaved (Arch.rope_interleaved); angles, cos and sin in fp32, of
+    width rotary_dim (GLM-4) or head_dim."""
 
     def __init__(self, cfg: ModelConfig, *, local: bool = False):
         """local: the RoPE of Gemma3's windowed layers (cfg.local_rope_theta, unscaled)."""
@@ -63,17 +64,29 @@ class Rotary(nn.Module):
             cfg = dataclasses.replace(cfg, rope_theta=cfg.local_rope_theta, rope_scaling=None)
         inv = rope_inv_freq(cfg)  # [D/2] fp32
         self.register_buffer("inv_freq", inv, persistent=False)
+        self.interleaved = cfg.arch.rope_interleaved
 
     def cos_sin(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         pos = torch.arange(start, start + length, device=self.inv_freq.device, dtype=torch.float32)  # [T]
         freqs = pos[:, None] * self.inv_freq[None, :]  # [T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+        if self.interleaved:     # angle j for values 2j and 2j + 1
+            emb = freqs.repeat_interleave(2, dim=-1)  # [T, D]
+        else:
+            emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
         return emb.cos(), emb.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, h, D] (any float dtype); cos/sin [T, D] fp32. Rotation computed in fp32."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """x [B, T, h, D] (any float dtype); cos/sin [T, D] fp32. Rotation computed in fp32.  cos/sin narrower than
+    D (GLM-4's partial RoPE, [T, R]): the first R values are rotated, the rest pass unchanged.  interleaved: the
+    pairs are (2j, 2j + 1) (GLM-4), not (j, j + D/2)."""
+    R = cos.shape[-1]
+    if R < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :R], cos, sin, interleaved), x[..., R:]), dim=-1)
     xf = x.float()
+    if interleaved:
+        rot = torch.stack((-xf[..., 1::2], xf[..., 0::2]), dim=-1).flatten(-2)  # [B, T, h, D]
+        return (xf * cos[:, None, :] + rot * sin[:, None, :]).to(x.dtype)
     half = xf.shape[-1] // 2
     rot = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)  # rotate_half, [B, T, h, D]
     c, s = cos[:, None, :], sin[:, None, :]  # [T, 1, D] broadcast over heads
@@ -152,6 +165,7 @@ class Attention(nn.Module):
         # Per-head norms (architectures whose row has qk_norm): weight [D], or [heads, D] one row per head
         self.q_norm, self.k_norm = q_norm, k_norm
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.rope_interleaved = cfg.arch.rope_interleaved
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries [B, T, H, D], keys and values [B, T, Hkv, D] of x [B, T, C], before RoPE (after the
@@ -170,7 +184,7 @@ class Attention(nn.Module):
         k_pre = k
         if self.rotary is not None:
             cos, sin = self.rotary.cos_sin(past_len, T)  # [T, D] each
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin, self.rope_interleaved), apply_rope(k, cos, sin, self.rope_interleaved)
         if layer_cache is not None:
             if getattr(layer_cache, "takes_pre_rope", False):  # exl2's own modes (kv_x.py) take pre-RoPE keys
                 k, v = layer_cache.update_pre_rope(k_pre, k, v, past_len, cos, sin, self.kv_profile)

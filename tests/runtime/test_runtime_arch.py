@@ -47,7 +47,8 @@ def test_qwen3_attention_bias_but_never_an_mlp_bias():
 
 def test_unknown_architecture():
     """One line naming every row of the table, sorted (the list grows with the table; these are in it)."""
-    assert {"Gemma2ForCausalLM", "Gemma3ForConditionalGeneration", "GemmaForCausalLM", "LlamaForCausalLM",
+    assert {"Gemma2ForCausalLM", "Gemma3ForConditionalGeneration", "GemmaForCausalLM", "Glm4ForCausalLM",
+            "GraniteForCausalLM", "LlamaForCausalLM",
             "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"} <= set(ARCHITECTURES)
     with pytest.raises(UnsupportedArchitectureError) as e:
         get_arch(["FalconForCausalLM"])
@@ -106,7 +107,8 @@ def test_phi3_row_and_defaults():
     builds none)."""
     a = ARCHITECTURES["Phi3ForCausalLM"]
     assert a.fused == (("qkv", ("q", "k", "v")), ("gate_up", ("gate", "up"))) and a.rope_types == ("default",)
-    assert [r.name for r in ARCHITECTURES.values() if r.fused] == ["Phi3ForCausalLM"]
+    assert [r.name for r in ARCHITECTURES.values() if r.fused] == ["Phi3ForCausalLM", "Glm4ForCausalLM"]
+    assert ARCHITECTURES["Glm4ForCausalLM"].fused == (("gate_up", ("gate", "up")),)
     c = ModelConfig.from_dict({**PHI3, "attention_bias": True, "mlp_bias": True, "rms_norm_eps": None})
     assert (c.rms_norm_eps, c.rope_theta, c.rope_scaling, c.head_dim) == (1e-5, 10000.0, None, 32)
     assert not (c.qkv_bias or c.o_bias or c.mlp_bias or c.arch.requires_bos or c.arch.qk_norm)
@@ -196,6 +198,26 @@ def test_gemma2_refuses_what_exllamav2_would_run_differently(extra, match):
 
 
 GEMMA = {**GEMMA2, "architectures": ["GemmaForCausalLM"]}
+
+
+GLM4 = {**BASE, "architectures": ["Glm4ForCausalLM"]}
+
+
+def test_glm4_defaults_are_transformers():
+    """Glm4Config's defaults: head_dim 128, RoPE on half of each head, a bias on q, k and v (never o), eps
+    1.5625e-7; the factor read from the RoPE dict (transformers 5) or the top level (4.x)."""
+    c = ModelConfig.from_dict(GLM4)
+    assert (c.head_dim, c.rotary_dim, c.rms_norm_eps, c.qkv_bias, c.o_bias, c.mlp_bias) == \
+        (128, 64, 1.5625e-7, True, False, False)
+    assert c.arch.rope_interleaved and c.arch.sandwich_norms and c.arch.norm_offset == 0 and not c.tie_word_embeddings
+    c = ModelConfig.from_dict({**GLM4, "attention_bias": False, "head_dim": 64, "partial_rotary_factor": 1.0})
+    assert (c.qkv_bias, c.o_bias, c.rotary_dim) == (False, False, 64)
+    c = ModelConfig.from_dict({**GLM4, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5,
+                                                          "partial_rotary_factor": 0.25}})
+    assert (c.rotary_dim, c.rope_theta) == (32, 5e5)
+    with pytest.raises(ValueError, match="partial_rotary_factor 0.01 of head_dim 128 gives 1 rotary"):
+        ModelConfig.from_dict({**GLM4, "partial_rotary_factor": 0.01})
+    assert ModelConfig.from_dict(BASE).rotary_dim is None
 
 
 def test_granite_multipliers_read_with_transformers_defaults():

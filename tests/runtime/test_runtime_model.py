@@ -35,6 +35,10 @@ def _ids(seed, B=2, T=200, vocab=512):
     ("qwen3", {"tie": True}),
     ("qwen3", {"dtype": torch.bfloat16}),
     ("qwen3", {"attention_bias": True}),   # q, k, v and o biases (randomised)
+    # GLM-4: RoPE interleaved on half of each head, output norms under GLM's names, fused gate_up, q/k/v bias
+    ("glm4", {}),
+    ("glm4", {"tie": True}),
+    ("glm4", {"dtype": torch.bfloat16}),
     # Granite: embedding, residual, attention and logits multipliers (3, 0.5, 0.05, 2)
     ("granite", {}),
     ("granite", {"tie": True}),
@@ -244,7 +248,33 @@ def test_granite_negative_controls(tiny_checkpoint, hf_logits, what):
     assert err > 1e-2, f"{what}: {err:.3g}"
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama3", "qwen3", "granite", "gemma", "gemma2", "gemma3"])
+@pytest.mark.parametrize("what", ["interleaved", "partial", "out_norms"])
+def test_glm4_negative_controls(tiny_checkpoint, hf_logits, what):
+    """Each of GLM-4's differences from the Llama layout is exercised by the tiny checkpoint: computing without
+    it (RoPE in the rotate-half form, RoPE on the whole head, no output norms) moves the logits beyond ATOL."""
+    import dataclasses
+
+    from exl2.runtime.model import Rotary
+
+    d = tiny_checkpoint("glm4")
+    ids = _ids(2)
+    ref = hf_logits(d, ids)
+    m = load_model(d)
+    if what == "interleaved":
+        for b in m.layers:
+            b.self_attn.rope_interleaved = False
+        m.rotary.interleaved = False
+    elif what == "partial":
+        m.rotary = Rotary(dataclasses.replace(m.cfg, rotary_dim=None))
+    else:
+        for b in m.layers:
+            b.attn_out_norm = b.mlp_out_norm = None
+    with torch.no_grad():
+        err = (m(ids) - ref).abs().max().item()
+    assert err > 1e-2, f"{what}: {err:.3g}"
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama3", "qwen3", "granite", "gemma", "gemma2", "gemma3", "glm4"])
 def test_chunked_prefill_equals_full_pass(tiny_checkpoint, kind):
     m = load_model(tiny_checkpoint(kind))
     ids = _ids(3)
