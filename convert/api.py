@@ -190,7 +190,8 @@ class Job:
         o, params = self.o, self.state.params
         if o.measurement:
             data = mj.load(o.measurement, checkpoint_sha256=params["checkpoint_sha256"], force=o.force_measurement)
-            missing = [f"model.layers.{i}.{m}" for i in range(self.cfg.num_layers) for m in ("self_attn", "mlp")
+            mlp = "block_sparse_moe" if self.cfg.arch.moe else "mlp"
+            missing = [f"model.layers.{i}.{m}" for i in range(self.cfg.num_layers) for m in ("self_attn", mlp)
                        if f"model.layers.{i}.{m}" not in data["measurement"]]
             if missing:
                 raise ConvertError(f"{o.measurement}: no measurement for {missing[0]} (another model's file?)")
@@ -255,9 +256,6 @@ class Job:
         except (ValueError, OSError) as e:      # ConfigError names the file already
             named = str(self.in_dir) in str(e)
             raise ConvertError(str(e) if named else f"{self.in_dir / 'config.json'}: {e}") from None
-        if self.cfg.arch.moe:   # the runtime reads these; measuring and quantizing experts is not built yet
-            raise ConvertError(f"{self.in_dir / 'config.json'}: {self.cfg.arch.name}: converting a mixture of "
-                               f"experts is not supported yet (the runtime loads and runs it)")
         # checks every tensor's shape; fp32 as the measurement and quantization passes compute (preflight)
         self.parts = ModelParts(self.in_dir, device=self.o.device, dtype=torch.float32)
         self._check_folders()

@@ -41,7 +41,7 @@ from exl2.runtime.cache import bytes_per_token
 from exl2.runtime.evaluate import SCORE_CHUNK
 from exl2.runtime.loader import TensorSource
 
-from .accounting import decoder_numel, projection_shapes
+from .accounting import decoder_numel, experts, projection_shapes
 
 GiB = 1 << 30
 
@@ -120,8 +120,9 @@ def bpw_range(cfg: ModelConfig, tables: str = "exl2") -> tuple[float, float, int
     lo = hi = 0
     for spec in module_specs(tables):
         bits = _module_bits(spec, shapes)
-        lo += min(bits) * cfg.num_layers
-        hi += max(bits) * cfg.num_layers
+        copies = experts(cfg, spec.projections[0])       # a sparse MLP: every expert
+        lo += min(bits) * cfg.num_layers * copies
+        hi += max(bits) * cfg.num_layers * copies
     return lo / numel, hi / numel, numel
 
 
@@ -144,7 +145,8 @@ def _embedding_stored_bytes(cfg: ModelConfig, src: TensorSource | None) -> int:
 
 
 def _layer_weight_bytes(cfg: ModelConfig) -> int:
-    return 4 * sum(k * n + (n if b else 0) for k, n, b in projection_shapes(cfg).values()) + 2 * 4 * cfg.hidden_size
+    return 4 * sum((k * n + (n if b else 0)) * experts(cfg, p) for p, (k, n, b) in projection_shapes(cfg).items()) \
+        + 2 * 4 * cfg.hidden_size
 
 
 def _module_peaks(cfg: ModelConfig, length: int, *, variants: bool, tables: str, asym: bool) -> tuple[int, str]:
@@ -154,18 +156,19 @@ def _module_peaks(cfg: ModelConfig, length: int, *, variants: bool, tables: str,
     for spec in (module_specs(tables) if variants else MODULES):
         owners = sorted(set(spec.hessian_of.values()))
         ks = {o: shapes[o][0] for o in owners}
-        hess = sum(4 * k * k for k in ks.values()) * (2 if asym else 1)   # asymmetric: M beside each H
+        copies = experts(cfg, spec.projections[0])      # a sparse MLP: every expert's Hessians and variants
+        hess = sum(4 * k * k for k in ks.values()) * (2 if asym else 1) * copies   # asymmetric: M beside each H
         kmax = max(ks.values())
         act = length * (ATTN_ACT_PER_TOKEN(cfg) if spec.kind == "self_attn" else MLP_ACT_PER_TOKEN(cfg)) * 4
         gq = max(gptq_bytes(shapes[p][1], shapes[p][0]) for p in spec.projections)
         var = 0
         if variants:
             total = sum(len(opts) * 2 * shapes[p][0] * shapes[p][1]
-                        for p, opts in zip(spec.projections, distinct_options(spec.options)))
+                        for p, opts in zip(spec.projections, distinct_options(spec.options))) * copies
             var = total if total <= VARIANT_BUDGET else 0      # over the budget every variant is spilled to disk
         hinv = sum(4 * k * k for k in ks.values())
         phases = {"collect": hess + act, "prepare": hess + MEASURED_PREPARE * 4 * kmax * kmax,
-                  "GPTQ": hinv + var + gq, "combinations": var + act}
+                  "GPTQ": hinv + var + gq + (hess if copies > 1 else 0), "combinations": var + act}
         phase = max(phases, key=phases.get)
         if phases[phase] > best:
             best, what = int(phases[phase]), f"{spec.kind} {phase}"
@@ -254,7 +257,8 @@ def make_plan(model_dir: str | Path, *, bits: list[float], head_bits: int, rows:
     for spec in module_specs(tables):
         shapes = projection_shapes(cfg)
         total = sum(len(opts) * 2 * shapes[p_][0] * shapes[p_][1]
-                    for p_, opts in zip(spec.projections, distinct_options(spec.options)))
+                    for p_, opts in zip(spec.projections, distinct_options(spec.options))) \
+            * experts(cfg, spec.projections[0])
         if total > VARIANT_BUDGET:
             spill = max(spill, total)
     out_total = sum(t["model_bytes"] for t in p.targets.values())

@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 
 from exl2.core.errors import UserError
 from exl2.layers.checkpoint import clear_checkpoint, load_checkpoint, save_checkpoint, save_tensors
+from exl2.layers.moe import MOE, specs_for
 from exl2.layers.stream import (MODULES, collect, embed_rows, inputs_of, linears, rel_error, run_module, set_weight,
                                 swapped_weights)
 from exl2.measure.measurement import entry_options
@@ -204,9 +205,15 @@ def run_quantization(model_dir: str | Path, input_ids: torch.Tensor, strategy: d
     for layer in range(report["next_layer"], n_layers):
         t0 = time.time()
         block = parts.block(layer)
-        for spec in MODULES:
-            states, err = quantize_module(block, spec, layer, strategy, states, cos, sin, device, out_dir,
-                                          opts, fstates, asym)
+        for spec in specs_for(parts.cfg, MODULES):      # a sparse MLP in place of the MLP (layers/moe.py)
+            if spec.kind == MOE.kind:
+                from .moe import quantize_moe
+                states, err, routed = quantize_moe(block, spec, layer, strategy, states, cos, sin, device,
+                                                   out_dir, parts.cfg, opts, fstates, _store)
+                report.setdefault("routed", {})[spec.key(layer)] = routed
+            else:
+                states, err = quantize_module(block, spec, layer, strategy, states, cos, sin, device, out_dir,
+                                              opts, fstates, asym)
             report["errors"][spec.key(layer)] = err
             if status:
                 status({"stage": "quant", "module": spec.key(layer), "rfn_error": err})

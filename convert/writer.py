@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file
 
 from exl2.core.errors import UserError
-from exl2.runtime.arch import TENSOR_NAMES, ModelConfig
+from exl2.runtime.arch import MOE_NAMES, TENSOR_NAMES, ModelConfig
 from exl2.core.files import save_safetensors
 from exl2.runtime.loader import ModelParts
 
@@ -69,11 +69,14 @@ class OutputDirError(UserError, ValueError):
 
 
 def module_order(n_layers: int, qk_norm: bool = False, sandwich_norms: bool = False,
+                 moe: tuple[dict, int] | None = None,
                  norm_names: tuple[tuple[str, str], ...] = ()) -> list[tuple[str, str]]:
     """(name, kind) in writing order; kind is "fp16" (from the source) or "exl2" (from out_tensor).  The q/k
     norms (``qk_norm``) follow o_proj, where ExLlamaV2's compile step puts them; with ``sandwich_norms``
-    (Gemma) each module's two norms come before its projections, as there.  ``norm_names``: the
-    architecture's own names for norms (Arch.norm_names, GLM-4)."""
+    (Gemma) each module's two norms come before its projections, as there.  ``moe`` (a mixture of experts: its
+    MOE_NAMES row and the expert count): the router (fp16) then each expert's w1, w3, w2 in place of the MLP's
+    projections, ExLlamaV2's compile order (conversion/compile.py, the ExLlamaV2MoEMLP case).  ``norm_names``:
+    the architecture's own names for norms (Arch.norm_names, GLM-4)."""
     names = {**TENSOR_NAMES, **dict(norm_names)}
     out = [(TENSOR_NAMES["embed"], "fp16")]
     for i in range(n_layers):
@@ -87,7 +90,12 @@ def module_order(n_layers: int, qk_norm: bool = False, sandwich_norms: bool = Fa
             out += [(names[k].format(i=i), "fp16") for k in ("mlp_pre_norm", "mlp_post_norm")]
         else:
             out.append((TENSOR_NAMES["mlp_norm"].format(i=i), "fp16"))
-        out += [(TENSOR_NAMES[k].format(i=i), "exl2") for k in ("gate", "up", "down")]
+        if moe is None:
+            out += [(TENSOR_NAMES[k].format(i=i), "exl2") for k in ("gate", "up", "down")]
+            continue
+        moe_names, n_experts = moe
+        out.append((moe_names["router"].format(i=i) + ".weight", "fp16"))
+        out += [(moe_names[k].format(i=i, e=e), "exl2") for e in range(n_experts) for k in ("gate", "up", "down")]
     out.append((TENSOR_NAMES["norm"], "fp16"))
     out.append((TENSOR_NAMES["head"], "exl2"))
     return out
@@ -143,6 +151,8 @@ def loader_config(src: dict, cfg: ModelConfig, quantization_config: dict) -> dic
         out["rope_parameters"] = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta}
     if cfg.arch.qk_norm:
         out["use_qk_norm"] = True
+    if cfg.arch.moe:     # the expert fields (FOREIGN_FIELDS elsewhere), under the names the source uses
+        out.update({cfg.arch.moe_experts_field: cfg.num_experts, "num_experts_per_tok": cfg.experts_per_token})
     if cfg.arch.default_partial_rotary is not None:
         # GLM-4: ExLlamaV2 reads partial_rotary_factor at the top level (default 1) and attention_bias as q/k/v's
         # bias (default false), transformers 0.5 and true
@@ -390,7 +400,9 @@ def _write_into(tmp: Path, parts: ModelParts, model_dir: Path, out_tensor: Path,
             return t.numel() * t.element_size()
         return 2 * math.prod(parts.src.shape(name))          # written as fp16
 
-    order = module_order(parts.cfg.num_layers, arch.qk_norm, arch.sandwich_norms, norm_names=arch.norm_names)
+    order = module_order(parts.cfg.num_layers, arch.qk_norm, arch.sandwich_norms,
+                         (MOE_NAMES[arch.moe], parts.cfg.num_experts) if arch.moe else None,
+                         norm_names=arch.norm_names)
     keys = parts.src.keys()
     order += [(k, "copy") for p in arch.copied_prefixes for k in sorted(keys) if k.startswith(p)]
     # Cut shards by size before writing, so each shard's name can carry the count.

@@ -31,6 +31,7 @@ from exl2.quant_kernels.codec import padded_columns
 from exl2.quant_kernels.qparams import QParams, distinct_options
 from exl2.runtime.loader import ModelParts
 from exl2.layers.checkpoint import clear_checkpoint, load_checkpoint, save_checkpoint
+from exl2.layers.moe import MOE, specs_for
 from exl2.layers.stream import (FP16_MAX, MODULES, LayerError, ModuleSpec, collect, embed_rows, linears, rel_error,
                                 run_module, set_weight)
 
@@ -238,12 +239,18 @@ def run_measurement(model_dir: str | Path, input_ids: torch.Tensor, work: str | 
         measurement, start = {}, 0
         states = embed_rows(parts, input_ids)
     cos, sin = Rotary(parts.cfg).to(device).cos_sin(0, input_ids.shape[1])
+    modules = specs_for(parts.cfg, modules)     # a sparse MLP in place of the MLP (layers/moe.py)
     for layer in range(start, n_layers):
         t0 = time.time()
         block = parts.block(layer)
         for spec in modules:
-            entries, states = measure_module(block, spec, layer, states, cos, sin, device, status,
-                                             variant_budget=variant_budget, spill_dir=work)
+            if spec.kind == MOE.kind:
+                from .moe import measure_moe
+                entries, states = measure_moe(block, spec, layer, states, cos, sin, device, status,
+                                              variant_budget=variant_budget, spill_dir=work)
+            else:
+                entries, states = measure_module(block, spec, layer, states, cos, sin, device, status,
+                                                 variant_budget=variant_budget, spill_dir=work)
             measurement[spec.key(layer)] = entries
         del block
         save_checkpoint(work, "measure", {"measurement": measurement, "next_layer": layer + 1}, states)

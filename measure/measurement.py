@@ -51,7 +51,7 @@ from pathlib import Path
 
 from exl2.core.errors import UserError
 from exl2.core.files import write_json_atomic
-from exl2.quant_kernels.qparams import ATTN_OPTIONS, ATTN_PROJ, MLP_OPTIONS, MLP_PROJ, QParams
+from exl2.quant_kernels.qparams import ATTN_OPTIONS, ATTN_PROJ, MLP_OPTIONS, MLP_PROJ, MOE_PROJ, QParams
 
 FORMAT = 1
 
@@ -74,7 +74,7 @@ def entry(accuracy: float, options: dict[str, QParams], shapes: dict[str, tuple[
 
 def entry_options(e: dict) -> dict[str, QParams]:
     """The per-projection options of one record."""
-    return {p: QParams.from_dict(e[p]) for p in (*ATTN_PROJ, *MLP_PROJ) if p in e}
+    return {p: QParams.from_dict(e[p]) for p in (*ATTN_PROJ, *MLP_PROJ, *MOE_PROJ) if p in e}
 
 
 def _is_pre_0_0_11(data: dict) -> bool:
@@ -145,7 +145,7 @@ def _check(data, where: str) -> dict:
             if not isinstance(e, dict) or "accuracy" not in e or "total_bits" not in e:
                 raise MeasurementError(f"{where}: {key}[{i}] needs 'accuracy' and 'total_bits'")
             _check_values(e, where, key, i)
-            projs = [p for p in (*ATTN_PROJ, *MLP_PROJ) if p in e]
+            projs = [p for p in (*ATTN_PROJ, *MLP_PROJ, *MOE_PROJ) if p in e]
             if not projs:
                 raise MeasurementError(f"{where}: {key}[{i}] names no projection")
             try:

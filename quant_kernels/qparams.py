@@ -232,6 +232,8 @@ TABLES: dict[str, tuple[list, list]] = {
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+# a sparse MLP's expert projections as ExLlamaV2 names them in a measurement: gate, up, down (layers/moe.py)
+MOE_PROJ = ("w1", "w3", "w2")
 
 
 def distinct_options(table: list[tuple[QParams, ...]]) -> list[list[QParams]]:

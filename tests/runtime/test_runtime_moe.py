@@ -104,21 +104,3 @@ def test_mixtral_config_fields():
         ModelConfig.from_dict(_mixtral_cfg(num_experts_per_tok=9))
     with pytest.raises(ConfigError, match="num_local_experts"):
         ModelConfig.from_dict({k: v for k, v in _mixtral_cfg().items() if k != "num_local_experts"})
-
-
-def test_convert_refuses_a_mixture_of_experts_in_one_line(tiny_checkpoint, tiny_tokenizer, tmp_path):
-    """Until conversion handles experts, exl2-convert refuses a Mixtral checkpoint before any work."""
-    import shutil
-
-    from click.testing import CliRunner
-
-    from exl2.convert.cli import convert_main
-
-    d = tiny_checkpoint("mixtral")
-    shutil.copy(tiny_tokenizer, d / "tokenizer.json")
-    r = CliRunner().invoke(convert_main, ["-i", str(d), "-o", str(tmp_path / "job"), "-b", "4.0", "-r", "2",
-                                          "-l", "32", "-mr", "2", "-ml", "32", "--no-validate"])
-    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
-    errors = [ln for ln in r.output.splitlines() if "error: " in ln]
-    assert len(errors) == 1 and "MixtralForCausalLM" in errors[0] and "not supported yet" in errors[0], r.output
-    assert not (tmp_path / "job").exists()
