@@ -35,8 +35,8 @@ class _Bars:
         return update
 
 
-CONVERT_HELP = """Convert a Hugging Face checkpoint (Qwen2, Qwen3, Llama, Mistral, Mixtral, Phi-3, Granite,
-GLM-4, Gemma, Gemma 2, Gemma 3's text model) to EXL2.
+CONVERT_HELP = """Convert a Hugging Face checkpoint (Qwen2, Qwen3, Llama, Mistral, Mixtral, Qwen3-MoE, Phi-3,
+Granite, GLM-4, Gemma, Gemma 2, Gemma 3's text model) to EXL2.
 
 Measures every layer once, then quantizes to each target in -b (e.g. -b 3.0,4.0,5.0). The working
 directory -o holds the job; rerunning the same command resumes it."""

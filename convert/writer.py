@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file
 
 from exl2.core.errors import UserError
-from exl2.runtime.arch import MOE_NAMES, TENSOR_NAMES, ModelConfig
+from exl2.runtime.arch import EXPERT_FIELDS, MOE_NAMES, TENSOR_NAMES, ModelConfig
 from exl2.core.files import save_safetensors
 from exl2.runtime.loader import ModelParts
 
@@ -152,7 +152,11 @@ def loader_config(src: dict, cfg: ModelConfig, quantization_config: dict) -> dic
     if cfg.arch.qk_norm:
         out["use_qk_norm"] = True
     if cfg.arch.moe:     # the expert fields (FOREIGN_FIELDS elsewhere), under the names the source uses
-        out.update({cfg.arch.moe_experts_field: cfg.num_experts, "num_experts_per_tok": cfg.experts_per_token})
+        field = next((k for k in EXPERT_FIELDS if src.get(k) is not None), cfg.arch.moe_experts_field)
+        out.update({field: cfg.num_experts, "num_experts_per_tok": cfg.experts_per_token})
+        if cfg.arch.moe_intermediate_field != "intermediate_size":   # Qwen3-MoE: the experts' own field
+            out[cfg.arch.moe_intermediate_field] = cfg.intermediate_size
+            out["intermediate_size"] = src.get("intermediate_size", cfg.intermediate_size)
     if cfg.arch.default_partial_rotary is not None:
         # GLM-4: ExLlamaV2 reads partial_rotary_factor at the top level (default 1) and attention_bias as q/k/v's
         # bias (default false), transformers 0.5 and true

@@ -174,6 +174,14 @@ ARCHITECTURES: dict[str, Arch] = {
         # RoPE base 1e6 as transformers' MixtralConfig.
         Arch("MixtralForCausalLM", qkv_bias=False, o_bias=False, mlp_bias=False, bias_from_config=(),
              default_rope_theta=1e6, default_eps=1e-5, requires_bos=True, moe="mixtral"),
+        # Qwen3's attention (q/k norms, attention_bias, head_dim 128) with a sparse MLP in every layer (mlp.gate,
+        # mlp.experts.N.gate_proj/up_proj/down_proj), each expert moe_intermediate_size wide; the top-k weights
+        # renormalised only where norm_topk_prob is true (transformers' default false; ExLlamaV2 always
+        # renormalises, so false is refused); ExLlamaV2 0.3.2 architecture.py:450-466.
+        Arch("Qwen3MoeForCausalLM", qkv_bias=False, o_bias=False, mlp_bias=False,
+             bias_from_config=("attention_bias",), default_rope_theta=10000.0, default_eps=1e-6, requires_bos=False,
+             qk_norm=True, default_head_dim=128, moe="qwen3_moe", moe_experts_field="num_experts",
+             moe_intermediate_field="moe_intermediate_size", moe_renorm_field="norm_topk_prob"),
     )
 }
 
@@ -183,6 +191,10 @@ MOE_NAMES = {
                 "gate": "model.layers.{i}.block_sparse_moe.experts.{e}.w1",
                 "up": "model.layers.{i}.block_sparse_moe.experts.{e}.w3",
                 "down": "model.layers.{i}.block_sparse_moe.experts.{e}.w2"},
+    "qwen3_moe": {"router": "model.layers.{i}.mlp.gate",
+                  "gate": "model.layers.{i}.mlp.experts.{e}.gate_proj",
+                  "up": "model.layers.{i}.mlp.experts.{e}.up_proj",
+                  "down": "model.layers.{i}.mlp.experts.{e}.down_proj"},
 }
 
 # HF tensor names (gguf-py style table). `{i}` is the layer index. Linear keys are prefixes: the loader
@@ -523,15 +535,23 @@ def _gemma_fields(r: _Reader, arch: Arch) -> dict:
     return out
 
 
+EXPERT_FIELDS = ("num_local_experts", "num_experts")   # the expert count's config.json names
+
+
 def _moe_fields(r: _Reader, arch: Arch) -> dict:
     """The expert count, experts per token and renormalisation of a mixture-of-experts row (none otherwise)."""
     if arch.moe is None:
         return {}
-    n = r.int(arch.moe_experts_field)
+    # either name (transformers 5 writes num_local_experts for every MoE model), in ExLlamaV2's order of reading
+    field = next((f for f in EXPERT_FIELDS if r.d.get(f) is not None), arch.moe_experts_field)
+    n = r.int(field)
     k = r.int("num_experts_per_tok")
     if k > n:
-        raise ConfigError(f"{r.where}: num_experts_per_tok {k} exceeds {arch.moe_experts_field} {n}")
-    renorm = r.bool(arch.moe_renorm_field, default=True) if arch.moe_renorm_field else True
+        raise ConfigError(f"{r.where}: num_experts_per_tok {k} exceeds {field} {n}")
+    if r.d.get("mlp_only_layers") or r.int("decoder_sparse_step", default=1) != 1:
+        raise ConfigError(f"{r.where}: dense layers among the sparse ones (mlp_only_layers, decoder_sparse_step) are "
+                          f"not supported for {arch.name} (ExLlamaV2 builds every layer's MLP sparse)")
+    renorm = r.bool(arch.moe_renorm_field, default=False) if arch.moe_renorm_field else True
     if not renorm:
         raise ConfigError(f"{r.where}: {arch.moe_renorm_field} false is not supported for {arch.name} (ExLlamaV2 "
                           f"always renormalises the top-k router weights)")

@@ -25,7 +25,8 @@ def test_table_rows():
     assert q3.qk_norm and not (q3.qkv_bias or q3.o_bias or q3.mlp_bias or q3.requires_bos)
     assert q3.bias_from_config == ("attention_bias",)
     assert [a.name for a in ARCHITECTURES.values() if a.qk_norm] == ["Qwen3ForCausalLM",
-                                                                     "Gemma3ForConditionalGeneration"]
+                                                                     "Gemma3ForConditionalGeneration",
+                                                                     "Qwen3MoeForCausalLM"]
 
 
 def test_qwen3_head_dim_from_config_else_128():

@@ -8,7 +8,8 @@ from exl2.runtime.loader import load_model
 from exl2.runtime.model import SparseMLP
 
 # The fp32 logit tolerance of tests/runtime/test_runtime_model.py (ATOL there); measured here: tiny Mixtral
-# (4 experts, top 2, router and norms randomised), fp32/bf16/tied sources x seeds 0-2 x [2, 200] tokens: max 9.0e-6
+# (4 experts, top 2, router and norms randomised), fp32/bf16/tied sources x seeds 0-2 x [2, 200] tokens: max 9.0e-6;
+# tiny Qwen3-MoE (also q/k norms), fp32/bf16/attention_bias sources x seeds 0-2: max 7.4e-6
 ATOL = 5e-5
 
 
@@ -38,9 +39,11 @@ def _routed_counts(model, ids) -> list[list[int]]:
     return counts
 
 
-@pytest.mark.parametrize("kw", [{}, {"tie": True}, {"dtype": torch.bfloat16}])
-def test_mixtral_logits_match_transformers(tiny_checkpoint, hf_logits, kw):
-    d = tiny_checkpoint("mixtral", **kw)
+@pytest.mark.parametrize("kind,kw", [("mixtral", {}), ("mixtral", {"tie": True}), ("mixtral", {"dtype": torch.bfloat16}),
+                                     ("qwen3_moe", {}), ("qwen3_moe", {"dtype": torch.bfloat16}),
+                                     ("qwen3_moe", {"attention_bias": True})])
+def test_moe_logits_match_transformers(tiny_checkpoint, hf_logits, kind, kw):
+    d = tiny_checkpoint(kind, **kw)
     ids = _ids(0)
     ref = hf_logits(d, ids)
     model = load_model(d)
@@ -52,7 +55,7 @@ def test_mixtral_logits_match_transformers(tiny_checkpoint, hf_logits, kw):
         ours = model(ids)
     assert ours.dtype == torch.float32 and ours.shape == ref.shape
     err = (ours - ref).abs().max().item()
-    assert err < ATOL, f"mixtral {kw}: max |diff| {err:.3g}"
+    assert err < ATOL, f"{kind} {kw}: max |diff| {err:.3g}"
 
 
 @pytest.mark.parametrize("what", ["renorm", "top1", "expert"])
@@ -104,3 +107,27 @@ def test_mixtral_config_fields():
         ModelConfig.from_dict(_mixtral_cfg(num_experts_per_tok=9))
     with pytest.raises(ConfigError, match="num_local_experts"):
         ModelConfig.from_dict({k: v for k, v in _mixtral_cfg().items() if k != "num_local_experts"})
+
+
+def _qwen3_moe_cfg(**kw):
+    d = {"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 128, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "intermediate_size": 256, "moe_intermediate_size": 96, "num_hidden_layers": 2,
+         "vocab_size": 512, "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": True}
+    d.update(kw)
+    return d
+
+
+def test_qwen3_moe_config_fields():
+    cfg = ModelConfig.from_dict(_qwen3_moe_cfg())
+    assert (cfg.num_experts, cfg.experts_per_token, cfg.intermediate_size, cfg.head_dim) == (8, 2, 96, 128)
+    assert cfg.arch.qk_norm
+    # transformers 5 writes the count as num_local_experts
+    d = _qwen3_moe_cfg(num_local_experts=8)
+    del d["num_experts"]
+    assert ModelConfig.from_dict(d).num_experts == 8
+    for bad, needle in (({"norm_topk_prob": False}, "norm_topk_prob false"), ({"mlp_only_layers": [1]}, "dense layers"),
+                        ({"decoder_sparse_step": 2}, "dense layers")):
+        with pytest.raises(ConfigError, match=needle):
+            ModelConfig.from_dict(_qwen3_moe_cfg(**bad))
+    with pytest.raises(ConfigError, match="norm_topk_prob false"):      # transformers' default
+        ModelConfig.from_dict({k: v for k, v in _qwen3_moe_cfg().items() if k != "norm_topk_prob"})
