@@ -9,22 +9,15 @@ by transformers'.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from exl2.calibration import default_rows
-from exl2.convert.api import ConvertOptions, convert
-from exl2.convert.cli import inspect_main
-from exl2.convert.validate import held_out_rows
-from exl2.runtime.loader import load_model
+from tests.convert.arch_e2e import (EXL2_LINEAR, build_src, check_inspect, convert_job, exllamav2_config, mean_kl,
+                                    output_keys, reload)
 
-SMALL = dict(rows=4, length=64, measurement_rows=4, measurement_length=64, validation_rows=2)
 LAYERS = 2      # sliding_window_pattern 2: layer 0 windowed, layer 1 full
 
 # What ExLlamaV2 0.3.2 loads and writes for a Gemma3ForConditionalGeneration folder (site-packages/exllamav2/):
@@ -39,7 +32,6 @@ LAYERS = 2      # sliding_window_pattern 2: layer 0 windowed, layer 1 full
 # - conversion/compile.py:70-74 and :154-172: every tensor under mmp_prefix "multi_modal_projector." (:647) and
 #   vt_prefix "vision_tower.vision_model." (:615) is copied as stored, its name passed through google_keymap
 #   (architecture.py:105: mm_input_projection_weight -> mm_input_projection.weight; stloader.py:98-110).
-EXL2_LINEAR = ("q_weight", "q_invperm", "q_scale", "q_scale_max", "q_groups")
 PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.down_proj", "mlp.gate_proj", "mlp.up_proj")
 NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
@@ -58,8 +50,8 @@ KL_BOUND = 0.05
 
 @pytest.fixture(scope="module")
 def gemma3_src(tmp_path_factory, tiny_builder, tiny_tokenizer) -> Path:
-    d = Path(tiny_builder("gemma3", tmp_path_factory.mktemp("gemma3") / "model", num_hidden_layers=LAYERS, tie=True))
-    shutil.copy(tiny_tokenizer, d / "tokenizer.json")
+    d = build_src(tiny_builder, tiny_tokenizer, tmp_path_factory.mktemp("gemma3"),
+                  "gemma3", num_hidden_layers=LAYERS, tie=True)
     # transformers 5 writes the vision tower as vision_tower.*; the published Gemma 3 checkpoints (and ExLlamaV2's
     # vt_prefix) have vision_tower.vision_model.*: store it that way
     t = load_file(str(d / "model.safetensors"))
@@ -74,16 +66,12 @@ def gemma3_src(tmp_path_factory, tiny_builder, tiny_tokenizer) -> Path:
 
 @pytest.fixture(scope="module")
 def gemma3_job(gemma3_src, tmp_path_factory):
-    work = tmp_path_factory.mktemp("gemma3_work")
-    r = convert(ConvertOptions(in_dir=str(gemma3_src), work_dir=str(work / "job"), bits=[4.0],
-                               compile_dir=str(work / "out"), **SMALL))
-    return work / "out", r["targets"][0]
+    return convert_job(gemma3_src, tmp_path_factory.mktemp("gemma3_work"))[:2]
 
 
 def test_tensor_names_are_those_exllamav2_reads_and_writes(gemma3_src, gemma3_job):
     out, _ = gemma3_job
-    with safe_open(str(out / "output.safetensors"), "pt") as f:
-        keys = set(f.keys())
+    keys = output_keys(out)
     src = load_file(str(gemma3_src / "model.safetensors"))
     vision = {k.replace("mm_input_projection_weight", "mm_input_projection.weight") for k in src
               if k.startswith(("multi_modal_projector.", "vision_tower.vision_model."))}
@@ -99,12 +87,7 @@ def test_tensor_names_are_those_exllamav2_reads_and_writes(gemma3_src, gemma3_jo
 
 def test_inspect_finds_every_layer_valid(gemma3_job):
     out, t = gemma3_job
-    r = CliRunner().invoke(inspect_main, [str(out), "--json"])
-    assert r.exit_code == 0, r.output
-    rep = json.loads(r.output)
-    assert not rep["errors"] and len(rep["layers"]) == 7 * LAYERS + 1
-    assert rep["decoder_bpw"] == pytest.approx(t["bpw"], rel=1e-9) and 3.8 < t["bpw"] <= 4.0
-    assert "all layers valid" in CliRunner().invoke(inspect_main, [str(out)]).output
+    check_inspect(out, t, 7 * LAYERS + 1)
 
 
 def test_exllamav2_reads_the_config_as_transformers_does(gemma3_job, exllamav2):
@@ -113,9 +96,7 @@ def test_exllamav2_reads_the_config_as_transformers_does(gemma3_job, exllamav2):
     window, pattern 2 (its default 6; read at the top level only), RoPE base 1e6 with linear x8 on the full
     layers and its fixed 10000 on the windowed ones, no caps."""
     out, _ = gemma3_job
-    cfg = exllamav2.config.ExLlamaV2Config()
-    cfg.model_dir = str(out)
-    cfg.prepare()
+    cfg = exllamav2_config(exllamav2, out)
     assert cfg.architecture == "Gemma3ForConditionalGeneration" and cfg.arch.lm_prefix == "language_model."
     assert (cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size) == (64, 4, 2, 512)
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (128, 256, LAYERS)
@@ -140,21 +121,11 @@ def test_no_kv_profile_and_validation_skips_the_x_modes(gemma3_job):
     assert "not supported for Gemma3ForConditionalGeneration" in v["cache_x_skipped"]
 
 
-def _kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
-    p = torch.log_softmax(ref_logits.double(), -1)
-    q = torch.log_softmax(logits.double(), -1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
-
-
 def test_reloaded_model_is_close_to_the_source(gemma3_src, gemma3_job):
     out, t = gemma3_job
-    tok = gemma3_src / "tokenizer.json"
-    used = default_rows(tok, rows=SMALL["rows"], length=SMALL["length"], vocab_size=512).input_ids   # calibration
-    ids = held_out_rows(tok, used, 4, 64, None, 512)     # 4 rows the quantizer never saw (validation used 2)
-    fp, q = load_model(gemma3_src), load_model(out)
+    ids, fp, q = reload(gemma3_src, out)     # 4 held-out rows (validation used 2)
     assert type(q.layers[0].self_attn.q_proj).__name__ == "EXL2Linear" and q.layers[0].self_attn.window == 16
     assert q.layers[0].self_attn.rotary is not None and q.layers[1].self_attn.rotary is None
-    with torch.no_grad():
-        kl = _kl(fp(ids), q(ids))
+    kl = mean_kl(fp, q, ids)
     assert 0 < t["validation"]["kld_mean"] < KL_BOUND
     assert 0 < kl < KL_BOUND

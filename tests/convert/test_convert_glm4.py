@@ -7,24 +7,16 @@ from our writer; the written config.json is read by ExLlamaV2's config reader (t
 """
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from exl2.calibration import default_rows
-from exl2.convert.api import ConvertOptions, convert
-from exl2.convert.cli import inspect_main
-from exl2.convert.validate import held_out_rows
-from exl2.runtime.loader import load_model
+from tests.convert.arch_e2e import (EXL2_LINEAR, build_src, check_inspect, convert_job, exllamav2_config, mean_kl,
+                                    output_keys, reload)
 
-# The settings of test_convert.py's tiny end-to-end conversions.
-SMALL = dict(rows=4, length=64, measurement_rows=4, measurement_length=64, validation_rows=2)
 LAYERS = 2
 
 # What ExLlamaV2 0.3.2 loads for a Glm4ForCausalLM folder (site-packages/exllamav2/):
@@ -38,7 +30,6 @@ LAYERS = 2
 #   attention_bias (architecture.py:920), so q, k and v carry <key>.bias and o none;
 # - module.py:118-119: a quantized linear layer is read as <key>.q_weight, q_invperm, q_scale, q_scale_max,
 #   q_groups (q_perm is optional); module.py:134-141: an unquantized module (norms, embedding) is <key>.weight.
-EXL2_LINEAR = ("q_weight", "q_invperm", "q_scale", "q_scale_max", "q_groups")
 PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.down_proj", "mlp.gate_proj", "mlp.up_proj")
 NORMS = ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm")
@@ -55,17 +46,12 @@ KL_BOUND = 0.05
 
 @pytest.fixture(scope="module")
 def glm4_src(tmp_path_factory, tiny_builder, tiny_tokenizer) -> Path:
-    d = Path(tiny_builder("glm4", tmp_path_factory.mktemp("glm4") / "model", num_hidden_layers=LAYERS))
-    shutil.copy(tiny_tokenizer, d / "tokenizer.json")
-    return d
+    return build_src(tiny_builder, tiny_tokenizer, tmp_path_factory.mktemp("glm4"), "glm4", num_hidden_layers=LAYERS)
 
 
 @pytest.fixture(scope="module")
 def glm4_job(glm4_src, tmp_path_factory):
-    work = tmp_path_factory.mktemp("glm4_work")
-    r = convert(ConvertOptions(in_dir=str(glm4_src), work_dir=str(work / "job"), bits=[4.0],
-                               compile_dir=str(work / "out"), **SMALL))
-    return work / "out", r["targets"][0]
+    return convert_job(glm4_src, tmp_path_factory.mktemp("glm4_work"))[:2]
 
 
 def test_source_is_fused(glm4_src):
@@ -76,8 +62,7 @@ def test_source_is_fused(glm4_src):
 
 def test_tensor_names_are_those_exllamav2_reads(glm4_job):
     out, _ = glm4_job
-    with safe_open(str(out / "output.safetensors"), "pt") as f:
-        keys = set(f.keys())
+    keys = output_keys(out)
     assert keys == EXPECTED, (sorted(keys - EXPECTED), sorted(EXPECTED - keys))
 
 
@@ -93,12 +78,7 @@ def test_norms_are_the_source_in_fp16(glm4_src, glm4_job):
 
 def test_inspect_finds_every_layer_valid(glm4_job):
     out, t = glm4_job
-    r = CliRunner().invoke(inspect_main, [str(out), "--json"])
-    assert r.exit_code == 0, r.output
-    rep = json.loads(r.output)
-    assert not rep["errors"] and len(rep["layers"]) == 7 * LAYERS + 1
-    assert rep["decoder_bpw"] == pytest.approx(t["bpw"], rel=1e-9) and 3.8 < t["bpw"] <= 4.0
-    assert "all layers valid" in CliRunner().invoke(inspect_main, [str(out)]).output
+    check_inspect(out, t, 7 * LAYERS + 1)
 
 
 def test_exllamav2_reads_the_config_as_transformers_does(glm4_job, exllamav2):
@@ -106,9 +86,7 @@ def test_exllamav2_reads_the_config_as_transformers_does(glm4_job, exllamav2):
     partial_rotary_factor 0.5 (its default 1.0), the q/k/v bias (attention_bias stated: its default is false,
     transformers' true), GPT-J RoPE."""
     out, _ = glm4_job
-    cfg = exllamav2.config.ExLlamaV2Config()
-    cfg.model_dir = str(out)
-    cfg.prepare()
+    cfg = exllamav2_config(exllamav2, out)
     assert cfg.architecture == "Glm4ForCausalLM"
     assert (cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.partial_rotary_factor) == \
         (64, 4, 2, 0.5)
@@ -120,20 +98,10 @@ def test_exllamav2_reads_the_config_as_transformers_does(glm4_job, exllamav2):
     assert (hf.head_dim, hf.attention_bias, hf.rope_parameters["partial_rotary_factor"]) == (64, True, 0.5)
 
 
-def _kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
-    p = torch.log_softmax(ref_logits.double(), -1)
-    q = torch.log_softmax(logits.double(), -1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
-
-
 def test_reloaded_model_is_close_to_the_source(glm4_src, glm4_job):
     out, t = glm4_job
-    tok = glm4_src / "tokenizer.json"
-    used = default_rows(tok, rows=SMALL["rows"], length=SMALL["length"], vocab_size=512).input_ids   # calibration
-    ids = held_out_rows(tok, used, 4, 64, None, 512)     # 4 rows the quantizer never saw (validation used 2)
-    fp, q = load_model(glm4_src), load_model(out)
+    ids, fp, q = reload(glm4_src, out)     # 4 held-out rows (validation used 2)
     assert type(q.layers[0].mlp.gate_proj).__name__ == "EXL2Linear" and q.cfg.rotary_dim == 32
-    with torch.no_grad():
-        kl = _kl(fp(ids), q(ids))
+    kl = mean_kl(fp, q, ids)
     assert 0 < t["validation"]["kld_mean"] < KL_BOUND
     assert 0 < kl < KL_BOUND

@@ -7,22 +7,13 @@ from our writer; the written config.json is read by ExLlamaV2's config reader (t
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from click.testing import CliRunner
-from safetensors import safe_open
 
-from exl2.calibration import default_rows
-from exl2.convert.api import ConvertOptions, convert
-from exl2.convert.cli import inspect_main
-from exl2.convert.validate import held_out_rows
-from exl2.runtime.loader import load_model
+from tests.convert.arch_e2e import (EXL2_LINEAR, build_src, check_inspect, convert_job, exllamav2_config, mean_kl,
+                                    output_keys, reload)
 
-# The settings of test_convert.py's tiny end-to-end conversions.
-SMALL = dict(rows=4, length=64, measurement_rows=4, measurement_length=64, validation_rows=2)
 LAYERS = 2
 
 # What ExLlamaV2 0.3.2 loads for a GraniteForCausalLM folder (site-packages/exllamav2/):
@@ -36,7 +27,6 @@ LAYERS = 2
 # - config.py:330-346: logits_scaling, embedding_multiplier and residual_multiplier, and config.py:306
 #   attention_multiplier, are read for every architecture (as logit_scale = 1 / logits_scaling, scale_emb,
 #   scale_depth and the attention scale).
-EXL2_LINEAR = ("q_weight", "q_invperm", "q_scale", "q_scale_max", "q_groups")
 PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.down_proj", "mlp.gate_proj", "mlp.up_proj")
 NORMS = ("input_layernorm", "post_attention_layernorm")
@@ -53,43 +43,31 @@ KL_BOUND = 0.016
 
 @pytest.fixture(scope="module")
 def granite_src(tmp_path_factory, tiny_builder, tiny_tokenizer) -> Path:
-    d = Path(tiny_builder("granite", tmp_path_factory.mktemp("granite") / "model", num_hidden_layers=LAYERS))
-    shutil.copy(tiny_tokenizer, d / "tokenizer.json")
-    return d
+    return build_src(tiny_builder, tiny_tokenizer, tmp_path_factory.mktemp("granite"),
+                     "granite", num_hidden_layers=LAYERS)
 
 
 @pytest.fixture(scope="module")
 def granite_job(granite_src, tmp_path_factory):
-    work = tmp_path_factory.mktemp("granite_work")
-    r = convert(ConvertOptions(in_dir=str(granite_src), work_dir=str(work / "job"), bits=[4.0],
-                               compile_dir=str(work / "out"), **SMALL))
-    return work / "out", r["targets"][0]
+    return convert_job(granite_src, tmp_path_factory.mktemp("granite_work"))[:2]
 
 
 def test_tensor_names_are_those_exllamav2_reads(granite_job):
     out, _ = granite_job
-    with safe_open(str(out / "output.safetensors"), "pt") as f:
-        keys = set(f.keys())
+    keys = output_keys(out)
     assert keys == EXPECTED, (sorted(keys - EXPECTED), sorted(EXPECTED - keys))
 
 
 def test_inspect_finds_every_layer_valid(granite_job):
     out, t = granite_job
-    r = CliRunner().invoke(inspect_main, [str(out), "--json"])
-    assert r.exit_code == 0, r.output
-    rep = json.loads(r.output)
-    assert not rep["errors"] and len(rep["layers"]) == 7 * LAYERS + 1
-    assert rep["decoder_bpw"] == pytest.approx(t["bpw"], rel=1e-9) and 3.8 < t["bpw"] <= 4.0
-    assert "all layers valid" in CliRunner().invoke(inspect_main, [str(out)]).output
+    check_inspect(out, t, 7 * LAYERS + 1)
 
 
 def test_exllamav2_reads_the_multipliers_as_transformers_does(granite_job, exllamav2):
     """ExLlamaV2's config reader on the written folder: the four multipliers as transformers' (logit_scale is
     ExLlamaV2's reciprocal of logits_scaling)."""
     out, _ = granite_job
-    cfg = exllamav2.config.ExLlamaV2Config()
-    cfg.model_dir = str(out)
-    cfg.prepare()
+    cfg = exllamav2_config(exllamav2, out)
     assert cfg.architecture == "GraniteForCausalLM"
     assert (cfg.scale_emb, cfg.scale_depth, cfg.attention_multiplier, cfg.logit_scale) == (3.0, 0.5, 0.05, 0.5)
     assert (cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads) == (32, 4, 2)
@@ -108,20 +86,10 @@ def test_no_kv_profile_and_validation_skips_the_x_modes(granite_job):
     assert "not supported for GraniteForCausalLM" in v["cache_x_skipped"]
 
 
-def _kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
-    p = torch.log_softmax(ref_logits.double(), -1)
-    q = torch.log_softmax(logits.double(), -1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
-
-
 def test_reloaded_model_is_close_to_the_source(granite_src, granite_job):
     out, t = granite_job
-    tok = granite_src / "tokenizer.json"
-    used = default_rows(tok, rows=SMALL["rows"], length=SMALL["length"], vocab_size=512).input_ids   # calibration
-    ids = held_out_rows(tok, used, 4, 64, None, 512)     # 4 rows the quantizer never saw (validation used 2)
-    fp, q = load_model(granite_src), load_model(out)
+    ids, fp, q = reload(granite_src, out)     # 4 held-out rows (validation used 2)
     assert type(q.layers[0].self_attn.q_proj).__name__ == "EXL2Linear" and q.layers[0].residual_scale == 0.5
-    with torch.no_grad():
-        kl = _kl(fp(ids), q(ids))
+    kl = mean_kl(fp, q, ids)
     assert 0 < t["validation"]["kld_mean"] < KL_BOUND
     assert 0 < kl < KL_BOUND

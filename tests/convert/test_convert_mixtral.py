@@ -7,20 +7,16 @@ from our writer; the written config.json is read by ExLlamaV2's config reader (t
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from exl2.calibration import default_rows
 from exl2.convert.accounting import decoder_numel
-from exl2.convert.api import ConvertOptions, convert
 from exl2.convert.cli import inspect_main
-from exl2.convert.validate import held_out_rows
 from exl2.layers.moe import collect_moe
 from exl2.layers.stream import embed_rows
 from exl2.quant_kernels import gptq
@@ -28,9 +24,9 @@ from exl2.quant_kernels.codec import padded_columns
 from exl2.quant_kernels.qparams import QParams
 from exl2.runtime.loader import ModelParts, load_model
 from exl2.runtime.model import Rotary
+from tests.convert.arch_e2e import (EXL2_LINEAR, build_src, check_inspect, convert_job, exllamav2_config, mean_kl,
+                                    output_keys, reload)
 
-# The settings of test_convert.py's tiny end-to-end conversions.
-SMALL = dict(rows=4, length=64, measurement_rows=4, measurement_length=64, validation_rows=2)
 LAYERS, EXPERTS, C, INTER = 2, 4, 128, 128
 
 # What ExLlamaV2 0.3.2 loads for a MixtralForCausalLM folder (site-packages/exllamav2/):
@@ -44,7 +40,6 @@ LAYERS, EXPERTS, C, INTER = 2, 4, 128, 128
 #   get_f_module (compile.py:34-45: "<key>.weight") and each expert's w1, w3, w2 quantized;
 # - module.py:118-119: a quantized linear layer is read as <key>.q_weight, q_invperm, q_scale, q_scale_max,
 #   q_groups; no bias (Mixtral's entry has none); an unquantized module (norms, embedding) is <key>.weight.
-EXL2_LINEAR = ("q_weight", "q_invperm", "q_scale", "q_scale_max", "q_groups")
 ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 EXPERT_PROJ = [f"block_sparse_moe.experts.{e}.{w}" for e in range(EXPERTS) for w in ("w1", "w2", "w3")]
 EXPECTED_PER_LAYER = (["input_layernorm.weight", "post_attention_layernorm.weight", "block_sparse_moe.gate.weight"]
@@ -61,23 +56,18 @@ KL_BOUND = 0.13
 
 @pytest.fixture(scope="module")
 def mixtral_src(tmp_path_factory, tiny_builder, tiny_tokenizer) -> Path:
-    d = Path(tiny_builder("mixtral", tmp_path_factory.mktemp("mixtral") / "model", num_hidden_layers=LAYERS))
-    shutil.copy(tiny_tokenizer, d / "tokenizer.json")
-    return d
+    return build_src(tiny_builder, tiny_tokenizer, tmp_path_factory.mktemp("mixtral"),
+                     "mixtral", num_hidden_layers=LAYERS)
 
 
 @pytest.fixture(scope="module")
 def mixtral_job(mixtral_src, tmp_path_factory):
-    work = tmp_path_factory.mktemp("mixtral_work")
-    r = convert(ConvertOptions(in_dir=str(mixtral_src), work_dir=str(work / "job"), bits=[4.0],
-                               compile_dir=str(work / "out"), **SMALL))
-    return work / "out", r["targets"][0], work / "job"
+    return convert_job(mixtral_src, tmp_path_factory.mktemp("mixtral_work"))
 
 
 def test_tensor_names_are_those_exllamav2_reads(mixtral_job):
     out, _, _ = mixtral_job
-    with safe_open(str(out / "output.safetensors"), "pt") as f:
-        keys = set(f.keys())
+    keys = output_keys(out)
     assert keys == EXPECTED, (sorted(keys - EXPECTED), sorted(EXPECTED - keys))
 
 
@@ -105,43 +95,26 @@ def test_measurement_counts_every_expert(mixtral_job):
 
 def test_inspect_finds_every_layer_valid(mixtral_src, mixtral_job):
     out, t, _ = mixtral_job
-    r = CliRunner().invoke(inspect_main, [str(out), "--json"])
-    assert r.exit_code == 0, r.output
-    rep = json.loads(r.output)
-    assert not rep["errors"] and len(rep["layers"]) == (4 + 3 * EXPERTS) * LAYERS + 1
-    assert rep["decoder_bpw"] == pytest.approx(t["bpw"], rel=1e-9) and 3.8 < t["bpw"] <= 4.0
+    check_inspect(out, t, (4 + 3 * EXPERTS) * LAYERS + 1)
     numel = decoder_numel(ModelParts(mixtral_src).cfg)       # the budget covers every expert
     assert numel == LAYERS * (C * C * 2 + C * 64 * 2 + EXPERTS * 3 * C * INTER)   # q, o; k, v (2 x 32); experts
-    assert "all layers valid" in CliRunner().invoke(inspect_main, [str(out)]).output
 
 
 def test_exllamav2_reads_the_config_and_finds_its_tensors(mixtral_job, exllamav2):
     out, _, _ = mixtral_job
-    cfg = exllamav2.config.ExLlamaV2Config()
-    cfg.model_dir = str(out)
-    cfg.prepare()
+    cfg = exllamav2_config(exllamav2, out)
     assert cfg.architecture == "MixtralForCausalLM" and cfg.arch.lm.is_moe
     assert (cfg.num_experts, cfg.num_experts_per_token, cfg.intermediate_size) == (EXPERTS, 2, INTER)
     assert cfg.norm_eps == 1e-5 and cfg.rotary_embedding_base == 1e6
     assert {f"model.layers.{i}.block_sparse_moe.gate.weight" for i in range(LAYERS)} <= set(cfg.tensor_file_map)
 
 
-def _kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
-    p = torch.log_softmax(ref_logits.double(), -1)
-    q = torch.log_softmax(logits.double(), -1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
-
-
 def test_reloaded_model_is_close_to_the_source(mixtral_src, mixtral_job):
     out, t, _ = mixtral_job
     assert 0 < t["validation"]["kld_mean"] < KL_BOUND
-    tok = mixtral_src / "tokenizer.json"
-    used = default_rows(tok, rows=SMALL["rows"], length=SMALL["length"], vocab_size=512).input_ids   # calibration
-    ids = held_out_rows(tok, used, 4, 64, None, 512)     # 4 rows the quantizer never saw (validation used 2)
-    fp, q = load_model(mixtral_src), load_model(out)
+    ids, fp, q = reload(mixtral_src, out)     # 4 held-out rows (validation used 2)
     assert type(q.layers[0].mlp.experts[3].down_proj).__name__ == "EXL2Linear"
-    with torch.no_grad():
-        kl = _kl(fp(ids), q(ids))
+    kl = mean_kl(fp, q, ids)
     assert 0 < kl < KL_BOUND
 
 
@@ -151,8 +124,8 @@ def test_reloaded_model_is_close_to_the_source(mixtral_src, mixtral_job):
 def unrouted_src(tmp_path_factory, tiny_builder, tiny_tokenizer) -> Path:
     """The tiny Mixtral with one residual channel at +5 on every token (embedding column 0) and expert 3's router
     row at -20 on that channel: expert 3's logit is far below the others' on every token, in both layers."""
-    d = Path(tiny_builder("mixtral", tmp_path_factory.mktemp("unrouted") / "model", num_hidden_layers=LAYERS))
-    shutil.copy(tiny_tokenizer, d / "tokenizer.json")
+    d = build_src(tiny_builder, tiny_tokenizer, tmp_path_factory.mktemp("unrouted"),
+                  "mixtral", num_hidden_layers=LAYERS)
     t = load_file(str(d / "model.safetensors"))
     t["model.embed_tokens.weight"][:, 0] = 5.0
     for i in range(LAYERS):
@@ -180,9 +153,7 @@ def test_an_unrouted_expert_gets_every_tokens_hessians(unrouted_src):
 
 
 def test_an_unrouted_expert_still_quantizes(unrouted_src, tmp_path):
-    r = convert(ConvertOptions(in_dir=str(unrouted_src), work_dir=str(tmp_path / "job"), bits=[4.0],
-                               compile_dir=str(tmp_path / "out"), **SMALL))
-    out = tmp_path / "out"
+    out, t, _ = convert_job(unrouted_src, tmp_path)
     rep = json.loads(CliRunner().invoke(inspect_main, [str(out), "--json"]).output)
     assert not rep["errors"]
     q = load_model(out)
@@ -191,4 +162,4 @@ def test_an_unrouted_expert_still_quantizes(unrouted_src, tmp_path):
         for lin in (ex.gate_proj, ex.up_proj, ex.down_proj):
             assert type(lin).__name__ == "EXL2Linear"
             assert bool(torch.isfinite(lin(torch.randn(2, lin.in_features))).all())
-    assert 0 < r["targets"][0]["validation"]["kld_mean"] < KL_BOUND
+    assert 0 < t["validation"]["kld_mean"] < KL_BOUND

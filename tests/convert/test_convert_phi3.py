@@ -5,24 +5,16 @@ from our writer; the written config.json is read by ExLlamaV2's config reader (t
 """
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from exl2.calibration import default_rows
-from exl2.convert.api import ConvertOptions, convert
-from exl2.convert.cli import inspect_main
-from exl2.convert.validate import held_out_rows
 from exl2.runtime.loader import load_model
+from tests.convert.arch_e2e import (EXL2_LINEAR, build_src, check_inspect, convert_job, exllamav2_config, mean_kl,
+                                    output_keys, reload)
 
-# The settings of test_convert.py's tiny end-to-end conversions.
-SMALL = dict(rows=4, length=64, measurement_rows=4, measurement_length=64, validation_rows=2)
 LAYERS = 2
 
 # What ExLlamaV2 0.3.2 writes and loads for a Phi3ForCausalLM folder (site-packages/exllamav2/):
@@ -43,7 +35,6 @@ LAYERS = 2
 #   q_groups (q_perm is optional and rebuilt from q_invperm at module.py:120), with no bias for Phi-3
 #   (linear.py:136-138; its entry sets none); module.py:134-141: an unquantized module (norms, embedding) is
 #   <key>.weight.
-EXL2_LINEAR = ("q_weight", "q_invperm", "q_scale", "q_scale_max", "q_groups")
 PARTS = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
          "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 EXPECTED_PER_LAYER = (
@@ -65,17 +56,12 @@ KL_BOUND = 0.12
 
 @pytest.fixture(scope="module")
 def phi3_src(tmp_path_factory, tiny_builder, tiny_tokenizer) -> Path:
-    d = Path(tiny_builder("phi3", tmp_path_factory.mktemp("phi3") / "model", num_hidden_layers=LAYERS))
-    shutil.copy(tiny_tokenizer, d / "tokenizer.json")
-    return d
+    return build_src(tiny_builder, tiny_tokenizer, tmp_path_factory.mktemp("phi3"), "phi3", num_hidden_layers=LAYERS)
 
 
 @pytest.fixture(scope="module")
 def phi3_job(phi3_src, tmp_path_factory):
-    work = tmp_path_factory.mktemp("phi3_work")
-    r = convert(ConvertOptions(in_dir=str(phi3_src), work_dir=str(work / "job"), bits=[4.0],
-                               compile_dir=str(work / "out"), **SMALL))
-    return work / "out", r["targets"][0]
+    return convert_job(phi3_src, tmp_path_factory.mktemp("phi3_work"))[:2]
 
 
 def test_source_is_fused(phi3_src):
@@ -87,28 +73,20 @@ def test_source_is_fused(phi3_src):
 
 def test_tensor_names_are_those_exllamav2_reads(phi3_job):
     out, _ = phi3_job
-    with safe_open(str(out / "output.safetensors"), "pt") as f:
-        keys = set(f.keys())
+    keys = output_keys(out)
     assert keys == EXPECTED, (sorted(keys - EXPECTED), sorted(EXPECTED - keys))
 
 
 def test_inspect_finds_every_layer_valid(phi3_job):
     out, t = phi3_job
-    r = CliRunner().invoke(inspect_main, [str(out), "--json"])
-    assert r.exit_code == 0, r.output
-    rep = json.loads(r.output)
-    assert not rep["errors"] and len(rep["layers"]) == 7 * LAYERS + 1
-    assert rep["decoder_bpw"] == pytest.approx(t["bpw"], rel=1e-9) and 3.8 < t["bpw"] <= 4.0
-    assert "all layers valid" in CliRunner().invoke(inspect_main, [str(out)]).output
+    check_inspect(out, t, 7 * LAYERS + 1)
 
 
 def test_exllamav2_reads_the_config_and_finds_its_tensors(phi3_job, exllamav2):
     """ExLlamaV2's config reader on the written folder: the architecture, its sizes and RoPE base, no bias, and
     every key its architecture table expects present (in the split form: config.py:473-486 accepts either name)."""
     out, _ = phi3_job
-    cfg = exllamav2.config.ExLlamaV2Config()
-    cfg.model_dir = str(out)
-    cfg.prepare()
+    cfg = exllamav2_config(exllamav2, out)
     assert cfg.architecture == "Phi3ForCausalLM"
     assert (cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads) == (32, 4, 2)
     assert cfg.norm_eps == 1e-5 and cfg.rotary_embedding_base == 250000.0 and cfg.partial_rotary_factor == 1.0
@@ -146,22 +124,12 @@ def test_each_part_is_quantized_from_its_rows(phi3_src, phi3_job):
                 assert rel(rows[other]) > 1.0, (i, name, other, rel(rows[other]))
 
 
-def _kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
-    p = torch.log_softmax(ref_logits.double(), -1)
-    q = torch.log_softmax(logits.double(), -1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
-
-
 def test_reloaded_model_is_close_to_the_source(phi3_src, phi3_job):
     out, t = phi3_job
     assert 0 < t["validation"]["kld_mean"] < KL_BOUND
-    tok = phi3_src / "tokenizer.json"
-    used = default_rows(tok, rows=SMALL["rows"], length=SMALL["length"], vocab_size=512).input_ids   # calibration
-    ids = held_out_rows(tok, used, 4, 64, None, 512)     # 4 rows the quantizer never saw (validation used 2)
-    fp, q = load_model(phi3_src), load_model(out)
+    ids, fp, q = reload(phi3_src, out)     # 4 held-out rows (validation used 2)
     assert all(type(m).__name__ == "EXL2Linear" for layer in q.layers
                for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
                          layer.mlp.gate_proj, layer.mlp.up_proj))
-    with torch.no_grad():
-        kl = _kl(fp(ids), q(ids))
+    kl = mean_kl(fp, q, ids)
     assert 0 < kl < KL_BOUND

@@ -6,23 +6,15 @@ from our writer; the written config.json is read by ExLlamaV2's config reader (t
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-from safetensors import safe_open
 from safetensors.torch import load_file
 
-from exl2.calibration import default_rows
-from exl2.convert.api import ConvertOptions, convert
-from exl2.convert.cli import inspect_main
-from exl2.convert.validate import held_out_rows
-from exl2.runtime.loader import load_model
+from tests.convert.arch_e2e import (EXL2_LINEAR, build_src, check_inspect, convert_job, exllamav2_config, mean_kl,
+                                    output_keys, reload)
 
-# The settings of test_convert.py's tiny end-to-end conversions.
-SMALL = dict(rows=4, length=64, measurement_rows=4, measurement_length=64, validation_rows=2)
 LAYERS = 2
 
 # What ExLlamaV2 0.3.2 loads for a Qwen3ForCausalLM folder (site-packages/exllamav2/):
@@ -36,7 +28,6 @@ LAYERS = 2
 #   entry expects one (linear.py:136-138): none for Qwen3, unless config.json's attention_bias is true, which
 #   puts one on q, k, v and o (the "Arch overrides", architecture.py:939-941); module.py:134-141: an unquantized
 #   module (norms, embedding) is <key>.weight.
-EXL2_LINEAR = ("q_weight", "q_invperm", "q_scale", "q_scale_max", "q_groups")
 ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 EXPECTED_PER_LAYER = (
     ["input_layernorm.weight", "post_attention_layernorm.weight",
@@ -63,24 +54,18 @@ KL_BOUND = {False: 0.10, True: 0.025}
 @pytest.fixture(scope="module", params=[False, True], ids=["no-bias", "attention-bias"])
 def qwen3_src(request, tmp_path_factory, tiny_builder, tiny_tokenizer) -> Path:
     """The tiny Qwen3; the second one with attention_bias (random biases on q, k, v and o)."""
-    d = Path(tiny_builder("qwen3", tmp_path_factory.mktemp("qwen3") / "model", num_hidden_layers=LAYERS,
-                          attention_bias=request.param))
-    shutil.copy(tiny_tokenizer, d / "tokenizer.json")
-    return d
+    return build_src(tiny_builder, tiny_tokenizer, tmp_path_factory.mktemp("qwen3"), "qwen3", num_hidden_layers=LAYERS,
+                     attention_bias=request.param)
 
 
 @pytest.fixture(scope="module")
 def qwen3_job(qwen3_src, tmp_path_factory):
-    work = tmp_path_factory.mktemp("qwen3_work")
-    r = convert(ConvertOptions(in_dir=str(qwen3_src), work_dir=str(work / "job"), bits=[4.0],
-                               compile_dir=str(work / "out"), **SMALL))
-    return work / "out", r["targets"][0]
+    return convert_job(qwen3_src, tmp_path_factory.mktemp("qwen3_work"))[:2]
 
 
 def test_tensor_names_are_those_exllamav2_reads(qwen3_src, qwen3_job):
     out, _ = qwen3_job
-    with safe_open(str(out / "output.safetensors"), "pt") as f:
-        keys = set(f.keys())
+    keys = output_keys(out)
     want = expected_names(json.loads((qwen3_src / "config.json").read_text())["attention_bias"])
     assert keys == want, (sorted(keys - want), sorted(want - keys))
 
@@ -99,21 +84,14 @@ def test_head_norms_are_the_source_in_fp16(qwen3_src, qwen3_job):
 
 def test_inspect_finds_every_layer_valid(qwen3_job):
     out, t = qwen3_job
-    r = CliRunner().invoke(inspect_main, [str(out), "--json"])
-    assert r.exit_code == 0, r.output
-    rep = json.loads(r.output)
-    assert not rep["errors"] and len(rep["layers"]) == 7 * LAYERS + 1
-    assert rep["decoder_bpw"] == pytest.approx(t["bpw"], rel=1e-9) and 3.8 < t["bpw"] <= 4.0
-    assert "all layers valid" in CliRunner().invoke(inspect_main, [str(out)]).output
+    check_inspect(out, t, 7 * LAYERS + 1)
 
 
 def test_exllamav2_reads_the_config_and_finds_its_tensors(qwen3_job, exllamav2):
     """ExLlamaV2's config reader on the written folder: the architecture, head_dim 64 (its own default would be
     hidden / heads = 32), q/k norms on, and every key its architecture table expects present."""
     out, _ = qwen3_job
-    cfg = exllamav2.config.ExLlamaV2Config()
-    cfg.model_dir = str(out)
-    cfg.prepare()
+    cfg = exllamav2_config(exllamav2, out)
     assert cfg.architecture == "Qwen3ForCausalLM"
     assert (cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads) == (64, 4, 2)
     assert cfg.use_qk_norm and cfg.norm_eps == 1e-6 and cfg.rotary_embedding_base == 1e6
@@ -123,26 +101,16 @@ def test_exllamav2_reads_the_config_and_finds_its_tensors(qwen3_job, exllamav2):
         <= set(cfg.tensor_file_map)
 
 
-def _kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
-    p = torch.log_softmax(ref_logits.double(), -1)
-    q = torch.log_softmax(logits.double(), -1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
-
-
 def test_reloaded_model_is_close_to_the_source(qwen3_src, qwen3_job):
     out, t = qwen3_job
     bound = KL_BOUND[json.loads((qwen3_src / "config.json").read_text())["attention_bias"]]
     assert 0 < t["validation"]["kld_mean"] < bound
-    tok = qwen3_src / "tokenizer.json"
-    used = default_rows(tok, rows=SMALL["rows"], length=SMALL["length"], vocab_size=512).input_ids   # calibration
-    ids = held_out_rows(tok, used, 4, 64, None, 512)     # 4 rows the quantizer never saw (validation used 2)
-    fp, q = load_model(qwen3_src), load_model(out)
+    ids, fp, q = reload(qwen3_src, out)     # 4 held-out rows (validation used 2)
     stored = load_file(str(out / "output.safetensors"))
     for i, layer in enumerate(q.layers):           # the runtime runs the head norms the folder holds
         assert type(layer.self_attn.q_proj).__name__ == "EXL2Linear"
         for which in ("q_norm", "k_norm"):
             w = getattr(layer.self_attn, which).weight
             assert torch.equal(w, stored[f"model.layers.{i}.self_attn.{which}.weight"].float())
-    with torch.no_grad():
-        kl = _kl(fp(ids), q(ids))
+    kl = mean_kl(fp, q, ids)
     assert 0 < kl < bound

@@ -7,22 +7,15 @@ the q/k norms. The expected names are written out by hand from ExLlamaV2 0.3.2's
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-from safetensors import safe_open
 from safetensors.torch import load_file
 
-from exl2.calibration import default_rows
-from exl2.convert.api import ConvertOptions, convert
-from exl2.convert.cli import inspect_main
-from exl2.convert.validate import held_out_rows
-from exl2.runtime.loader import load_model
+from tests.convert.arch_e2e import (EXL2_LINEAR, build_src, check_inspect, convert_job, exllamav2_config, mean_kl,
+                                    output_keys, reload)
 
-SMALL = dict(rows=4, length=64, measurement_rows=4, measurement_length=64, validation_rows=2)
 LAYERS, EXPERTS, C, INTER = 2, 4, 128, 128
 
 # What ExLlamaV2 0.3.2 loads for a Qwen3MoeForCausalLM folder (site-packages/exllamav2/):
@@ -35,7 +28,6 @@ LAYERS, EXPERTS, C, INTER = 2, 4, 128, 128
 # - moe_mlp.py:75-87 and conversion/compile.py:117-124: the router written as "<key>.weight" (compile.py:34-45),
 #   every expert's projections quantized; module.py:118-119: <key>.q_weight, q_invperm, q_scale, q_scale_max,
 #   q_groups; no bias (attention_bias false here).
-EXL2_LINEAR = ("q_weight", "q_invperm", "q_scale", "q_scale_max", "q_groups")
 PROJ = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
         + tuple(f"mlp.experts.{e}.{w}" for e in range(EXPERTS) for w in ("gate_proj", "up_proj", "down_proj")))
 EXPECTED_PER_LAYER = (["input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_norm.weight",
@@ -51,23 +43,18 @@ KL_BOUND = 0.10
 
 @pytest.fixture(scope="module")
 def q3m_src(tmp_path_factory, tiny_builder, tiny_tokenizer) -> Path:
-    d = Path(tiny_builder("qwen3_moe", tmp_path_factory.mktemp("q3m") / "model", num_hidden_layers=LAYERS))
-    shutil.copy(tiny_tokenizer, d / "tokenizer.json")
-    return d
+    return build_src(tiny_builder, tiny_tokenizer, tmp_path_factory.mktemp("q3m"),
+                     "qwen3_moe", num_hidden_layers=LAYERS)
 
 
 @pytest.fixture(scope="module")
 def q3m_job(q3m_src, tmp_path_factory):
-    work = tmp_path_factory.mktemp("q3m_work")
-    r = convert(ConvertOptions(in_dir=str(q3m_src), work_dir=str(work / "job"), bits=[4.0],
-                               compile_dir=str(work / "out"), **SMALL))
-    return work / "out", r["targets"][0], work / "job"
+    return convert_job(q3m_src, tmp_path_factory.mktemp("q3m_work"))
 
 
 def test_tensor_names_are_those_exllamav2_reads(q3m_job):
     out, _, job = q3m_job
-    with safe_open(str(out / "output.safetensors"), "pt") as f:
-        keys = set(f.keys())
+    keys = output_keys(out)
     assert keys == EXPECTED, (sorted(keys - EXPECTED), sorted(EXPECTED - keys))
     m = json.loads((job / "measurement.json").read_text())["measurement"]   # ExLlamaV2's MoE module key for it too
     assert {f"model.layers.{i}.block_sparse_moe" for i in range(LAYERS)} <= set(m)
@@ -84,18 +71,12 @@ def test_router_and_head_norms_are_the_source_in_fp16(q3m_src, q3m_job):
 
 def test_inspect_finds_every_layer_valid(q3m_job):
     out, t, _ = q3m_job
-    r = CliRunner().invoke(inspect_main, [str(out), "--json"])
-    assert r.exit_code == 0, r.output
-    rep = json.loads(r.output)
-    assert not rep["errors"] and len(rep["layers"]) == (4 + 3 * EXPERTS) * LAYERS + 1
-    assert rep["decoder_bpw"] == pytest.approx(t["bpw"], rel=1e-9) and 3.8 < t["bpw"] <= 4.0
+    check_inspect(out, t, (4 + 3 * EXPERTS) * LAYERS + 1, text=False)
 
 
 def test_exllamav2_reads_the_config_and_finds_its_tensors(q3m_job, exllamav2):
     out, _, _ = q3m_job
-    cfg = exllamav2.config.ExLlamaV2Config()
-    cfg.model_dir = str(out)
-    cfg.prepare()
+    cfg = exllamav2_config(exllamav2, out)
     assert cfg.architecture == "Qwen3MoeForCausalLM" and cfg.arch.lm.is_moe and cfg.use_qk_norm
     assert (cfg.num_experts, cfg.num_experts_per_token, cfg.intermediate_size, cfg.head_dim) == (EXPERTS, 2, INTER, 64)
     assert {f"model.layers.{i}.mlp.gate.weight" for i in range(LAYERS)} <= set(cfg.tensor_file_map)
@@ -103,20 +84,10 @@ def test_exllamav2_reads_the_config_and_finds_its_tensors(q3m_job, exllamav2):
     assert written["norm_topk_prob"] is True and written["moe_intermediate_size"] == INTER
 
 
-def _kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
-    p = torch.log_softmax(ref_logits.double(), -1)
-    q = torch.log_softmax(logits.double(), -1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
-
-
 def test_reloaded_model_is_close_to_the_source(q3m_src, q3m_job):
     out, t, _ = q3m_job
     assert 0 < t["validation"]["kld_mean"] < KL_BOUND
-    tok = q3m_src / "tokenizer.json"
-    used = default_rows(tok, rows=SMALL["rows"], length=SMALL["length"], vocab_size=512).input_ids
-    ids = held_out_rows(tok, used, 4, 64, None, 512)
-    fp, q = load_model(q3m_src), load_model(out)
+    ids, fp, q = reload(q3m_src, out)     # 4 held-out rows (validation used 2)
     assert type(q.layers[1].mlp.experts[2].up_proj).__name__ == "EXL2Linear"
-    with torch.no_grad():
-        kl = _kl(fp(ids), q(ids))
+    kl = mean_kl(fp, q, ids)
     assert 0 < kl < KL_BOUND
