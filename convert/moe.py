@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from exl2.layers.moe import collect_moe, expert_layers, expert_prefix, hessian_of
-from exl2.layers.stream import rel_error, run_module, set_weight
+from exl2.layers.stream import advance, run_module, set_weight
 from exl2.measure.measurement import entry_options
 from exl2.quant_kernels import gptq
 
@@ -36,11 +36,4 @@ def quantize_moe(block, spec, layer: int, strategy: dict, states, cos, sin, devi
             store(out_dir, expert_prefix(cfg, layer, e, p), r)
             set_weight(layers[p], r.weight)
         del prepared
-    errs = []
-    with torch.no_grad():
-        for i in range(len(states)):
-            y = run_module(block, spec, states[i].to(device), cos, sin)
-            errs.append(rel_error(y, ref[i].to(device)))
-            ref[i] = None
-            states[i] = y.float().cpu()
-    return states, sum(errs) / len(errs), hs.routed
+    return states, advance(block, spec, states, ref, device, cos, sin), hs.routed

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from exl2.core.errors import UserError
 from exl2.layers.checkpoint import clear_checkpoint, load_checkpoint, save_checkpoint, save_tensors
 from exl2.layers.moe import MOE, specs_for
-from exl2.layers.stream import (MODULES, collect, embed_rows, inputs_of, linears, rel_error, run_module, set_weight,
+from exl2.layers.stream import (MODULES, advance, collect, embed_rows, inputs_of, linears, set_weight,
                                 swapped_weights)
 from exl2.measure.measurement import entry_options
 from exl2.quant_kernels import codec, gptq
@@ -115,17 +115,9 @@ def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, d
             _store(out_dir, f"{key}.{p}", r)
             set_weight(lin, r.weight)
         del prepared
-    # Each row's output replaces its input and its reference is dropped as soon as it is used, so two
-    # copies of the states are alive here, not three (rows x length x hidden x 4 B each).
-    errs = []
-    with torch.no_grad():
-        for i in range(len(states)):
-            y = run_module(block, spec, states[i].to(device), cos, sin)
-            errs.append(rel_error(y, ref[i].to(device)))
-            ref[i] = None
-            states[i] = y.float().cpu()
+    err = advance(block, spec, states, ref, device, cos, sin)
     # (fstates, if given, already holds the full-precision outputs: the last collect put them there)
-    return states, sum(errs) / len(errs)
+    return states, err
 
 
 def quantize_head(parts: ModelParts, states, input_ids: torch.Tensor, head_bits: int, out_dir: Path, device,

@@ -196,6 +196,20 @@ def set_weight(layer: nn.Module, w: torch.Tensor) -> None:
     layer.weight.data = w.to(layer.weight.device, layer.weight.dtype)
 
 
+def advance(block: Block, spec: ModuleSpec, states: list, ref: list, device, cos, sin) -> float:
+    """Run the module (its weights now quantized) over every row: each output replaces its input in ``states``
+    and the row's reference is dropped as soon as it is used, so two copies of the states are alive, not three.
+    Returns the mean relative output error against the references."""
+    errs = []
+    with torch.no_grad():
+        for i in range(len(states)):
+            y = run_module(block, spec, states[i].to(device), cos, sin)
+            errs.append(rel_error(y, ref[i].to(device)))
+            ref[i] = None
+            states[i] = y.float().cpu()
+    return sum(errs) / len(errs)
+
+
 def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     """||y - ref||_F / ||ref||_F in fp32, with y clamped to the fp16 range first (docs/pipeline.md section 4)."""
     y = y.float().clamp(-FP16_MAX, FP16_MAX)

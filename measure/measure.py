@@ -71,6 +71,19 @@ def token_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float(((y - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-20)).mean())
 
 
+def module_error(block, spec, states: list[torch.Tensor], ref: list[torch.Tensor], device, cos, sin
+                 ) -> tuple[float, float]:
+    """The module's output error with its current weights, over every row: (mean relative error, mean per-token
+    error) against the rows' references."""
+    errs, tok_errs = [], []
+    with torch.no_grad():
+        for x, r in zip(states, ref):
+            y = run_module(block, spec, x.to(device), cos, sin)
+            errs.append(rel_error(y, r.to(device)))
+            tok_errs.append(token_error(y, r.to(device)))
+    return sum(errs) / len(errs), sum(tok_errs) / len(tok_errs)
+
+
 def preflight(parts: ModelParts, first_row: torch.Tensor, device="cpu") -> Preflight:
     """One row through the full-precision model: per-layer peak |activation| against the fp16 range."""
     from exl2.runtime.model import Rotary
@@ -184,15 +197,10 @@ def measure_module(block, spec, layer: int, states: list[torch.Tensor], cos, sin
                 if current.get(p) != qp:          # consecutive combinations often share a projection's option
                     set_weight(layers[p], variants.get(p, qp))
                     current[p] = qp
-            errs, tok_errs = [], []
-            with torch.no_grad():
-                for x, r in zip(states, ref):
-                    y = run_module(block, spec, x.to(device), cos, sin)
-                    errs.append(rel_error(y, r.to(device)))
-                    tok_errs.append(token_error(y, r.to(device)))
-            acc = max(1e-6, 1.0 - sum(errs) / len(errs))
+            err, tok_err = module_error(block, spec, states, ref, device, cos, sin)
+            acc = max(1e-6, 1.0 - err)
             e = mj.entry(acc, dict(zip(spec.projections, combo)), shapes)
-            e["token_err"] = sum(tok_errs) / len(tok_errs)
+            e["token_err"] = tok_err
             entries.append(e)
             if status:
                 status({"stage": "measure", "module": spec.key(layer), "option": ci, "of": len(spec.options),

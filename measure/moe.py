@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 
 from exl2.layers.moe import collect_moe, expert_layers, hessian_of
-from exl2.layers.stream import rel_error, run_module, set_weight
+from exl2.layers.stream import set_weight
 from exl2.quant_kernels import gptq
 from exl2.quant_kernels.qparams import QParams, distinct_options
 
 from . import measurement as mj
-from .measure import MIN_ACCURACY, MeasureError, Variants, shapes_of, token_error
+from .measure import MIN_ACCURACY, MeasureError, Variants, module_error, shapes_of
 
 
 def measure_moe(block, spec, layer: int, states: list[torch.Tensor], cos, sin, device, status=None, *,
@@ -48,16 +48,11 @@ def measure_moe(block, spec, layer: int, states: list[torch.Tensor], cos, sin, d
                     for e in range(E):
                         set_weight(layers[e][p], variants.get(f"{p}.{e}", qp))
                     current[p] = qp
-            errs, tok_errs = [], []
-            with torch.no_grad():
-                for x, r in zip(states, ref):
-                    y = run_module(block, spec, x.to(device), cos, sin)
-                    errs.append(rel_error(y, r.to(device)))
-                    tok_errs.append(token_error(y, r.to(device)))
-            acc = max(1e-6, 1.0 - sum(errs) / len(errs))
+            err, tok_err = module_error(block, spec, states, ref, device, cos, sin)
+            acc = max(1e-6, 1.0 - err)
             ent = mj.entry(acc, dict(zip(spec.projections, combo)), shapes)
             ent["total_bits"] *= E          # every expert carries the combination's options
-            ent["token_err"] = sum(tok_errs) / len(tok_errs)
+            ent["token_err"] = tok_err
             entries.append(ent)
             if status:
                 status({"stage": "measure", "module": spec.key(layer), "option": ci, "of": len(spec.options),
