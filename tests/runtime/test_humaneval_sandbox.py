@@ -18,6 +18,7 @@ import time
 import pytest
 from exl2.runtime import humaneval as he
 from exl2.runtime import sandbox as sb
+from exl2.runtime import sandbox_programs
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def processes_with(token: str) -> list[int]:
 
 def codec() -> dict:
     g: dict = {}
-    exec(sb._CODEC, g)
+    exec(sandbox_programs._CODEC, g)
     return g
 
 
