@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
-from exl2.runtime import cli
+from exl2.runtime import cli, generate_cli
 from exl2.runtime.evaluate import load_data_rows, perplexity
 from exl2.runtime.generate import TextTokenizer, generate
 from exl2.runtime.loader import load_model
@@ -150,14 +150,14 @@ def test_help_shows_true_defaults():
     for s in ("Usage: exl2-eval", "[default: 5;", "[default: 1024;", "[default: fp16]", "[default: auto]",
               "[default: 200;", "[default: 768;", "[default: cpu]", "[default: all 164]"):
         assert s in flat, s
-    code, out, _ = _run(cli.generate_main, ["--help"])
+    code, out, _ = _run(generate_cli.generate_main, ["--help"])
     flat = " ".join(out.split())
     assert code == 0 and "[default: 256;" in flat and "[default: 0.0;" in flat
 
 
 def test_generate_streams_the_runtime_generation(tiny):
     model, _ = tiny
-    code, out, err = _run(cli.generate_main, [model, "-p", "Sir Walter", "--max-tokens", 6, "--cache", "q8"])
+    code, out, err = _run(generate_cli.generate_main, [model, "-p", "Sir Walter", "--max-tokens", 6, "--cache", "q8"])
     assert code == 0, err
     tok = TextTokenizer(model)
     m = load_model(model)
@@ -168,10 +168,10 @@ def test_generate_streams_the_runtime_generation(tiny):
 
 def test_generate_errors(tiny, tmp_path):
     model, _ = tiny
-    _one_line_error(*_run(cli.generate_main, [model, "-p", "x", "--cache", "q2"]), "--cache", "q2")
-    _one_line_error(*_run(cli.generate_main, [tmp_path, "-p", "x"]), "no config.json")
-    _one_line_error(*_run(cli.generate_main, [model, "-p", "x", "--chat"]), "--chat", "chat template")
-    _one_line_error(*_run(cli.generate_main, [model, "-p", "x", "--temperature", -1]), "--temperature")
+    _one_line_error(*_run(generate_cli.generate_main, [model, "-p", "x", "--cache", "q2"]), "--cache", "q2")
+    _one_line_error(*_run(generate_cli.generate_main, [tmp_path, "-p", "x"]), "no config.json")
+    _one_line_error(*_run(generate_cli.generate_main, [model, "-p", "x", "--chat"]), "--chat", "chat template")
+    _one_line_error(*_run(generate_cli.generate_main, [model, "-p", "x", "--temperature", -1]), "--temperature")
 
 
 def test_console_script_exits_2_without_traceback(tmp_path):

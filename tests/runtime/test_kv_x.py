@@ -401,11 +401,11 @@ def test_eval_x_modes_on_a_head_dim_that_is_not_a_power_of_two(tiny_builder, tin
 def test_generate_takes_one_x_mode(tiny_builder, tiny_tokenizer, tmp_path):
     from click.testing import CliRunner
 
-    from exl2.runtime import cli
+    from exl2.runtime import generate_cli
 
     d, _ = _model_with_tokenizer(tiny_builder, tiny_tokenizer, tmp_path / "model")
     kv_calib.calibrate(load_model(d), _rows(2, 32), None, source="test rows").save(d)
-    r = CliRunner().invoke(cli.generate_main, [str(d), "-p", "It was", "--cache", "q4x", "--max-tokens", "4"])
+    r = CliRunner().invoke(generate_cli.generate_main, [str(d), "-p", "It was", "--cache", "q4x", "--max-tokens", "4"])
     assert r.exit_code == 0, r.stderr
-    r = CliRunner().invoke(cli.generate_main, [str(d), "-p", "It was", "--cache", "all"])
+    r = CliRunner().invoke(generate_cli.generate_main, [str(d), "-p", "It was", "--cache", "all"])
     assert r.exit_code == 2 and "--cache all: give one mode" in r.stderr
