@@ -27,7 +27,7 @@ from exl2.convert import writer  # noqa: E402
 from exl2.convert.accounting import decoder_numel  # noqa: E402
 from exl2.convert.api import ConvertOptions, convert  # noqa: E402
 from exl2.measure.optimize import optimize  # noqa: E402
-from exl2.runtime.arch import ModelConfig  # noqa: E402
+from exl2.runtime.config import ModelConfig# noqa: E402
 
 def strategies(measurement: dict, numel: int, bpw: float) -> dict[str, tuple[dict, float]]:
     """name -> (strategy, achieved bpw)."""

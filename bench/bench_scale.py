@@ -289,7 +289,7 @@ def report(out: Path) -> str:
     if sl:
         m, pred = sl["measured"], sl["predicted_validate"]
         diff = m["peak_anon_bytes"] - pred["bytes"]
-        from exl2.runtime.arch import ModelConfig
+        from exl2.runtime.config import ModelConfig
 
         whole = make_plan(out, bits=[4.0], head_bits=6, rows=100, length=2048, measurement_rows=16,
                           measurement_length=2048, asym=1.0, cfg=ModelConfig.from_dict(sl["full_cfg"]))

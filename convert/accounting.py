@@ -7,7 +7,7 @@ from exl2.layers.stream import MODULES
 from exl2.measure import measurement as mj
 from exl2.quant_kernels.codec import padded_columns
 from exl2.quant_kernels.qparams import MLP_PROJ, MOE_PROJ
-from exl2.runtime.arch import ModelConfig
+from exl2.runtime.config import ModelConfig
 
 
 def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int, bool]]:

@@ -29,7 +29,7 @@ from exl2.core.version import VERSION
 from exl2.layers.stream import module_specs
 from exl2.measure import measurement as mj
 from exl2.measure.measure import preflight, run_measurement
-from exl2.runtime.arch import ModelConfig
+from exl2.runtime.config import ModelConfig
 from exl2.runtime.loader import ModelParts
 
 from . import stages, writer

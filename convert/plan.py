@@ -35,7 +35,8 @@ from exl2.layers.stream import MODULES, module_specs
 from exl2.measure.measure import VARIANT_BUDGET
 from exl2.quant_kernels.codec import padded_columns
 from exl2.quant_kernels.qparams import HEAD_OPTIONS, distinct_options
-from exl2.runtime.arch import TENSOR_NAMES, ModelConfig
+from exl2.runtime.arch import TENSOR_NAMES
+from exl2.runtime.config import ModelConfig
 from exl2.runtime.cache import MODES as CACHE_MODES
 from exl2.runtime.cache import bytes_per_token
 from exl2.runtime.evaluate import SCORE_CHUNK

@@ -32,7 +32,8 @@ import torch
 from safetensors.torch import load_file
 
 from exl2.core.errors import UserError
-from exl2.runtime.arch import EXPERT_FIELDS, MOE_NAMES, TENSOR_NAMES, ModelConfig
+from exl2.runtime.arch import MOE_NAMES, TENSOR_NAMES
+from exl2.runtime.config import EXPERT_FIELDS, ModelConfig
 from exl2.core.files import save_safetensors
 from exl2.runtime.loader import ModelParts
 

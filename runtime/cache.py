@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .arch import ModelConfig
+from .config import ModelConfig
 from .kv_x import X_MODES, LayerKVX, x_bytes_per_token, x_mode_error
 
 # ExLlamaV2's modes: mode -> (key bits, value bits); None = unquantized.

@@ -14,7 +14,7 @@ import torch
 
 from exl2.quant_kernels.kvx_quant import hadamard
 
-from .arch import ModelConfig
+from .config import ModelConfig
 from .kv_x import XScheme, allocate_bits, stream_bits_total
 
 PROFILE_FILE = "exl2_kv.json"

@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING
 
 from exl2.quant_kernels.kvx_quant import MSE_FACTOR, kvx_codes, kvx_decode, pack_codes, unpack_codes
 
-from .arch import ModelConfig
+from .config import ModelConfig
 
 if TYPE_CHECKING:
     from .kv_profile import LayerPlan

@@ -19,7 +19,8 @@ from exl2.quant_kernels.codec import padded_columns
 
 from . import linear as _linear
 
-from .arch import MOE_NAMES, TENSOR_NAMES, ModelConfig, tensor_name
+from .arch import MOE_NAMES, TENSOR_NAMES, tensor_name
+from .config import ModelConfig
 from .model import MLP, Attention, Block, Model, RMSNorm, Rotary, SparseMLP
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

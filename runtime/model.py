@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .arch import ModelConfig
+from .config import ModelConfig
 
 
 class RMSNorm(nn.Module):

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .arch import TENSOR_NAMES, ModelConfig
+from .arch import TENSOR_NAMES
+from .config import ModelConfig
 from .loader import ModelParts, is_exl2
 from .model import Rotary, embed_tokens, final_softcap
 

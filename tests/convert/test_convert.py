@@ -22,7 +22,7 @@ from exl2.convert.cli import convert_main
 from exl2.measure.measurement import entry_options
 from exl2.layers.checkpoint import checkpoint_progress
 from exl2.quant_kernels import codec
-from exl2.runtime.arch import ModelConfig
+from exl2.runtime.config import ModelConfig
 from exl2.runtime.loader import load_model
 
 SMALL = dict(rows=4, length=64, measurement_rows=4, measurement_length=64, validation_rows=2)

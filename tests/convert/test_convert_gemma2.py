@@ -116,7 +116,7 @@ def test_a_cap_that_is_off_stays_off_for_both_readers(exllamav2, tmp_path):
     from transformers import Gemma2Config
 
     from exl2.convert.writer import loader_config
-    from exl2.runtime.arch import ModelConfig
+    from exl2.runtime.config import ModelConfig
 
     src = dict(architectures=["Gemma2ForCausalLM"], hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
                intermediate_size=256, num_hidden_layers=2, vocab_size=512, attn_logit_softcapping=None)

@@ -15,7 +15,7 @@ import torch
 
 from exl2.convert.cli import convert_main
 from exl2.convert.writer import FOREIGN_FIELDS, loader_config
-from exl2.runtime.arch import ModelConfig
+from exl2.runtime.config import ModelConfig
 from click.testing import CliRunner
 
 # (builder kind, extra config) -> one checkpoint per supported architecture and RoPE flavour

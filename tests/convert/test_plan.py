@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from exl2.convert import plan as planmod
 from exl2.convert.cli import convert_main
 from exl2.measure import measurement as mj
-from exl2.runtime.arch import ModelConfig
+from exl2.runtime.config import ModelConfig
 
 ARGS = ["-r", "2", "-l", "32", "-mr", "2", "-ml", "32", "--asym", "0"]
 

@@ -13,7 +13,7 @@ import torch
 
 from exl2.quant_kernels.kvx_quant import hadamard
 from exl2.runtime import kv_calib
-from exl2.runtime.arch import ModelConfig
+from exl2.runtime.config import ModelConfig
 from exl2.runtime.cache import KVCache, bytes_per_token, mode_error
 from exl2.runtime.kv_profile import PROFILE_FILE, KVProfile, LayerStats, klt_transform
 from exl2.runtime.kv_x import (X_MODES, LayerKVX, XScheme, allocate_bits, scheme_variant, stream_bits_total,

@@ -4,12 +4,8 @@ import math
 
 import pytest
 import torch
-from exl2.runtime.arch import (
-    ARCHITECTURES,
-    ModelConfig,
-    UnsupportedArchitectureError,
-    get_arch,
-)
+from exl2.runtime.arch import ARCHITECTURES, UnsupportedArchitectureError, get_arch
+from exl2.runtime.config import ModelConfig
 from exl2.runtime.model import rope_inv_freq
 
 BASE = dict(architectures=["LlamaForCausalLM"], hidden_size=256, num_attention_heads=8, num_key_value_heads=2,

@@ -1,7 +1,7 @@
 """KV cache: FP and quantized (Q8/Q6/Q4) modes, ExLlamaV2 semantics (docs/cache.md sections 3-4)."""
 import pytest
 import torch
-from exl2.runtime.arch import ModelConfig
+from exl2.runtime.config import ModelConfig
 from exl2.runtime.cache import EXL2_MODES, MODES, KVCache, LayerKV, bytes_per_token
 from exl2.runtime.kv_x import X_MODES
 from exl2.quant_kernels import kv_quant

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from exl2.runtime.arch import ConfigError, ModelConfig
+from exl2.runtime.arch import ConfigError
+from exl2.runtime.config import ModelConfig
 from exl2.runtime.cache import KVCache
 from exl2.runtime.loader import load_model
 from exl2.runtime.model import SparseMLP
