@@ -1259,7 +1259,7 @@ def compare_outputs(model_dir: str, a_dir: str, b_dir: str) -> dict:
     import torch
 
     from exl2.quant_kernels import codec
-    from exl2.runtime.loader import TensorSource
+    from exl2.runtime.tensors import TensorSource
 
     sa, sb, s0 = TensorSource(a_dir), TensorSource(b_dir), TensorSource(model_dir)
     prefixes = sorted({k[: -len(".q_weight")] for k in sa.keys() if k.endswith(".q_weight")})
@@ -1423,7 +1423,8 @@ def step_exllamav2_read(ctx: Ctx):
     import torch
 
     from exl2.quant_kernels.codec import padded_columns
-    from exl2.runtime.loader import TensorSource, load_config
+    from exl2.runtime.loader import load_config
+    from exl2.runtime.tensors import TensorSource
 
     out = ctx.state.get("cuda_output") or ctx.state.get("cpu_output")
     if not out:

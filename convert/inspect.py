@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from exl2.quant_kernels import codec
 from exl2.runtime.arch import ARCHITECTURES
-from exl2.runtime.loader import TensorSource
+from exl2.runtime.tensors import TensorSource
 
 _WEIGHT_PREFIXES = sorted({a.weight_prefix for a in ARCHITECTURES.values() if a.weight_prefix})
 

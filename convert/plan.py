@@ -40,7 +40,7 @@ from exl2.runtime.config import ModelConfig
 from exl2.runtime.cache import MODES as CACHE_MODES
 from exl2.runtime.cache import bytes_per_token
 from exl2.runtime.evaluate import SCORE_CHUNK
-from exl2.runtime.loader import TensorSource
+from exl2.runtime.tensors import TensorSource
 
 from .accounting import decoder_numel, experts, projection_shapes
 

@@ -66,7 +66,7 @@ def run_eval(a: EvalArgs) -> list[dict]:
 
     from .cache import bytes_per_token
     from .evaluate import EvalConfig, evaluate_rows, load_data_rows
-    from .loader import CheckpointError
+    from .tensors import CheckpointError
     from .stream import fmt_bytes, peak_memory
     from .stream import plan as stream_plan
     from exl2.calibration.textrows import TextRowsError

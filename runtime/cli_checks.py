@@ -89,7 +89,8 @@ def _out_file(path: str | None, flag: str) -> Path | None:
 
 
 def _load(model_dir: Path, device: str, flag: str = "MODEL_DIR", exl2: str = "packed"):
-    from .loader import CheckpointError, load_model
+    from .loader import load_model
+    from .tensors import CheckpointError
 
     try:
         return load_model(model_dir, device=device, exl2=exl2)
@@ -135,7 +136,8 @@ def _check_profile(model_dir: Path, cfg, caches) -> None:
 
 def _parts(model_dir: Path, device: str, flag: str = "MODEL_DIR", exl2: str = "packed"):
     """The checkpoint's ModelParts (config and every tensor's header checked; nothing loaded yet)."""
-    from .loader import CheckpointError, ModelParts
+    from .loader import ModelParts
+    from .tensors import CheckpointError
 
     try:
         return ModelParts(model_dir, device=device, exl2=exl2)
@@ -147,7 +149,7 @@ def _stream(parts, rows, flag: str, progress: bool):
     """rows through the checkpoint one decoder layer at a time (stream.stream_forward), with a progress bar."""
     from tqdm import tqdm
 
-    from .loader import CheckpointError
+    from .tensors import CheckpointError
     from .stream import stream_forward
 
     with tqdm(total=parts.cfg.num_layers, unit="layer", desc=f"{flag} streamed", disable=not progress or None,

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from exl2.convert.cli import convert_main
 from exl2.runtime.arch import ConfigError
 from exl2.runtime.cli import eval_main
-from exl2.runtime.loader import CheckpointError, ModelParts
+from exl2.runtime.loader import ModelParts
+from exl2.runtime.tensors import CheckpointError
 
 from .test_output_folders import tree_hash
 

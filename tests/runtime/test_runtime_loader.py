@@ -5,7 +5,8 @@ import pytest
 import torch
 from exl2.runtime import linear as rt_linear
 from exl2.runtime.arch import UnsupportedArchitectureError
-from exl2.runtime.loader import CheckpointError, ModelParts, TensorSource, load_model
+from exl2.runtime.loader import ModelParts, load_model
+from exl2.runtime.tensors import CheckpointError, TensorSource
 from safetensors.torch import load_file, save_file
 
 
