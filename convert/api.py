@@ -62,6 +62,10 @@ class Job:
             if not (self.in_dir / name).is_file():
                 raise ConvertError(f"{self.in_dir / name}: not found ({why})")
         check_options(self.o)
+        if self.o.ray and self.o.ray not in ("local", "auto"):
+            from .split import check_address
+
+            check_address(self.o.ray)       # before any work: nothing answers there
 
     def _check_folders(self) -> None:
         """Before anything is written: the job folder and every output folder are ours to write, and no flag
@@ -207,9 +211,17 @@ class Job:
                     "calibration": "(default)" if not o.cal_dataset else Path(o.cal_dataset).name,
                     "tables": o.tables}
             with self.peak("measure"):
-                data = run_measurement(self.in_dir, rows.input_ids, self.work / "measure", device=o.device,
-                                       provenance=prov, status=self.status, progress=self.progress("measure"),
-                                       modules=module_specs(o.tables))
+                if o.ray:       # layer ranges on Ray workers (convert/split.py)
+                    from .split import measure_on_ray
+
+                    data = measure_on_ray(self.in_dir, rows.input_ids, self.work / "measure", address=o.ray,
+                                          workers=o.ray_workers, threads=o.ray_threads, provenance=prov,
+                                          device=o.device, tables=o.tables, status=self.status,
+                                          progress=self.progress("states"))
+                else:
+                    data = run_measurement(self.in_dir, rows.input_ids, self.work / "measure", device=o.device,
+                                           provenance=prov, status=self.status, progress=self.progress("measure"),
+                                           modules=module_specs(o.tables))
             shutil.copyfile(self.work / "measure" / "measurement.json", self.work / "measurement.json")
             self.finish("measure")
         text = json.dumps(data, indent=4)

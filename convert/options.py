@@ -121,6 +121,12 @@ def _given(value) -> str | None:
     return None if value else "is required"
 
 
+def _ray_address(value) -> str | None:
+    if value is None or value in ("local", "auto") or (":" in value and value.rpartition(":")[2].isdigit()):
+        return None
+    return "must be 'local', 'auto' or the head node's HOST:PORT"
+
+
 def _one_of(choices) -> Callable[[Any], str | None]:
     return lambda v: None if v in choices else f"must be one of {', '.join(map(str, choices))}"
 
@@ -229,6 +235,19 @@ OPTIONS: tuple[Option, ...] = (
            switch=True),
     Option("device", "cpu", "Where the work runs.", flags=("--device",), choices=("cpu", "cuda"),
            check=_one_of(("cpu", "cuda"))),
+    Option("ray", None, "Measure the layers in parallel on Ray: 'local' starts an instance on this machine, "
+           "'auto' or HOST:PORT joins a cluster (whose workers must see -o). The same measurement.json as "
+           "without; quantization stays in this process.", flags=("--ray",), metavar="ADDRESS",
+           check=_ray_address),
+    Option("ray_workers", None, "Layer ranges measured in parallel with --ray, one Ray task each. Default: as "
+           "many as the cluster's CPUs hold tasks of --ray-threads (its GPUs with --device cuda). In an "
+           "exl2-batch spec: measure_workers (default: not split).", flags=("--ray-workers",), metavar="N",
+           show_default=False, from_text=_int_text, from_spec=_int_spec, spec_key="measure_workers",
+           check=lambda v: None if v is None else _at_least(1)(v)),
+    Option("ray_threads", None, "Threads (and Ray CPUs) of each --ray task. Default: this process's thread "
+           "count, which makes measurement.json the same bytes as a run without --ray (a different count "
+           "changes the last bits of the errors).", flags=("--ray-threads",), metavar="N", show_default=False,
+           from_text=_int_text, check=lambda v: None if v is None else _at_least(1)(v)),
     Option("validate", True, "Skip the perplexity/KL check of the written model.", flags=("--no-validate",),
            switch=True),
     Option("validation_rows", 4, "Held-out rows of the validation.", from_spec=_int_spec, check=_at_least(1)),

@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from exl2.core.files import write_json_atomic
 from exl2.quant_kernels import gptq
 from exl2.quant_kernels.codec import padded_columns
 from exl2.quant_kernels.qparams import QParams, distinct_options
@@ -218,7 +219,8 @@ def measure_module(block, spec, layer: int, states: list[torch.Tensor], cos, sin
 
 def run_measurement(model_dir: str | Path, input_ids: torch.Tensor, work: str | Path, *, device="cpu",
                     provenance: dict | None = None, status: Status | None = None, progress=None,
-                    variant_budget: int | None = None, modules: tuple[ModuleSpec, ...] = MODULES) -> dict:
+                    variant_budget: int | None = None, modules: tuple[ModuleSpec, ...] = MODULES,
+                    layers: tuple[int, int] | None = None, states: list[torch.Tensor] | None = None) -> dict:
     """Measure every decoder module of ``model_dir`` on calibration rows ``input_ids [R, L]``.
 
     ``work`` holds the checkpoint (``measure.checkpoint.safetensors``: states and partial measurement); when it
@@ -230,6 +232,11 @@ def run_measurement(model_dir: str | Path, input_ids: torch.Tensor, work: str | 
     ``layers.stream.module_specs("extended")`` appends our candidates; ``bench/tables.py`` measures the candidates
     alone).  Every module is measured on the FP16 path's states, so entries measured with different tables
     can be concatenated.
+
+    A part of the model (measure/split.py): ``layers=(first, stop)`` with ``states``, the full-precision inputs
+    of layer ``first`` (:func:`exl2.measure.split.range_states`), measures those layers only and returns their
+    entries, also written to ``work/part.json``; :func:`exl2.measure.split.merge_parts` joins the parts into
+    the measurement.json a whole run writes.
     """
     from exl2.runtime.model import Rotary
 
@@ -239,16 +246,17 @@ def run_measurement(model_dir: str | Path, input_ids: torch.Tensor, work: str | 
         shutil.rmtree(stale, ignore_errors=True)
     parts = ModelParts(model_dir, device=device, dtype=torch.float32)   # the states are fp32 on every device
     n_layers = parts.cfg.num_layers
+    first, stop = (0, n_layers) if layers is None else layers
     saved = load_checkpoint(work, "measure")
     if saved:
         (progress_rec, states) = saved
         measurement, start = progress_rec["measurement"], progress_rec["next_layer"]
     else:
-        measurement, start = {}, 0
-        states = embed_rows(parts, input_ids)
+        measurement, start = {}, first
+        states = embed_rows(parts, input_ids) if layers is None else states
     cos, sin = Rotary(parts.cfg).to(device).cos_sin(0, input_ids.shape[1])
     modules = specs_for(parts.cfg, modules)     # a sparse MLP in place of the MLP (layers/moe.py)
-    for layer in range(start, n_layers):
+    for layer in range(start, stop):
         t0 = time.time()
         block = parts.block(layer)
         for spec in modules:
@@ -265,10 +273,21 @@ def run_measurement(model_dir: str | Path, input_ids: torch.Tensor, work: str | 
         if status:
             status({"stage": "measure", "layer": layer, "layers": n_layers, "seconds": round(time.time() - t0, 2)})
         if progress:
-            progress(layer + 1, n_layers)
-    measurement["model.norm.norm"] = None
-    measurement["lm_head.linear"] = None
-    last = 2 * n_layers + 2          # index of the head in ExLlamaV2's module list: embedding, 2 per layer, norm, head
-    mj.save(work / "measurement.json", measurement, last, provenance)
+            progress(layer + 1 - first, stop - first)
+    if layers is not None:
+        write_json_atomic(work / PART_FILE, {"layers": [first, stop], "measurement": measurement})
+        clear_checkpoint(work, "measure")
+        return measurement
+    save_measurement(work / "measurement.json", measurement, n_layers, provenance)
     clear_checkpoint(work, "measure")
     return mj.load(work / "measurement.json")
+
+
+PART_FILE = "part.json"     # a part's entries (run_measurement with layers=...)
+
+
+def save_measurement(path: Path, measurement: dict, n_layers: int, provenance: dict | None) -> None:
+    """The measured decoder modules, in layer order, as ExLlamaV2's measurement.json holds them."""
+    measurement = dict(measurement, **{"model.norm.norm": None, "lm_head.linear": None})
+    last = 2 * n_layers + 2          # index of the head in ExLlamaV2's module list: embedding, 2 per layer, norm, head
+    mj.save(path, measurement, last, provenance)

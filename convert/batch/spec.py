@@ -10,6 +10,9 @@ The format::
     cal_dataset = "/data/cal.parquet"     # bpw, head_bits, cal_dataset, rows, length, measurement_rows,
     tables = "exl2"                       # measurement_length, seed, tables, norm, asym, validation_rows;
                                           # defaults, checks and meaning as exl2-convert's flags
+    measure_workers = 4                   # split each measurement into this many layer ranges, each a Ray
+                                          # task with num_cpus CPUs, or one GPU (exl2-convert --ray-workers;
+                                          # default: not split)
     [resources]                           # per task
     num_cpus = 1
     num_gpus = 0                          # > 0: the task gets that share of a GPU and runs with device cuda

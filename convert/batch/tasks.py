@@ -45,9 +45,10 @@ def plan(spec: Spec) -> list[Task]:
         root = Path(spec.output) / m.name
         common = {**spec_to_options(m.settings), "in_dir": m.path, "device": device, "validate": True}
         targets = common.pop("bits")
+        split = {"ray": "auto"} if (common.get("ray_workers") or 1) > 1 else {}   # its layer ranges on Ray too
         measure = Task(id=f"{m.name}/measure", kind="measure", model=m.name, bpw=None,
                        output=str(root / "measurement.json"), resources=res,
-                       options=dict(common, work_dir=str(root / ".work" / "measure"), measure_only=True))
+                       options=dict(common, work_dir=str(root / ".work" / "measure"), measure_only=True, **split))
         tasks.append(measure)
         for b in targets:
             tasks.append(Task(id=f"{m.name}/{bpw_dir_name(b)}", kind="quantize", model=m.name, bpw=b,

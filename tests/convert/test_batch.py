@@ -104,6 +104,15 @@ def test_plan_is_a_graph_of_measure_then_targets(tmp_path):
         ConvertOptions(**t.options)
     gpu = parse_spec({"output": "/o", "resources": {"num_gpus": 1}, "model": [{"path": "/m/a"}]})
     assert {t.options["device"] for t in plan(gpu)} == {"cuda"}
+    assert not any("ray" in t.options for t in tasks)          # measure_workers not given: no split
+
+
+def test_measure_workers_split_the_measurement_task_only():
+    spec = parse_spec({"output": "/o", "defaults": {"bpw": [3.0], "measure_workers": 3},
+                       "model": [{"path": "/m/a"}, {"path": "/m/b", "measure_workers": 1}]})
+    opts = {t.id: t.options for t in plan(spec)}
+    assert (opts["a/measure"]["ray"], opts["a/measure"]["ray_workers"]) == ("auto", 3)
+    assert "ray" not in opts["a/3bpw"] and "ray" not in opts["b/measure"]
 
 
 @pytest.mark.parametrize("data, message", [
@@ -126,6 +135,7 @@ def test_plan_is_a_graph_of_measure_then_targets(tmp_path):
     ({"output": "o", "model": [{"path": "x/a"}, {"path": "y/a"}]}, "[[model]] 'a': name used twice"),
     ({"output": "o", "model": [{"path": "a", "name": "../up"}]}, "name = '../up': must be a plain folder name"),
     ({"output": "o", "resources": {"gpus": 1}, "model": [{"path": "a"}]}, "[resources]: unknown key 'gpus'"),
+    ({"output": "o", "model": [{"path": "a", "measure_workers": 0}]}, "measure_workers = 0: must be at least 1"),
     ({"output": "o", "resources": {"num_cpus": -1}, "model": [{"path": "a"}]}, "num_cpus = -1: must be a number"),
 ])
 def test_spec_errors_name_the_key_and_model(data, message):
@@ -423,6 +433,20 @@ def test_cli_on_existing_cluster_adds_a_target(first_run, cluster, models):
     assert lines[-1] == {"state": "done", "succeeded": 1, "skipped": 2, "failed": 0}
     assert not (out / "qwen" / ".work" / "bpw-5.00" / "cal" / "measure.safetensors").exists()   # not re-measured
     assert (out / "qwen" / "5bpw" / "validation.json").is_file()
+
+
+def test_measurement_split_over_workers_is_the_same_bytes(first_run, cluster, models):
+    """measure_workers = 2: the qwen model's measurement in two layer ranges on the cluster equals the first
+    run's, measured in one task (both with the task's one CPU, so one thread)."""
+    spec_file, out, _, _ = first_run
+    out2 = spec_file.parent / "split"
+    spec = write_spec(spec_file.parent / "spec-split.toml", str(out2), [{"path": str(models / "qwen")}],
+                      defaults={"bpw": [3.0], **SMALL, "measure_workers": 2}, resources={"num_cpus": 1})
+    s = run_batch(load_spec(spec))
+    assert (s["succeeded"], s["failed"]) == (2, 0), s
+    parts = sorted(p.name for p in (out2 / "qwen" / ".work" / "measure" / "measure").glob("part-*"))
+    assert parts == ["part-0000-0001", "part-0001-0002"]
+    assert (out2 / "qwen" / "measurement.json").read_bytes() == (out / "qwen" / "measurement.json").read_bytes()
 
 
 def test_cli_table_and_exit_status_on_failure(first_run):
