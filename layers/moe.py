@@ -106,7 +106,16 @@ def collect_moe(block, states: list[torch.Tensor], device, max_abs: list | None 
                 for e in fallback:
                     h_in[e].add(h)
                     h_mid[e].add(_mid(mlp.experts[e], h))
-    return ExpertHessians([H.result() for H in h_in], [H.result() for H in h_mid], routed, fallback), outputs
+    return ExpertHessians(_results(h_in), _results(h_mid), routed, fallback), outputs
+
+
+def _results(accumulators: list) -> list[torch.Tensor]:
+    """Each accumulator's averaged Hessian, dropping the accumulator as soon as its result exists: with 128
+    experts both lists at once would double the module's largest memory (2.4 GB more on Qwen3-30B-A3B)."""
+    out = []
+    while accumulators:
+        out.append(accumulators.pop(0).result())
+    return out
 
 
 def hessian_of(hs: ExpertHessians, e: int, p: str) -> torch.Tensor:
