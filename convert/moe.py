@@ -11,6 +11,7 @@ from exl2.layers.moe import collect_moe, expert_layers, expert_prefix, hessian_o
 from exl2.layers.stream import advance, run_module, set_weight
 from exl2.measure.measurement import entry_options
 from exl2.quant_kernels import gptq
+from exl2.runtime.memory import release_free_heap
 
 
 def quantize_moe(block, spec, layer: int, strategy: dict, states, cos, sin, device, out_dir: Path, cfg,
@@ -36,4 +37,5 @@ def quantize_moe(block, spec, layer: int, strategy: dict, states, cos, sin, devi
             store(out_dir, expert_prefix(cfg, layer, e, p), r)
             set_weight(layers[p], r.weight)
         del prepared
+        release_free_heap()         # the expert's freed fp32 weights (runtime/memory.py)
     return states, advance(block, spec, states, ref, device, cos, sin), hs.routed

@@ -135,3 +135,28 @@ def total_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``; nothing elsewhere).
+
+    A loop that frees and reallocates many equal tensors of a few MB (a sparse block's experts, one after
+    another) raises glibc's mmap threshold past their size, so they land on the heap, whose freed pages stay in
+    the process: 2 GiB more anonymous memory than the live tensors on a Qwen3-30B-A3B layer.  Trimming after each
+    expert keeps the process at its live set, at a cost of milliseconds.
+    """
+    import ctypes
+    import ctypes.util
+
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
