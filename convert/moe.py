@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from exl2.core.threads import fit_threads
 from exl2.layers.moe import collect_moe, expert_layers, expert_prefix, hessian_of
 from exl2.layers.stream import advance, run_module, set_weight
 from exl2.measure.measurement import entry_options
@@ -28,6 +29,7 @@ def quantize_moe(block, spec, layer: int, strategy: dict, states, cos, sin, devi
             for i in range(len(fstates)):
                 fstates[i] = run_module(block, spec, fstates[i].to(device), cos, sin).float().cpu()
     for e in range(E):              # one expert's Hessian factors and fp32 weights at a time
+        fit_threads()
         layers = expert_layers(block, e)
         prepared = {o: gptq.prepare(hessian_of(hs, e, o).cpu(), percdamp=opts.percdamp,
                                     keep_h=bool(opts.polish_sweeps)) for o in ("w1", "w2")}

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from exl2.core.errors import UserError
+from exl2.core.threads import fit_threads
 from exl2.layers.checkpoint import clear_checkpoint, load_checkpoint, save_checkpoint, save_tensors
 from exl2.layers.moe import MOE, specs_for
 from exl2.layers.stream import (MODULES, advance, collect, embed_rows, inputs_of, linears, set_weight,
@@ -198,6 +199,7 @@ def run_quantization(model_dir: str | Path, input_ids: torch.Tensor, strategy: d
         t0 = time.time()
         block = parts.block(layer)
         for spec in specs_for(parts.cfg, MODULES):      # a sparse MLP in place of the MLP (layers/moe.py)
+            fit_threads()       # fewer threads while other processes keep CPUs busy (core/threads.py)
             if spec.kind == MOE.kind:
                 from .moe import quantize_moe
                 states, err, routed = quantize_moe(block, spec, layer, strategy, states, cos, sin, device,

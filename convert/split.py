@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from exl2.core.errors import UserError
+from exl2.core.threads import base_threads, set_base_threads
 
 from .jobstate import ConvertError
 
@@ -27,7 +28,7 @@ def _part_task(model_dir: str, input_ids: torch.Tensor, work: str, first: int, s
     from exl2.layers.stream import module_specs
     from exl2.measure.split import measure_part
 
-    torch.set_num_threads(threads)
+    set_base_threads(threads)       # the driver's count: the same bytes as its own run (core/threads.py)
     t0 = time.time()
     try:
         measure_part(model_dir, input_ids, work, first, stop, device=device, modules=module_specs(tables))
@@ -68,7 +69,7 @@ def measure_on_ray(model_dir: str | Path, input_ids: torch.Tensor, work: str | P
     status = status or (lambda d: None)
     work = Path(work)
     n_layers = ModelConfig.from_file(Path(model_dir) / "config.json").num_layers
-    threads = threads or torch.get_num_threads()
+    threads = threads or base_threads()
     try:
         ray = _import_ray()
         started = _connect(ray, None if address == "local" else address, None, None)

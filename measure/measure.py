@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from exl2.core.files import write_json_atomic
+from exl2.core.threads import fit_threads
 from exl2.quant_kernels import gptq
 from exl2.quant_kernels.codec import padded_columns
 from exl2.quant_kernels.qparams import QParams, distinct_options
@@ -186,6 +187,7 @@ def measure_module(block, spec, layer: int, states: list[torch.Tensor], cos, sin
             w = original[p].float().cpu()
             b = layers[p].bias
             for qp in opts:
+                fit_threads()       # fewer threads while other processes keep CPUs busy (core/threads.py)
                 variants.add(p, qp, gptq.quantize(w, qp, prepared[spec.hessian_of[p]],
                                                   None if b is None else b.data.float().cpu()).weight)
             del w
@@ -198,6 +200,7 @@ def measure_module(block, spec, layer: int, states: list[torch.Tensor], cos, sin
                 if current.get(p) != qp:          # consecutive combinations often share a projection's option
                     set_weight(layers[p], variants.get(p, qp))
                     current[p] = qp
+            fit_threads()
             err, tok_err = module_error(block, spec, states, ref, device, cos, sin)
             acc = max(1e-6, 1.0 - err)
             e = mj.entry(acc, dict(zip(spec.projections, combo)), shapes)

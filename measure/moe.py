@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from exl2.core.threads import fit_threads
 from exl2.layers.moe import collect_moe, expert_layers, hessian_of
 from exl2.layers.stream import set_weight
 from exl2.quant_kernels import gptq
@@ -35,6 +36,7 @@ def measure_moe(block, spec, layer: int, states: list[torch.Tensor], cos, sin, d
             for p, opts in zip(spec.projections, distinct):
                 w = original[e][p].float().cpu()
                 for qp in opts:
+                    fit_threads()
                     variants.add(f"{p}.{e}", qp, gptq.quantize(w, qp, prepared[spec.hessian_of[p]]).weight)
                 del w
             del prepared
@@ -48,6 +50,7 @@ def measure_moe(block, spec, layer: int, states: list[torch.Tensor], cos, sin, d
                     for e in range(E):
                         set_weight(layers[e][p], variants.get(f"{p}.{e}", qp))
                     current[p] = qp
+            fit_threads()
             err, tok_err = module_error(block, spec, states, ref, device, cos, sin)
             acc = max(1e-6, 1.0 - err)
             ent = mj.entry(acc, dict(zip(spec.projections, combo)), shapes)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from exl2.core.errors import UserError
+from exl2.core.threads import factorisation_threads
 
 from . import codec, ops
 from .layout import decode_scales
@@ -186,16 +187,19 @@ def prepare(H: torch.Tensor | None, k: int | None = None, percdamp: float = PERC
         for _ in range(tries):
             dg += damp
         del dg
-        L, info = torch.linalg.cholesky_ex(Hp)
+        with factorisation_threads():           # their last bits depend on the thread count (core/threads.py)
+            L, info = torch.linalg.cholesky_ex(Hp)
         kept = Hp if keep_h else None
         del Hp
         if int(info) != 0:
             continue
-        Hi = torch.cholesky_inverse(L)
+        with factorisation_threads():
+            Hi = torch.cholesky_inverse(L)
         del L
         if not bool(torch.isfinite(Hi).all()):
             continue
-        U, info = torch.linalg.cholesky_ex(Hi, upper=True)
+        with factorisation_threads():
+            U, info = torch.linalg.cholesky_ex(Hi, upper=True)
         del Hi
         if int(info) != 0 or not bool(torch.isfinite(U).all()):
             continue
