@@ -46,17 +46,10 @@ def test_error_falls_with_bits_at_equal_group_size(uninterrupted):
         assert mlp[0]["accuracy"] < mlp[8]["accuracy"] < mlp[16]["accuracy"]
 
 
-def test_resume_after_interruption_gives_the_same_measurement(tiny, uninterrupted, tmp_path):
+def test_resume_after_interruption_gives_the_same_measurement(tiny, uninterrupted, tmp_path, stop_after_first_layer):
     d, ids = tiny
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_first_layer(event):
-        if event.get("layer") == 0:
-            raise Stop
-
-    with pytest.raises(Stop):
+    with pytest.raises(stop_after_first_layer.error):
         run_measurement(d, ids, tmp_path, provenance={"checkpoint_sha256": "x"}, status=stop_after_first_layer)
     assert checkpoint_progress(tmp_path, "measure")["next_layer"] == 1
     seen = []

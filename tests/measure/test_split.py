@@ -51,21 +51,15 @@ def test_parts_joined_are_the_same_bytes_as_one_run(kind, tiny_qwen_rows, moe_ti
         assert not list(work.glob("part-*/*.checkpoint.safetensors"))
 
 
-def test_interrupted_part_resumes_and_finished_parts_are_not_measured_again(tiny_qwen_rows, tmp_path):
+def test_interrupted_part_resumes_and_finished_parts_are_not_measured_again(tiny_qwen_rows, tmp_path,
+                                                                            stop_after_first_layer):
     d, ids = tiny_qwen_rows(3)
     whole = tmp_path / "whole"
     run_measurement(d, ids, whole, provenance=PROV)
     work, ranges = tmp_path / "split", [(0, 2), (2, 3)]
     range_states(d, ids, ranges, work)
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_first_layer(event):
-        if event.get("layer") == 0:
-            raise Stop
-
-    with pytest.raises(Stop):
+    with pytest.raises(stop_after_first_layer.error):
         measure_part(d, ids, work, 0, 2, status=stop_after_first_layer)
     seen = []
     measure_part(d, ids, work, 0, 2, status=seen.append)
