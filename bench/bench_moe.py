@@ -67,7 +67,8 @@ def convert(src: Path, work: Path, extra: list[str]) -> dict:
                 events.append((time.perf_counter() - t0, json.loads(line)))
         status = proc.wait()
     if status != 0:
-        raise SystemExit(f"exl2-convert failed (see {work.parent / 'convert.err'})")
+        tail = (work.parent / "convert.err").read_text().splitlines()[-15:]
+        raise SystemExit("exl2-convert failed:\n" + "\n".join(tail))
     return {"seconds": time.perf_counter() - t0, "events": events}
 
 

@@ -114,6 +114,9 @@ def shapes_of(layers: dict) -> dict[str, tuple[int, int, bool]]:
             for p, m in layers.items()}
 
 
+# How the measurement quantizes its variants (only their errors are used; nothing is packed).
+MEASURE_GPTQ = gptq.GPTQOptions()
+
 VARIANT_BUDGET = 2 << 30   # bytes of quantized variants one module may keep in memory; past it they go to disk
 
 
@@ -164,8 +167,10 @@ def variant_bytes(layers: dict, spec) -> int:
 
 def measure_module(block, spec, layer: int, states: list[torch.Tensor], cos, sin, device,
                    status: Status | None = None, *, variant_budget: int | None = None,
-                   spill_dir: str | Path | None = None) -> tuple[list[dict], list[torch.Tensor]]:
-    """Measure one module; returns (the measurement entries, the reference outputs).
+                   spill_dir: str | Path | None = None, gptq_opts: gptq.GPTQOptions | None = None
+                   ) -> tuple[list[dict], list[torch.Tensor]]:
+    """Measure one module; returns (the measurement entries, the reference outputs).  ``gptq_opts``: how the
+    variants are quantized (default :data:`MEASURE_GPTQ`).
 
     Memory: the block's weights, the states and outputs, one Hessian factor per shared input, and the
     quantized variants (in memory up to ``variant_budget`` bytes, else spilled to ``spill_dir``, see
@@ -189,7 +194,8 @@ def measure_module(block, spec, layer: int, states: list[torch.Tensor], cos, sin
             for qp in opts:
                 fit_threads()       # fewer threads while other processes keep CPUs busy (core/threads.py)
                 variants.add(p, qp, gptq.quantize(w, qp, prepared[spec.hessian_of[p]],
-                                                  None if b is None else b.data.float().cpu()).weight)
+                                                  None if b is None else b.data.float().cpu(),
+                                                  gptq_opts or MEASURE_GPTQ, pack=False).weight)
             del w
         del prepared
         shapes = shapes_of(layers)
@@ -223,7 +229,8 @@ def measure_module(block, spec, layer: int, states: list[torch.Tensor], cos, sin
 def run_measurement(model_dir: str | Path, input_ids: torch.Tensor, work: str | Path, *, device="cpu",
                     provenance: dict | None = None, status: Status | None = None, progress=None,
                     variant_budget: int | None = None, modules: tuple[ModuleSpec, ...] = MODULES,
-                    layers: tuple[int, int] | None = None, states: list[torch.Tensor] | None = None) -> dict:
+                    layers: tuple[int, int] | None = None, states: list[torch.Tensor] | None = None,
+                    gptq_opts: gptq.GPTQOptions | None = None) -> dict:
     """Measure every decoder module of ``model_dir`` on calibration rows ``input_ids [R, L]``.
 
     ``work`` holds the checkpoint (``measure.checkpoint.safetensors``: states and partial measurement); when it
@@ -266,10 +273,10 @@ def run_measurement(model_dir: str | Path, input_ids: torch.Tensor, work: str | 
             if spec.kind == MOE.kind:
                 from .moe import measure_moe
                 entries, states = measure_moe(block, spec, layer, states, cos, sin, device, status,
-                                              variant_budget=variant_budget, spill_dir=work)
+                                              variant_budget=variant_budget, spill_dir=work, gptq_opts=gptq_opts)
             else:
                 entries, states = measure_module(block, spec, layer, states, cos, sin, device, status,
-                                                 variant_budget=variant_budget, spill_dir=work)
+                                                 variant_budget=variant_budget, spill_dir=work, gptq_opts=gptq_opts)
             measurement[spec.key(layer)] = entries
         del block
         save_checkpoint(work, "measure", {"measurement": measurement, "next_layer": layer + 1}, states)

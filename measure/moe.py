@@ -15,12 +15,12 @@ from exl2.quant_kernels import gptq
 from exl2.quant_kernels.qparams import QParams, distinct_options
 
 from . import measurement as mj
-from .measure import MIN_ACCURACY, MeasureError, Variants, module_error, shapes_of
+from .measure import MEASURE_GPTQ, MIN_ACCURACY, MeasureError, Variants, module_error, shapes_of
 
 
 def measure_moe(block, spec, layer: int, states: list[torch.Tensor], cos, sin, device, status=None, *,
-                variant_budget: int | None = None, spill_dir: str | Path | None = None
-                ) -> tuple[list[dict], list[torch.Tensor]]:
+                variant_budget: int | None = None, spill_dir: str | Path | None = None,
+                gptq_opts: gptq.GPTQOptions | None = None) -> tuple[list[dict], list[torch.Tensor]]:
     """As :func:`exl2.measure.measure.measure_module`, for a sparse MLP."""
     hs, ref = collect_moe(block, states, device)
     E = len(block.mlp.experts)
@@ -37,7 +37,8 @@ def measure_moe(block, spec, layer: int, states: list[torch.Tensor], cos, sin, d
                 w = original[e][p].float().cpu()
                 for qp in opts:
                     fit_threads()
-                    variants.add(f"{p}.{e}", qp, gptq.quantize(w, qp, prepared[spec.hessian_of[p]]).weight)
+                    variants.add(f"{p}.{e}", qp, gptq.quantize(w, qp, prepared[spec.hessian_of[p]], None,
+                                                                    gptq_opts or MEASURE_GPTQ, pack=False).weight)
                 del w
             del prepared
         del hs

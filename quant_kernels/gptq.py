@@ -278,7 +278,7 @@ class QuantResult:
 
 
 def quantize(weight: torch.Tensor, qparams: QParams, prepared: Prepared, bias: torch.Tensor | None = None,
-             opts: GPTQOptions = GPTQOptions()) -> QuantResult:
+             opts: GPTQOptions = GPTQOptions(), pack: bool = True) -> QuantResult:
     """Quantize ``weight [N, K]`` (``nn.Linear`` orientation) to an EXL2 layer.
 
     With ``prepared.hinv`` None this is round-to-nearest (act-order kept, no error feedback).
@@ -286,7 +286,8 @@ def quantize(weight: torch.Tensor, qparams: QParams, prepared: Prepared, bias: t
     carries the group's errors to the later rows; the layer is packed by :func:`codec.pack_layer`.  Which
     kernels run is ``ops``' choice (``ops.reference_only()`` forces the torch twins; the codes and values are
     the same bit for bit).  ``opts``: :class:`GPTQOptions` (``refine_span``, and the levers not adopted;
-    ``polish_sweeps`` needs ``prepare(keep_h=True)``).
+    ``polish_sweeps`` needs ``prepare(keep_h=True)``).  ``pack=False`` skips packing (``tensors`` is empty):
+    for callers that only need the reconstructed weight, which is the same either way.
     """
     n, k = weight.shape
     if prepared.perm.shape != (k,):
@@ -328,7 +329,8 @@ def quantize(weight: torch.Tensor, qparams: QParams, prepared: Prepared, bias: t
         row_bits = torch.cat([torch.full((r,), bt) for bt, r in groups])
         polish(W0, Q, codes, prepared.h, row_scale, row_bits, polish_sweeps)
         del W0
-    tensors = codec.pack_layer(codes, groups, torch.stack(scale_codes), torch.stack(scale_max), perm, bias)
+    tensors = (codec.pack_layer(codes, groups, torch.stack(scale_codes), torch.stack(scale_max), perm, bias)
+               if pack else {})
     del codes
     # the loader's weight in nn.Linear orientation: Q holds fp16-exact values, so casting before un-permuting
     # gives the same halves; Q is freed before the transposed copy is made

@@ -70,6 +70,15 @@ def test_result_is_what_the_loader_reconstructs(problem, qp):
     assert torch.equal(r.tensors["bias"], bias.half())
 
 
+@pytest.mark.parametrize("qp", OPTIONS[:2], ids=lambda q: q.desc())
+def test_unpacked_result_has_the_same_weight(problem, qp):
+    """pack=False (the measurement's variants) skips packing only: the reconstructed weight is the same bits."""
+    x, w, H = problem
+    p = gptq.prepare(H)
+    packed, bare = gptq.quantize(w, qp, p), gptq.quantize(w, qp, p, pack=False)
+    assert bare.tensors == {} and torch.equal(bare.weight.view(torch.int16), packed.weight.view(torch.int16))
+
+
 def test_act_order_puts_largest_diagonal_first(problem):
     x, w, H = problem
     p = gptq.prepare(H)
