@@ -12,8 +12,8 @@ layer's entries depend only on its weights and its full-precision input.  Hence:
 
 The states are made by the same module calls the whole run makes (``layers.stream.run_module`` on fp32
 weights), and every part runs the measurement's own loop, so the entries equal a single run's exactly when
-both compute with the same number of threads (the thread count decides how a CPU splits a matrix product's
-sums, and so its last bits).
+both run LAPACK's factorisations with the same base thread count (core/threads.py: the only operations whose
+last bits depend on it).
 """
 from __future__ import annotations
 
