@@ -17,9 +17,13 @@ ROWS = ["-mr", "2", "-ml", "64"]
 
 
 @pytest.fixture
-def one_thread():
-    """Every run computes with one thread (the Ray tasks inherit it through --ray-threads' default)."""
+def one_thread(monkeypatch):
+    """Every run computes with one thread, the base count of core/threads.py too (the Ray tasks inherit it
+    through --ray-threads' default); both restored afterwards."""
+    from exl2.core import threads
+
     before = torch.get_num_threads()
+    monkeypatch.setattr(threads, "_base", 1)
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
