@@ -4,7 +4,8 @@ factorisations keep one fixed thread count so that results do not depend on the 
 Two conversions that each run two OpenMP threads on two cores wait on each other's spinning threads: 10x slower
 each in bench/bench_threads.py, where one thread each is 1.7x (BENCHMARKS.md).  So the measurement and
 quantization loops call :func:`fit_threads` as they go; at most every ``CHECK_EVERY`` seconds it counts the
-runnable threads of other processes and sets torch's thread count to the base count less those (at least 1).
+runnable threads of other processes and sets torch's thread count to the CPUs they leave free (at least 1, at
+most the base count).
 
 The base count is torch's count when first asked (the CPUs this process may use, or ``OMP_NUM_THREADS``).  Of
 the operations the converter runs on a CPU, only LAPACK's factorisations (Cholesky, its inverse, triangular
