@@ -80,7 +80,8 @@ from dataclasses import dataclass, field
 from exl2.core.errors import UserError
 
 # The programs the launcher and the sample process run (source text).
-from .sandbox_programs import _LAUNCHER, _RUNNER
+from .sandbox_launcher import _LAUNCHER
+from .sandbox_programs import _RUNNER
 
 
 class SandboxError(UserError, RuntimeError):
