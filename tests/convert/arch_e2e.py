@@ -15,6 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from exl2.calibration import default_rows
 from exl2.convert.api import ConvertOptions, convert
@@ -84,3 +85,18 @@ def mean_kl(fp, q, ids) -> float:
         p = torch.log_softmax(fp(ids).double(), -1)
         lq = torch.log_softmax(q(ids).double(), -1)
     return float((p.exp() * (p - lq)).sum(-1).mean())
+
+
+def check_names(out: Path, expected: set[str]) -> None:
+    """The output holds exactly the ``expected`` tensor names (the differences both ways in the message)."""
+    keys = output_keys(out)
+    assert keys == expected, (sorted(keys - expected), sorted(expected - keys))
+
+
+def check_fp16_copies(src_dir: Path, out: Path, keys) -> dict:
+    """Each of ``keys`` is stored in the output as the source's tensor in fp16; returns the source's tensors."""
+    src = load_file(str(src_dir / "model.safetensors"))
+    got = load_file(str(out / "output.safetensors"))
+    for key in keys:
+        assert got[key].dtype == torch.float16 and torch.equal(got[key], src[key].half()), key
+    return src

@@ -10,11 +10,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from tests.convert.arch_e2e import (EXL2_LINEAR, build_src, check_inspect, convert_job, exllamav2_config, mean_kl,
-                                    output_keys, reload)
+from tests.convert.arch_e2e import (build_src, check_fp16_copies, check_inspect, check_names, convert_job, EXL2_LINEAR,
+                                    exllamav2_config, mean_kl, reload)
 
 LAYERS = 2
 
@@ -54,19 +52,13 @@ def gemma_job(gemma_src, tmp_path_factory):
 
 def test_tensor_names_are_those_exllamav2_reads(gemma_job):
     out, _ = gemma_job
-    keys = output_keys(out)
-    assert keys == EXPECTED, (sorted(keys - EXPECTED), sorted(EXPECTED - keys))
+    check_names(out, EXPECTED)
 
 
 def test_norms_are_the_source_in_fp16(gemma_src, gemma_job):
     """The (1 + w) norms are stored as the source's w (ExLlamaV2 adds the 1 when it loads them, rmsnorm.py:58-59)."""
     out, _ = gemma_job
-    src = load_file(str(gemma_src / "model.safetensors"))
-    got = load_file(str(out / "output.safetensors"))
-    for i in range(LAYERS):
-        for n in NORMS:
-            key = f"model.layers.{i}.{n}.weight"
-            assert got[key].dtype == torch.float16 and torch.equal(got[key], src[key].half())
+    src = check_fp16_copies(gemma_src, out, [f"model.layers.{i}.{n}.weight" for i in range(LAYERS) for n in NORMS])
     assert "lm_head.weight" not in src            # tied: the head was quantized from the embedding
 
 

@@ -10,12 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
-from tests.convert.arch_e2e import (EXL2_LINEAR, build_src, check_inspect, convert_job, exllamav2_config, mean_kl,
-                                    output_keys, reload)
+from tests.convert.arch_e2e import (build_src, check_fp16_copies, check_inspect, check_names, convert_job, EXL2_LINEAR,
+                                    exllamav2_config, mean_kl, reload)
 
 LAYERS = 2
 
@@ -62,18 +60,12 @@ def test_source_is_fused(glm4_src):
 
 def test_tensor_names_are_those_exllamav2_reads(glm4_job):
     out, _ = glm4_job
-    keys = output_keys(out)
-    assert keys == EXPECTED, (sorted(keys - EXPECTED), sorted(EXPECTED - keys))
+    check_names(out, EXPECTED)
 
 
 def test_norms_are_the_source_in_fp16(glm4_src, glm4_job):
     out, _ = glm4_job
-    src = load_file(str(glm4_src / "model.safetensors"))
-    got = load_file(str(out / "output.safetensors"))
-    for i in range(LAYERS):
-        for n in NORMS:
-            key = f"model.layers.{i}.{n}.weight"
-            assert got[key].dtype == torch.float16 and torch.equal(got[key], src[key].half())
+    check_fp16_copies(glm4_src, out, [f"model.layers.{i}.{n}.weight" for i in range(LAYERS) for n in NORMS])
 
 
 def test_inspect_finds_every_layer_valid(glm4_job):

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.convert.arch_e2e import (EXL2_LINEAR, build_src, check_inspect, convert_job, exllamav2_config, mean_kl,
-                                    output_keys, reload)
+from tests.convert.arch_e2e import (build_src, check_inspect, check_names, convert_job, EXL2_LINEAR, exllamav2_config,
+                                    mean_kl, reload)
 
 LAYERS, EXPERTS, C, INTER = 2, 4, 128, 128
 
@@ -54,8 +54,7 @@ def q3m_job(q3m_src, tmp_path_factory):
 
 def test_tensor_names_are_those_exllamav2_reads(q3m_job):
     out, _, job = q3m_job
-    keys = output_keys(out)
-    assert keys == EXPECTED, (sorted(keys - EXPECTED), sorted(EXPECTED - keys))
+    check_names(out, EXPECTED)
     m = json.loads((job / "measurement.json").read_text())["measurement"]   # ExLlamaV2's MoE module key for it too
     assert {f"model.layers.{i}.block_sparse_moe" for i in range(LAYERS)} <= set(m)
 

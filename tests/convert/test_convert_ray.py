@@ -30,8 +30,8 @@ def one_thread(monkeypatch):
 
 
 def _measure(model, work, *extra):
-    r = CliRunner().invoke(convert_main, ["-i", str(model), "-o", str(work), "-om", str(work.parent / f"{work.name}.json"),
-                                          *ROWS, "--status-json", *extra])
+    r = CliRunner().invoke(convert_main, ["-i", str(model), "-o", str(work), "-om",
+                                          str(work.parent / f"{work.name}.json"), *ROWS, "--status-json", *extra])
     assert r.exit_code == 0, r.output
     return [json.loads(line) for line in r.output.splitlines() if line.startswith("{")]
 
