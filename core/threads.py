@@ -1,8 +1,8 @@
 """Threads on a shared machine: the heavy loops use the CPUs other processes leave free, and the matrix
 factorisations keep one fixed thread count so that results do not depend on the load.
 
-Two conversions that each run two OpenMP threads on two cores wait on each other's spinning threads: 10x slower
-each in bench/bench_threads.py, where one thread each is 1.7x (BENCHMARKS.md).  So the measurement and
+Two conversions that each run as many OpenMP threads as there are cores wait on each other's spinning threads
+(bench/bench_threads.py; numbers and the policies tried: docs/decisions/0014).  So the measurement and
 quantization loops call :func:`fit_threads` as they go; at most every ``CHECK_EVERY`` seconds it counts the
 runnable threads of other processes and sets torch's thread count to the CPUs they leave free (at least 1, at
 most the base count).

@@ -142,8 +142,7 @@ def release_free_heap() -> None:
 
     A loop that frees and reallocates many equal tensors of a few MB (a sparse block's experts, one after
     another) raises glibc's mmap threshold past their size, so they land on the heap, whose freed pages stay in
-    the process: 2 GiB more anonymous memory than the live tensors on a Qwen3-30B-A3B layer.  Trimming after each
-    expert keeps the process at its live set, at a cost of milliseconds.
+    the process.  Trimming after each expert keeps the process near its live set (docs/decisions/0013).
     """
     import ctypes
     import ctypes.util
