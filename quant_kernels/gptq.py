@@ -17,10 +17,10 @@ The procedure (docs/format.md section 6, docs/pipeline.md section 6):
    ``W[b:] -= Hinv[a:b, b:]^T @ err[a:b]``.
 5. ``Q`` is the exact fp16 value the loader dequantizes, so the error feedback sees the real weight.
 
-The per-group kernels (the scale search and the row loop of step 4) are called through ``ops``
-(``ops.find_scales``, ``ops.gptq_group``): native when the extension is loaded, the torch twins in
-``reference.py`` otherwise or under ``ops.reference_only()``.  The rest (Hessians, act-order, damping,
-:func:`refine_codes`, :func:`polish`, the update after each group) is torch here, the same on either path.
+The per-group kernels (the scale search, its refinement and the row loop of step 4) are called through
+``ops`` (``ops.find_scales``, ``ops.refine_codes``, ``ops.gptq_group``): native when the extension is loaded,
+the torch twins in ``reference.py`` otherwise or under ``ops.reference_only()``.  The rest (Hessians,
+act-order, damping, :func:`polish`, the update after each group) is torch here, the same on either path.
 """
 from __future__ import annotations
 
@@ -32,7 +32,6 @@ from exl2.core.errors import UserError
 from exl2.core.threads import factorisation_threads
 
 from . import codec, ops
-from .layout import decode_scales
 from .qparams import QParams
 from .reference import GroupScales, quantize_rows  # noqa: F401  (GroupScales: ops.find_scales' result)
 
@@ -222,21 +221,7 @@ def refine_codes(w: torch.Tensor, gs: GroupScales, bits: int, span: int = REFINE
     """
     if span <= 0 or float(gs.scale_max) == 0.0:
         return gs
-    w = w.to(torch.float32)
-    codes = scale = best = None
-    for d in range(-span, span + 1):                                   # smallest scale first
-        cand = (gs.codes + d).clamp(0, 15)
-        s = decode_scales(cand.unsqueeze(0), gs.scale_max.reshape(1))[0].to(torch.float32)
-        e2 = (quantize_rows(w, s, bits)[1] - w).pow(2)
-        err = (e2 if row_weight is None else e2 * row_weight[:, None]).sum(0)          # [N]
-        if best is None:
-            codes, scale, best = cand, s, err
-            continue
-        better = err < best
-        best = torch.where(better, err, best)
-        codes = torch.where(better, cand, codes)
-        scale = torch.where(better, s, scale)
-    return GroupScales(codes, gs.scale_max, scale)
+    return ops.refine_codes(w, gs, bits, span, row_weight)
 
 
 def polish(W0: torch.Tensor, Q: torch.Tensor, codes: torch.Tensor, H: torch.Tensor, row_scale: torch.Tensor,

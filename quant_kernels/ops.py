@@ -243,6 +243,26 @@ def find_scales(w: torch.Tensor, bits: int) -> GroupScales:
     return GroupScales(codes, smax, scale)
 
 
+def refine_codes(w: torch.Tensor, gs: GroupScales, bits: int, span: int,
+                 row_weight: torch.Tensor | None = None) -> GroupScales:
+    """:func:`reference.refine_codes` of one group ``w [rows, N]`` fp32 from ``find_scales``' result ``gs``.
+
+    The native kernel sums each candidate's squared errors in double (torch sums fp32 in its own order), so
+    the two could pick different codes only where two candidates' errors agree to ~1e-7 relative, as for
+    :func:`find_scales`.  ``row_weight`` (a lever that was not adopted) and CUDA tensors take the reference.
+    """
+    check_tensor(w, "w", torch.float32, dim=2)
+    _bits(bits)
+    if gs.codes.shape != (w.shape[1],):
+        raise ValueError(f"codes has shape {tuple(gs.codes.shape)}, w has {w.shape[1]} columns")
+    m, pre = _native(w)
+    if m is None or pre or row_weight is not None:
+        return reference.refine_codes(w, gs, bits, span, row_weight)
+    codes, scale = m.refine_codes(w.contiguous(), bits, span, gs.codes.to(torch.int64).contiguous(),
+                                  gs.scale_max.reshape(1).contiguous())
+    return GroupScales(codes, gs.scale_max, scale)
+
+
 def gptq_group(W: torch.Tensor, Hinv: torch.Tensor | None, a: int, scale: torch.Tensor, bits: int,
                codes: torch.Tensor, Q: torch.Tensor, err: torch.Tensor | None) -> None:
     """GPTQ's row loop over the group of rows ``[a, a + rows)``, in place (:func:`reference.gptq_group`).

@@ -171,6 +171,28 @@ def quantize_rows(w: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torc
     return q.to(torch.int64), deq
 
 
+def refine_codes(w: torch.Tensor, gs: GroupScales, bits: int, span: int,
+                 row_weight: torch.Tensor | None = None) -> GroupScales:
+    """Per column of one group ``w [rows, N]``, the scale code within ``span`` steps of ``gs.codes`` (same
+    ``scale_max``) whose rounded column has the least ``sum_rows (Q - w)^2`` (``row_weight [rows]`` weighs
+    each row's term); ties keep the smaller code (:func:`exl2.quant_kernels.gptq.refine_codes`)."""
+    w = w.to(torch.float32)
+    codes = scale = best = None
+    for d in range(-span, span + 1):                                   # smallest scale first
+        cand = (gs.codes + d).clamp(0, 15)
+        s = decode_scales(cand.unsqueeze(0), gs.scale_max.reshape(1))[0].to(torch.float32)
+        e2 = (quantize_rows(w, s, bits)[1] - w).pow(2)
+        err = (e2 if row_weight is None else e2 * row_weight[:, None]).sum(0)          # [N]
+        if best is None:
+            codes, scale, best = cand, s, err
+            continue
+        better = err < best
+        best = torch.where(better, err, best)
+        codes = torch.where(better, cand, codes)
+        scale = torch.where(better, s, scale)
+    return GroupScales(codes, gs.scale_max, scale)
+
+
 def gptq_group(W: torch.Tensor, Hinv: torch.Tensor | None, a: int, scale: torch.Tensor, bits: int,
                codes: torch.Tensor, Q: torch.Tensor, err: torch.Tensor | None) -> None:
     """GPTQ's row loop over one group, the rows ``[a, a + rows)`` of the permuted weight, in place.

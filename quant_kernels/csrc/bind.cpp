@@ -107,6 +107,20 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> find_scales(torch::Tenso
     return {codes, smax, scale};
 }
 
+std::tuple<torch::Tensor, torch::Tensor> refine_codes(torch::Tensor w, int64_t bits, int64_t span,
+                                                      torch::Tensor codes, torch::Tensor scale_max) {
+    CHECK_CPU_CONTIG(w, torch::kFloat32);
+    CHECK_CPU_CONTIG(codes, torch::kInt64);
+    CHECK_CPU_CONTIG(scale_max, torch::kFloat16);
+    const long n = w.size(1);
+    TORCH_CHECK(codes.numel() == n, "refine_codes: codes has ", codes.numel(), " entries, w has ", n, " columns");
+    auto codes_out = torch::empty({n}, codes.options());
+    auto scale = torch::empty({n}, w.options());
+    cpu::refine_codes(cptr<float>(w), w.size(0), n, (int)bits, (int)span, cptr<int64_t>(codes),
+                      cptr<uint16_t>(scale_max)[0], ptr<int64_t>(codes_out), ptr<float>(scale));
+    return {codes_out, scale};
+}
+
 // x fp16 [rows, D] -> (q uint8 [rows, D*bits/8], scales fp16 [rows, D/32], overflow flag)
 std::tuple<torch::Tensor, torch::Tensor, int64_t> kv_quantize(torch::Tensor x, int64_t bits) {
     CHECK_CPU_CONTIG(x, torch::kFloat16);
@@ -159,6 +173,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("matmul", &matmul);
     m.def("gptq_group", &gptq_group);
     m.def("find_scales", &find_scales);
+    m.def("refine_codes", &refine_codes);
     m.def("kv_quantize", &kv_quantize);
     m.def("kv_dequantize", &kv_dequantize);
     m.def("half_bits_to_float", &half_bits_to_float);

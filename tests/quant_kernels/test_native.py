@@ -229,6 +229,24 @@ def test_find_scales_bit_exact(native, paths, bits, rows, n):
     assert same(got.scale, ref.scale)
 
 
+@pytest.mark.parametrize("bits", WIDTHS)
+@pytest.mark.parametrize("rows,n", [(32, 1), (128, 70), (64, 257), (32, 576)])
+def test_refine_codes_bit_exact(native, paths, bits, rows, n):
+    """The native refinement (vector and scalar columns, an all-zero column) picks the reference's codes."""
+    g = torch.Generator().manual_seed(3 * bits + rows + n)
+    w = torch.randn(rows, n, generator=g) * torch.rand(n, generator=g) * 0.05
+    if n > 2:
+        w[:, 1] = 0.0
+    gs = reference.find_scales(w, bits)
+    ref = reference.refine_codes(w, gs, bits, 2)
+    assert not same(ref.codes, gs.codes) or n == 1                     # the refinement moves some codes
+    with paths.native():
+        got = ops.refine_codes(w, gs, bits, 2)
+    assert same(got.codes, ref.codes)
+    assert same(got.scale, ref.scale)
+    assert got.scale_max is gs.scale_max
+
+
 def test_find_scales_all_zero_group(native, paths):
     w = torch.zeros(32, 40)
     ref = reference.find_scales(w, 4)

@@ -2,6 +2,9 @@
 // of a group is quantized independently, so tiles need no synchronisation and results do not depend
 // on the thread count).
 #include <vector>
+#if defined(__AVX2__) && defined(__F16C__)
+#include <immintrin.h>
+#endif
 #include "../exl2_math.h"
 #include "kernels_cpu.h"
 
@@ -18,6 +21,52 @@ void group_scales(const uint32_t* q_scale, const uint16_t* q_scale_max, long G, 
 
 static constexpr long GPTQ_TILE = 64;
 
+#if defined(__AVX2__) && defined(__F16C__)
+// gptq_quantize for 8 columns: codes (as floats) and the loader's values; zs marks zero scales (zero code).
+static inline __m256 quantize8(__m256 wv, __m256 sv, __m256 zs, __m256 zero, __m256 maxq, __m256* deq) {
+    __m256 q = _mm256_round_ps(_mm256_div_ps(wv, sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(q, zero), _mm256_setzero_ps()), maxq);
+    q = _mm256_blendv_ps(q, zero, zs);
+    *deq = _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_mul_ps(_mm256_sub_ps(q, zero), sv), _MM_FROUND_TO_NEAREST_INT));
+    return q;
+}
+#endif
+
+// One row of a tile: codes, values and (with hinv) errors of columns [c0, c1) of row r; e[c - c0] gets the
+// error.  The vector path does gptq_quantize's and gptq_error's operations in the same order.
+static inline void gptq_row(const float* wr, long c0, long c1, const float* scale, int bits, float hrr,
+                            bool has_h, int64_t* codes, float* Q, float* err, float* e) {
+    long c = c0;
+#if defined(__AVX2__) && defined(__F16C__)
+    const __m256 zero = _mm256_set1_ps((float)(1 << (bits - 1)));
+    const __m256 maxq = _mm256_set1_ps((float)((1 << bits) - 1));
+    const __m256 hv = _mm256_set1_ps(hrr);
+    for (; c + 8 <= c1; c += 8) {
+        const __m256 wv = _mm256_loadu_ps(wr + c), sv = _mm256_loadu_ps(scale + c);
+        __m256 deq;
+        const __m256 q = quantize8(wv, sv, _mm256_cmp_ps(sv, _mm256_setzero_ps(), _CMP_EQ_OQ), zero, maxq, &deq);
+        const __m256i qi = _mm256_cvtps_epi32(q);                       // exact: q is an integer <= 255
+        _mm256_storeu_si256((__m256i*)(codes + c), _mm256_cvtepi32_epi64(_mm256_castsi256_si128(qi)));
+        _mm256_storeu_si256((__m256i*)(codes + c + 4), _mm256_cvtepi32_epi64(_mm256_extracti128_si256(qi, 1)));
+        _mm256_storeu_ps(Q + c, deq);
+        if (has_h) {
+            const __m256 ev = _mm256_div_ps(_mm256_sub_ps(wv, deq), hv);
+            _mm256_storeu_ps(err + c, ev);
+            _mm256_storeu_ps(e + (c - c0), ev);
+        }
+    }
+#endif
+    for (; c < c1; c++) {
+        float deq;
+        codes[c] = gptq_quantize(wr[c], scale[c], bits, &deq);
+        Q[c] = deq;
+        if (has_h) {
+            e[c - c0] = gptq_error(wr[c], deq, hrr);
+            err[c] = e[c - c0];
+        }
+    }
+}
+
 void gptq_group(float* W, long rows, long n, const float* hinv, long ldh, const float* scale, int bits,
                 int64_t* codes, float* Q, float* err) {
     #pragma omp parallel for schedule(static)
@@ -27,15 +76,8 @@ void gptq_group(float* W, long rows, long n, const float* hinv, long ldh, const 
         for (long r = 0; r < rows; r++) {
             float* wr = W + r * n;
             const float hrr = hinv ? hinv[r * ldh + r] : 1.0f;
-            for (long c = t; c < c1; c++) {
-                float deq;
-                codes[r * n + c] = gptq_quantize(wr[c], scale[c], bits, &deq);
-                Q[r * n + c] = deq;
-                if (hinv) {
-                    e[c - t] = gptq_error(wr[c], deq, hrr);
-                    err[r * n + c] = e[c - t];
-                }
-            }
+            gptq_row(wr, t, c1, scale, bits, hrr, hinv != nullptr, codes + r * n, Q + r * n,
+                     hinv ? err + r * n : nullptr, e);
             if (!hinv) continue;
             for (long r2 = r + 1; r2 < rows; r2++) {        // W[r+1:rows] -= Hinv[r, r+1:rows]^T (x) err[r]
                 const float h = hinv[r * ldh + r2];
@@ -105,6 +147,76 @@ void find_scales(const float* w, long rows, long n, int bits, int64_t* codes, ui
     *scale_max = sm;
     const float smax16 = group_smax(sm, 1.0f / 256.0f);
     for (long c = 0; c < n; c++) scale[c] = dequant_scale((uint32_t)codes[c], smax16);
+}
+
+static constexpr long REFINE_TILE = 64;
+
+// Sum over rows of (Q - w)^2 in double for columns [c0, c1) of w [rows, n], Q = gptq_quantize's value with
+// scale s[c - c0]: the scalar loop, and an AVX2 + F16C one for 8 columns at a time.  Each column's sum is
+// the same sequence of operations in both (fp32 quotient, rint, clamp, product, fp16 rounding, difference
+// and square, then the double sum in row order), so they agree bit for bit.
+static void refine_sums(const float* w, long rows, long n, long c0, long c1, const float* s, int bits,
+                        double* acc) {
+    long c = c0;
+#if defined(__AVX2__) && defined(__F16C__)
+    const __m256 zero = _mm256_set1_ps((float)(1 << (bits - 1)));
+    const __m256 maxq = _mm256_set1_ps((float)((1 << bits) - 1));
+    for (; c + 8 <= c1; c += 8) {
+        const __m256 sv = _mm256_loadu_ps(s + (c - c0));
+        const __m256 zs = _mm256_cmp_ps(sv, _mm256_setzero_ps(), _CMP_EQ_OQ);    // an all-zero column
+        __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+        for (long r = 0; r < rows; r++) {
+            const __m256 wv = _mm256_loadu_ps(w + r * n + c);
+            __m256 deq;
+            quantize8(wv, sv, zs, zero, maxq, &deq);
+            const __m256 e = _mm256_sub_ps(deq, wv);
+            const __m256 e2 = _mm256_mul_ps(e, e);
+            lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(e2)));
+            hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(e2, 1)));
+        }
+        _mm256_storeu_pd(acc + (c - c0), lo);
+        _mm256_storeu_pd(acc + (c - c0) + 4, hi);
+    }
+#endif
+    for (; c < c1; c++) {
+        double a = 0.0;
+        for (long r = 0; r < rows; r++) {
+            float deq;
+            const float wv = w[r * n + c];
+            gptq_quantize(wv, s[c - c0], bits, &deq);
+            const float e = sub_rn(deq, wv);
+            a += (double)mul_rn(e, e);
+        }
+        acc[c - c0] = a;
+    }
+}
+
+void refine_codes(const float* w, long rows, long n, int bits, int span, const int64_t* codes_in,
+                  uint16_t scale_max, int64_t* codes_out, float* scale_out) {
+    const float smax16 = group_smax(scale_max, 1.0f / 256.0f);
+    #pragma omp parallel for schedule(static)
+    for (long t = 0; t < n; t += REFINE_TILE) {
+        const long c1 = t + REFINE_TILE < n ? t + REFINE_TILE : n;
+        double best[REFINE_TILE], acc[REFINE_TILE];
+        float s[REFINE_TILE];
+        int64_t cand[REFINE_TILE];
+        for (int d = -span; d <= span; d++) {              // smallest scale first: ties keep the smaller
+            for (long c = t; c < c1; c++) {
+                const int64_t k = codes_in[c] + d;
+                cand[c - t] = k < 0 ? 0 : (k > 15 ? 15 : k);
+                s[c - t] = dequant_scale((uint32_t)cand[c - t], smax16);
+            }
+            refine_sums(w, rows, n, t, c1, s, bits, acc);
+            for (long c = t; c < c1; c++) {
+                const long j = c - t;
+                if (d == -span || acc[j] < best[j]) {
+                    best[j] = acc[j];
+                    codes_out[c] = cand[j];
+                    scale_out[c] = s[j];
+                }
+            }
+        }
+    }
 }
 
 }  // namespace cpu

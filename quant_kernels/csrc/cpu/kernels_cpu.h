@@ -44,6 +44,12 @@ void gptq_group(float* W, long rows, long n, const float* hinv, long ldh, const 
 void find_scales(const float* w, long rows, long n, int bits, int64_t* codes, uint16_t* scale_max,
                  float* scale);
 
+// refine_codes of one group w [rows, n] (gptq.refine_codes): per column, the code within +-span of
+// codes_in [n] whose rounded column has the least sum of squared errors (summed in double; ties keep the
+// smaller code) -> codes_out [n], scale_out [n] (fp16-exact).
+void refine_codes(const float* w, long rows, long n, int bits, int span, const int64_t* codes_in,
+                  uint16_t scale_max, int64_t* codes_out, float* scale_out);
+
 // KV cache, rows of D fp16 values.  Return 0, or 1 if the rotation overflowed fp16.
 int kv_quantize(const uint16_t* x, long rows, long D, int bits, uint8_t* q, uint16_t* scales);
 int kv_dequantize(const uint8_t* q, const uint16_t* scales, long rows, long D, int bits, uint16_t* x);
