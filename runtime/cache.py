@@ -186,3 +186,57 @@ class KVCache:
         if self.mode in X_MODES:
             return x_bytes_per_token(self.cfg, self.scheme)
         return bytes_per_token(self.cfg, self.mode, self.storage_dtype)
+
+
+class _MixedLayer:
+    """One layer of a :class:`MixedKVCache`: batch row b goes through the b-th cache's own layer."""
+
+    takes_pre_rope = True  # the attention hook passes pre-RoPE keys, which exl2's own modes need
+
+    def __init__(self, layers: list):
+        self.parts = layers
+
+    def update_pre_rope(self, k_pre, k, v, past_len, cos, sin, profile):
+        ks, vs = [], []
+        for b, part in enumerate(self.parts):
+            one = slice(b, b + 1)
+            if getattr(part, "takes_pre_rope", False):
+                kb, vb = part.update_pre_rope(k_pre[one], k[one], v[one], past_len, cos, sin, profile)
+            else:
+                kb, vb = part.update(k[one], v[one], past_len)
+            ks.append(kb)
+            vs.append(vb)
+        return torch.cat(ks), torch.cat(vs)  # [B, P+T, Hkv, D] each
+
+
+class MixedKVCache:
+    """Several one-row caches, possibly of different modes, run as one batch: batch row b of every call is
+    stored and read back by ``caches[b]`` exactly as that cache alone would (the rows must share their
+    positions, which a batch does).  Scoring one token row under several cache modes then costs one
+    batched pass instead of one pass per mode (runtime/evaluate.py)."""
+
+    def __init__(self, caches: list[KVCache]):
+        if not caches or any(c.batch_size != 1 for c in caches):
+            raise ValueError("MixedKVCache: give one or more caches of batch size 1")
+        if len({c.max_seq_len for c in caches}) != 1:
+            raise ValueError("MixedKVCache: the caches must have the same max_seq_len")
+        self.caches = caches
+        self.batch_size, self.max_seq_len = len(caches), caches[0].max_seq_len
+        self.layers = [_MixedLayer([c.layers[i] for c in caches]) for i in range(len(caches[0].layers))]
+        self.past_len = 0
+
+    def check_append(self, batch: int, n: int) -> None:
+        if batch != self.batch_size:
+            raise ValueError(f"MixedKVCache: batch {batch} != the {self.batch_size} caches it holds")
+        if self.past_len + n > self.max_seq_len:
+            raise ValueError(f"MixedKVCache: {self.past_len} + {n} tokens exceed max_seq_len {self.max_seq_len}")
+
+    def advance(self, n: int) -> None:
+        self.past_len += n
+        for c in self.caches:
+            c.advance(n)
+
+    def reset(self) -> None:
+        self.past_len = 0
+        for c in self.caches:
+            c.reset()

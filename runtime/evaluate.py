@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import MODES as CACHE_MODES
-from .cache import KVCache
+from .cache import KVCache, MixedKVCache
 from .model import Model
 from .stream import StreamedModel
 
@@ -205,7 +205,8 @@ def evaluate_rows(model: Model | StreamedModel, rows: torch.Tensor, configs: Seq
     results = [EvalResult(c.mode, c.cache_mode if c.mode == "cache" else None, R, L,
                           chunk=c.chunk if c.mode == "cache" else None,
                           kld=[] if ref_model is not None or given else None) for c in configs]
-    caches: dict[EvalConfig, KVCache] = {}
+    caches: dict = {}
+    groups = _cache_groups(model, configs, results)
     for r in range(R):
         row = rows[r:r + 1].to(model.device)  # [1, L]
         targets = rows[r, 1:]  # [L-1]
@@ -223,20 +224,50 @@ def evaluate_rows(model: Model | StreamedModel, rows: torch.Tensor, configs: Seq
                 logits = _full_logits(model, r, row)[:-1]  # [L-1, V]
                 _score(res, logits, targets, ref_lp)
                 del logits
-            else:
-                cache = caches.get(c)
-                if cache is None:
-                    cache = caches[c] = _make_cache(model, c, L)
-                cache.reset()
-                for s in range(0, L - 1, c.chunk):  # the last token is never fed: it predicts nothing
-                    e = min(s + c.chunk, L - 1)
-                    logits = model(row[:, s:e], cache)[0]  # [e-s, V]
-                    _score(res, logits, targets[s:e], None if ref_lp is None else ref_lp[s:e])
-                    del logits
+                if progress is not None:
+                    progress(L - 1)
+        for group in groups:
+            key = tuple(c for c, _ in group)
+            cache = caches.get(key)
+            if cache is None:
+                made = [_make_cache(model, c, L) for c, _ in group]
+                cache = caches[key] = made[0] if len(made) == 1 else MixedKVCache(made)
+            cache.reset()
+            chunk = group[0][0].chunk
+            batch = row.expand(len(group), -1)  # one batch row per cache mode (MixedKVCache)
+            for s in range(0, L - 1, chunk):  # the last token is never fed: it predicts nothing
+                e = min(s + chunk, L - 1)
+                logits = model(batch[:, s:e], cache)  # [modes, e-s, V]
+                for b, (_, res) in enumerate(group):
+                    _score(res, logits[b], targets[s:e], None if ref_lp is None else ref_lp[s:e])
+                del logits
             if progress is not None:
-                progress(L - 1)
+                for _ in group:
+                    progress(L - 1)
         del ref_lp
     return results
+
+
+# Cache modes with the same chunk are scored in one batched pass (one batch row per mode) while their logits
+# for one chunk stay under this many bytes; a decoding pass of one token is mostly reading the weights, so a
+# batch of modes costs little more than one mode.
+BATCH_LOGITS_BYTES = 256 << 20
+
+
+def _cache_groups(model, configs: list[EvalConfig], results: list[EvalResult]) -> list[list]:
+    """The cache-mode configurations as groups of (config, result) to run as one batch: same chunk, at most
+    as many as BATCH_LOGITS_BYTES allows."""
+    groups: list[list] = []
+    for c, res in zip(configs, results):
+        if c.mode != "cache":
+            continue
+        cap = max(1, BATCH_LOGITS_BYTES // (c.chunk * model.cfg.vocab_size * 4))
+        g = next((g for g in groups if g[0][0].chunk == c.chunk and len(g) < cap), None)
+        if g is None:
+            groups.append([(c, res)])
+        else:
+            g.append((c, res))
+    return groups
 
 
 def perplexity(model: Model | StreamedModel, rows: torch.Tensor, mode: str = "full", cache_mode: str = "fp16",
