@@ -117,24 +117,25 @@ void find_scales(const float* w, long rows, long n, int bits, int64_t* codes, ui
     // Error sums per tile in double, added in tile order (deterministic for any thread count).
     const long ntiles = (n + SCALE_TILE - 1) / SCALE_TILE;
     std::vector<double> part((size_t)ntiles * NGRID);
-    #pragma omp parallel for schedule(dynamic)
-    for (long ti = 0; ti < ntiles; ti++) {
+    // One work item per (tile, grid point), so a narrow group (few tiles) still keeps every thread busy.
+    #pragma omp parallel for schedule(dynamic, 4)
+    for (long it = 0; it < ntiles * NGRID; it++) {
+        const long ti = it / NGRID;
+        const int i = (int)(it % NGRID);
         const long t = ti * SCALE_TILE;
         const long cols = n - t < SCALE_TILE ? n - t : SCALE_TILE;
         float s[SCALE_TILE], acc[SCALE_TILE];
-        for (int i = 0; i < NGRID; i++) {
-            for (long j = 0; j < cols; j++) { s[j] = mul_rn(s0[t + j], pf[i]); acc[j] = 0.0f; }
-            double tot = 0.0;
-            for (long r = 0; r < rows; r++) {
-                const float* wr = w + r * n + t;
-                for (long j = 0; j < cols; j++) acc[j] += scale_search_term(wr[j], s[j], lo, hi);
-                if ((r & 15) == 15) {                   // flush float partials every 16 rows
-                    for (long j = 0; j < cols; j++) { tot += acc[j]; acc[j] = 0.0f; }
-                }
+        for (long j = 0; j < cols; j++) { s[j] = mul_rn(s0[t + j], pf[i]); acc[j] = 0.0f; }
+        double tot = 0.0;
+        for (long r = 0; r < rows; r++) {
+            const float* wr = w + r * n + t;
+            for (long j = 0; j < cols; j++) acc[j] += scale_search_term(wr[j], s[j], lo, hi);
+            if ((r & 15) == 15) {                       // flush float partials every 16 rows
+                for (long j = 0; j < cols; j++) { tot += acc[j]; acc[j] = 0.0f; }
             }
-            for (long j = 0; j < cols; j++) tot += acc[j];
-            part[ti * NGRID + i] = tot;
         }
+        for (long j = 0; j < cols; j++) tot += acc[j];
+        part[ti * NGRID + i] = tot;
     }
     int best = 0;
     double best_err = 0.0;
