@@ -99,7 +99,10 @@ def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, d
                 fstates[i] = y.float().cpu()
             return got
 
-    H, ref = collect(block, spec, states, cos, sin, device, fp_input=fp_input, cross=cross)
+    # Collected sequentially, each later input's Hessian is gathered again once the projections before it are
+    # quantized, so the first pass gathers only the first input's (it runs the module all the same, for ref).
+    H, ref = collect(block, spec, states, cos, sin, device, owners=(order[0],) if sequential else None,
+                     fp_input=fp_input, cross=cross)
     for i, owner in enumerate(order):
         if sequential and i > 0:
             last_collect = i == len(order) - 1
