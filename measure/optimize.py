@@ -107,11 +107,10 @@ def solve(slots: list[Slot], budget: int, norm: float, cells: int = DEFAULT_CELL
             w = -(-cost // unit)                           # round up: grid-feasible => truly feasible
             if w > cap:
                 continue
-            cand = np.full(cap + 1, inf)
-            cand[w:] = best[: cap + 1 - w] + err ** norm
-            better = cand < new                            # strict: lower option index wins ties
-            new[better] = cand[better]
-            pick[better] = o
+            cand = best[: cap + 1 - w] + err ** norm       # totals w.. (below w this option does not fit)
+            better = cand < new[w:]                        # strict: lower option index wins ties
+            np.copyto(new[w:], cand, where=better)
+            np.copyto(pick[w:], o, where=better)
         best = new
         picks.append(pick)
     if np.isfinite(best[cap]):
