@@ -107,20 +107,44 @@ def compare(fp_dir: str | Path, q_dir: str | Path, rows: torch.Tensor, device="c
             attach(q, prof)
         else:
             out["cache_x_skipped"] = why
-        for m in CACHE_MODES:
-            if m in X_MODES and prof is None:
-                continue
-            rec = {"bytes_per_token": bytes_per_token(q.cfg, m), "rows": int(crow.shape[0]),
-                   "length": int(crow.shape[1])}
-            try:
-                r = evaluate_rows(q, crow, [EvalConfig("cache", m, 1)], ref_model=ref_cache[0])[0]
-                rec.update(ppl=r.ppl, kld_mean=r.kld_mean, kld_p99=r.kld_p99, top1=r.top1)
-            except ValueError as e:   # the mode cannot hold this model (head size, fp16 range): say so
-                rec["error"] = str(e)
-            out["cache"][m] = rec
+        modes = [m for m in CACHE_MODES if m not in X_MODES or prof is not None]
+        out["cache"] = _cache_check(q, crow, modes, ref_cache[0])
         out["recommended_cache"] = recommend_cache(out["cache"])
         out["recommended_cache_exllamav2"] = recommend_cache(out["cache"], EXLLAMAV2_CACHE_MODES)
     return out
+
+
+def _cache_check(q, rows: torch.Tensor, modes: list[str], ref) -> dict:
+    """Each cache mode's scores on ``rows``, token by token (the modes run as one batch, runtime/evaluate.py);
+    a mode that cannot hold this model (head size, fp16 range) gets ``error`` instead."""
+    from exl2.runtime.cache import mode_error
+
+    recs = {m: {"bytes_per_token": bytes_per_token(q.cfg, m), "rows": int(rows.shape[0]),
+                "length": int(rows.shape[1])} for m in modes}
+    ok = []
+    for m in modes:
+        why = mode_error(q.cfg, m)
+        if why:
+            recs[m]["error"] = why
+        else:
+            ok.append(m)
+    ref_lps: list = []
+    try:
+        got = dict(zip(ok, evaluate_rows(q, rows, [EvalConfig("cache", m, 1) for m in ok], ref_model=ref,
+                                         ref_lps=ref_lps)))
+    except ValueError:   # a mode failed while running (fp16 range): run them one by one to see which
+        if len(ref_lps) != rows.shape[0]:
+            ref_lps = []
+        got = {}
+        for m in ok:
+            try:
+                got[m] = evaluate_rows(q, rows, [EvalConfig("cache", m, 1)], ref_model=None if ref_lps else ref,
+                                       ref_lps=ref_lps)[0]
+            except ValueError as e:
+                recs[m]["error"] = str(e)
+    for m, r in got.items():
+        recs[m].update(ppl=r.ppl, kld_mean=r.kld_mean, kld_p99=r.kld_p99, top1=r.top1)
+    return recs
 
 
 def recommend_cache(cache: dict, modes=None) -> str:
