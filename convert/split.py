@@ -38,21 +38,20 @@ def _part_task(model_dir: str, input_ids: torch.Tensor, work: str, first: int, s
 
 
 def _one_line(e: BaseException) -> str:
+    from exl2.convert.batch.ray_conn import first_line
+
     cause = getattr(e, "cause", None)
-    if isinstance(cause, UserError):
-        return str(cause)
-    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
-    return f"{type(e).__name__}: {first}"[:300]
+    return str(cause) if isinstance(cause, UserError) else first_line(e)
 
 
 def check_address(address: str) -> None:
     """ConvertError in one line unless a Ray head node answers at HOST:PORT."""
-    from exl2.convert.batch.driver import BatchError, _probe
+    from exl2.convert.batch.ray_conn import BatchError, probe
 
     try:
-        _probe(address)
-    except BatchError as e:         # its messages name exl2-batch's --address
-        raise ConvertError(str(e).replace("--address", "--ray", 1)) from None
+        probe(address, flag="--ray")
+    except BatchError as e:
+        raise ConvertError(str(e)) from None
 
 
 def measure_on_ray(model_dir: str | Path, input_ids: torch.Tensor, work: str | Path, *, address: str,
@@ -62,7 +61,7 @@ def measure_on_ray(model_dir: str | Path, input_ids: torch.Tensor, work: str | P
     machine, "auto" or HOST:PORT for a cluster, or a running Ray this process is part of); writes
     ``work/measurement.json`` and returns it.  ``workers`` defaults to as many tasks as the cluster holds at
     once; ``threads`` (each task's threads and Ray CPUs) to this process's thread count."""
-    from exl2.convert.batch.driver import BatchError, _connect, _import_ray
+    from exl2.convert.batch.ray_conn import BatchError, connect, import_ray
     from exl2.measure.split import layer_ranges, merge_parts, range_states
     from exl2.runtime.config import ModelConfig
 
@@ -71,10 +70,10 @@ def measure_on_ray(model_dir: str | Path, input_ids: torch.Tensor, work: str | P
     n_layers = ModelConfig.from_file(Path(model_dir) / "config.json").num_layers
     threads = threads or base_threads()
     try:
-        ray = _import_ray()
-        started = _connect(ray, None if address == "local" else address, None, None)
-    except BatchError as e:         # its messages name exl2-batch's --address
-        raise ConvertError(str(e).replace("--address", "--ray", 1)) from None
+        ray = import_ray()
+        started = connect(ray, None if address == "local" else address, None, None, flag="--ray")
+    except BatchError as e:
+        raise ConvertError(str(e)) from None
     try:
         res = {"num_gpus": 1} if device == "cuda" else {"num_cpus": threads}
         if workers is None:

@@ -11,7 +11,9 @@ The pieces, in the order the data flows:
     spec.py     the TOML spec (its format is in that module's docstring) -> Spec
     tasks.py    Spec -> the task graph (plan), and whether a task's output is already complete
     worker.py   one task, run by a Ray worker (run_task): the converter, resumed from its work dir
-    driver.py   Ray (a cluster at --address, or a local instance that talks to nobody else), run_batch
+    driver.py   run_batch: submits the plan and collects the records
+    ray_conn.py Ray: a cluster at --address, or a local instance that talks to nobody else (also used by
+                ``exl2-convert --ray``, convert/split.py)
     cli.py      the command line (main)
 
 The task graph's module is tasks.py, not plan.py, so that ``exl2.convert.batch.plan`` is only the
@@ -20,7 +22,8 @@ function.  Ray is optional (``pip install exl2[cluster]``) and imported only whe
 from exl2.convert.batch.spec import Model, Resources, Spec, SpecError, load_spec, parse_spec
 from exl2.convert.batch.tasks import Task, bpw_dir_name, is_complete, mismatch, model_problem, plan
 from exl2.convert.batch.worker import TaskError, run_task
-from exl2.convert.batch.driver import LOCAL_RAY_ENV, BatchError, local_ray_settings, run_batch
+from exl2.convert.batch.driver import run_batch
+from exl2.convert.batch.ray_conn import LOCAL_RAY_ENV, BatchError, local_ray_settings
 from exl2.convert.batch.cli import main
 
 __all__ = ["Model", "Resources", "Spec", "SpecError", "load_spec", "parse_spec", "Task",
