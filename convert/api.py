@@ -25,6 +25,7 @@ import torch
 
 from exl2.calibration import CalibrationRows, default_rows, user_rows
 from exl2.core.files import write_text_atomic
+from exl2.core.threads import fit_threads
 from exl2.core.version import VERSION
 from exl2.layers.stream import module_specs
 from exl2.measure import measurement as mj
@@ -130,9 +131,12 @@ class Job:
 
     @contextlib.contextmanager
     def peak(self, stage: str):
-        """Measure a stage's peak memory; reported with the plan's prediction beside it."""
+        """Measure a stage's peak memory; reported with the plan's prediction beside it.  The stage starts with a
+        fresh look at the machine's load (``core.threads.fit_threads``), so no thread count an earlier stage
+        lowered carries over."""
         from exl2.runtime.memory import PeakMemory
 
+        fit_threads(force=True)
         with PeakMemory() as m:
             yield
         est = self.plan.ram.get(stage.split(":")[0]) if getattr(self, "plan", None) else None
@@ -144,7 +148,16 @@ class Job:
         self.status({"stage": stage, "state": "finished"})
 
     def progress(self, desc: str):
-        return self.progress_factory(desc) if self.progress_factory else None
+        """The ``(done, total)`` callback of a stage's loop: its progress bar, if any, and a look at the machine's
+        load (``core.threads.fit_threads``), so the runtime loops the converter drives (the KV profile, the
+        validation's streamed passes) adapt their thread count as the measurement and quantization loops do."""
+        bar = self.progress_factory(desc) if self.progress_factory else None
+
+        def update(done, total):
+            fit_threads()
+            if bar is not None:
+                bar(done, total)
+        return update
 
     @property
     def numel(self) -> int:

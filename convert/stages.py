@@ -101,7 +101,8 @@ def kv_profile(job, bpw: float, out: Path) -> None:
         return
     rows = job.rows("quant")
     with job.peak(f"kv_profile:{bpw:.2f}"):
-        written = kv_calib.calibrate_dir(out, rows.input_ids, rows.categories, device=job.o.device)
+        written = kv_calib.calibrate_dir(out, rows.input_ids, rows.categories, device=job.o.device,
+                                         progress=job.progress(f"KV profile {bpw} bpw"))
     job.status({"stage": "kv_profile", "bpw_target": bpw, "file": str(written) if written else None,
                 "message": f"KV profile: {written}" if written else
                 "KV profile: skipped (the model does not fit in free memory; exl2's runtime measures it at load)"})

@@ -117,8 +117,10 @@ def compare(fp_dir: str | Path, q_dir: str | Path, rows: torch.Tensor, device="c
 def _cache_check(q, rows: torch.Tensor, modes: list[str], ref) -> dict:
     """Each cache mode's scores on ``rows``, token by token (the modes run as one batch, runtime/evaluate.py);
     a mode that cannot hold this model (head size, fp16 range) gets ``error`` instead."""
+    from exl2.core.threads import fit_threads
     from exl2.runtime.cache import mode_error
 
+    fit_threads(force=True)          # a fresh look at the load: the decoding loop below does not look again
     recs = {m: {"bytes_per_token": bytes_per_token(q.cfg, m), "rows": int(rows.shape[0]),
                 "length": int(rows.shape[1])} for m in modes}
     ok = []
