@@ -60,6 +60,7 @@ bench: install bench-peers demo
 	$(PYTHON) bench/bench_moe.py --write
 	$(PYTHON) bench/bench_threads.py --write
 	$(PYTHON) bench/measure_shortcuts.py --write
+	$(PYTHON) bench/bench_speed.py --write
 	$(PYTHON) bench/summary.py --write
 
 # The GPU check (issue #23; README "Checking the GPU path"): build the CUDA extension, run the cuda tests, time the

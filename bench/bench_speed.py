@@ -46,12 +46,16 @@ def fixture() -> Path:
 
 def export_tree(ref: str | None, dest: Path) -> tuple[Path, str]:
     """The package as of ``ref`` (None: the working tree, uncommitted edits included) under ``dest/exl2``;
-    returns (the folder to put on PYTHONPATH, the commit it came from)."""
-    if ref is None:
-        ref = subprocess.run(["git", "-C", str(ROOT), "stash", "create"], check=True, capture_output=True,
-                             text=True).stdout.strip() or "HEAD"
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", ref], check=True, capture_output=True,
-                            text=True).stdout.strip()
+    returns (the folder to put on PYTHONPATH, the commit it came from, ``+edits`` when uncommitted edits were
+    taken too)."""
+    def git(*args) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+    edits = ""
+    if ref is None:                                  # the stash commit holds uncommitted edits, if there are any
+        stash = git("stash", "create")
+        ref, edits = (stash, "+edits") if stash else ("HEAD", "")
+    commit = git("rev-parse", "--short", "HEAD" if edits else ref) + edits
     pkg = dest / "exl2"
     pkg.mkdir(parents=True)
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True, capture_output=True).stdout
