@@ -249,8 +249,8 @@ def evaluate_rows(model: Model | StreamedModel, rows: torch.Tensor, configs: Seq
 
 
 # Cache modes with the same chunk are scored in one batched pass (one batch row per mode) while their logits
-# for one chunk stay under this many bytes; a decoding pass of one token is mostly reading the weights, so a
-# batch of modes costs little more than one mode.
+# for one chunk stay under this many bytes: the modes share each step's weight reads and per-call overhead
+# (each mode's own cache work remains; docs/decisions/0016 has the measured gain).
 BATCH_LOGITS_BYTES = 256 << 20
 
 
