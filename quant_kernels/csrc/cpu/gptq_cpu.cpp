@@ -32,7 +32,7 @@ static inline __m256 quantize8(__m256 wv, __m256 sv, __m256 zs, __m256 zero, __m
 }
 #endif
 
-// One row of a tile: codes, values and (with hinv) errors of columns [c0, c1) of row r; e[c - c0] gets the
+// Columns [c0, c1) of one row wr of a tile: codes, values and (with hinv) errors; e[c - c0] gets the
 // error.  The vector path does gptq_quantize's and gptq_error's operations in the same order.
 static inline void gptq_row(const float* wr, long c0, long c1, const float* scale, int bits, float hrr,
                             bool has_h, int64_t* codes, float* Q, float* err, float* e) {
