@@ -4,9 +4,9 @@ factorisations keep one fixed thread count so that results do not depend on the 
 Two conversions that each run as many OpenMP threads as there are cores wait on each other's spinning threads
 (bench/bench_threads.py; numbers and the policies tried: docs/decisions/0014).  So the measurement and
 quantization loops call :func:`fit_threads` as they go (the converter also looks at the start of every stage and
-in the loops of the KV profile and the validation); at most every ``CHECK_EVERY`` seconds it counts the runnable
-threads of other processes and sets torch's thread count to the CPUs they leave free (at least 1, at most the
-base count), lowering it only when two looks in a row found the machine busy.
+in the loops of the KV profile and the validation, so no stage keeps a count set for an earlier one); at most
+every ``CHECK_EVERY`` seconds it counts the runnable threads of other processes and sets torch's thread count to
+the CPUs they leave free (at least 1, at most the base count).
 
 The base count is torch's count when first asked (the CPUs this process may use, or ``OMP_NUM_THREADS``).  Of
 the operations the converter runs on a CPU, only LAPACK's factorisations (Cholesky, its inverse, triangular
@@ -26,7 +26,6 @@ CHECK_EVERY = 2.0      # seconds between two looks at the machine's load
 
 _base: int | None = None
 _last_check = float("-inf")
-_fewer_seen = False    # the last look wanted fewer threads than were running (fit_threads waits for a second one)
 
 
 def base_threads() -> int:
@@ -89,11 +88,10 @@ def others_running(samples: int = 3, gap: float = 0.005) -> int | None:
 
 def fit_threads(force: bool = False) -> int:
     """Set torch's thread count to the CPUs other processes leave free, at most the base count and at least 1; looks
-    at most every ``CHECK_EVERY`` seconds unless ``force``.  Fewer threads take two looks in a row that find the
-    machine busy, more threads one look.  Returns the count in use."""
+    at most every ``CHECK_EVERY`` seconds unless ``force``.  Returns the count in use."""
     import torch
 
-    global _last_check, _fewer_seen
+    global _last_check
     if "OMP_NUM_THREADS" in os.environ:
         return torch.get_num_threads()
     now = time.monotonic()
@@ -103,14 +101,6 @@ def fit_threads(force: bool = False) -> int:
     base, others = base_threads(), others_running()
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     want = base if others is None else max(1, min(base, cpus - others))
-    now_threads = torch.get_num_threads()
-    if want < now_threads and not _fewer_seen:
-        # The first look that finds the machine busy only remembers it: a process that runs for a moment (a
-        # shell command, a monitoring agent) would otherwise halve the loop's threads, and a stage that does not
-        # look again would keep that count to its end.
-        _fewer_seen = True
-        return now_threads
-    _fewer_seen = False
-    if want != now_threads:
+    if want != torch.get_num_threads():
         torch.set_num_threads(want)
     return want
