@@ -35,7 +35,7 @@ from bench.report import header, write_section  # noqa: E402
 PRESET = ["-b", "4.0", "-mr", "8", "-ml", "512", "-r", "16", "-l", "512"]
 BASELINE = "7ca108e"        # issue #24's starting commit: the parent of its first change (af2c1da)
 PEER_SCHEME = "W4A16-g64"
-STAGES = ("preflight", "measure", "optimize", "quant", "kv_profile", "validate")
+REPORTED = ("measure", "quant", "kv_profile", "validate")     # the stages with a column of their own
 
 
 def fixture() -> Path:
@@ -46,10 +46,11 @@ def fixture() -> Path:
 
 def export_tree(ref: str | None, dest: Path) -> tuple[Path, str]:
     """The package as of ``ref`` (None: the working tree, uncommitted edits included) under ``dest/exl2``;
-    returns (the folder to put on PYTHONPATH, the commit it came from, ``+edits`` when uncommitted edits were
-    taken too)."""
+    returns (the folder to put on PYTHONPATH, a label: the commit, with ``+edits`` when uncommitted edits came
+    too)."""
     def git(*args) -> str:
-        return subprocess.run(["git", "-C", str(ROOT), *args], check=True, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", "-C", str(ROOT), *args], check=True, capture_output=True,
+                              text=True).stdout.strip()
 
     edits = ""
     if ref is None:                                  # the stash commit holds uncommitted edits, if there are any
@@ -58,8 +59,10 @@ def export_tree(ref: str | None, dest: Path) -> tuple[Path, str]:
     commit = git("rev-parse", "--short", "HEAD" if edits else ref) + edits
     pkg = dest / "exl2"
     pkg.mkdir(parents=True)
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(pkg)], input=archive, check=True)
+    git_archive = subprocess.Popen(["git", "-C", str(ROOT), "archive", ref], stdout=subprocess.PIPE)
+    subprocess.run(["tar", "-x", "-C", str(pkg)], stdin=git_archive.stdout, check=True)
+    if git_archive.wait() != 0:
+        raise SystemExit(f"git archive {ref} failed")
     return dest, commit
 
 
@@ -133,10 +136,10 @@ def report(rows: dict, command: str) -> str:
                    "(bench/bench_speed.py)", command)
     lines += [f"{rows['model']}, `exl2-convert " + " ".join(PRESET) + "` (measure, quantize, KV profile, validate) "
               "with the code of two commits, and llm-compressor's GPTQ pass (" + PEER_SCHEME + ", act-order) on "
-              "the same 16 x 512 calibration rows, one after the other in one run, nothing else running.  Wall "
-              "includes starting Python and loading the model; measure and quantize are the time from one "
-              "status event to the next, counted to the later event's stage.  KL: the conversion's own validation (4 held-out rows x 512 tokens, "
-              "KL(FP16 || EXL2) per token).", ""]
+              "the same 16 x 512 calibration rows, one after the other in one run (meant to run alone on the "
+              "machine).  Wall includes starting Python and loading the model; a stage's seconds are the time "
+              "from one status event to the next, counted to the later event's stage.  KL: the conversion's own "
+              "validation (4 held-out rows x 512 tokens, KL(FP16 || EXL2) per token).", ""]
     peer_wall = rows["peer"]["wall"] if rows.get("peer") else None
     base = rows["baseline"]["wall"]
     lines += ["| run | wall s | CPU s | measure s | quantize s | KV profile s | validate s | bpw | held-out KL | "
@@ -146,7 +149,7 @@ def report(rows: dict, command: str) -> str:
         vs_peer = f"{r['wall'] / peer_wall:.2f}x" if peer_wall else "-"
         lines.append(f"| exl2 {r['commit']} ({'starting commit' if key == 'baseline' else 'this tree'}) | "
                      f"{r['wall']:.0f} | {r['cpu']:.0f} | " + " | ".join(
-                         f"{r['stages'].get(st, 0):.0f}" for st in ("measure", "quant", "kv_profile", "validate")) +
+                         f"{r['stages'].get(st, 0):.0f}" for st in REPORTED) +
                      f" | {r['bpw']:.3f} | {r['kld']:.4f} | "
                      f"{r['wall'] / base:.2f}x | {vs_peer} |")
     if rows.get("peer"):
@@ -181,7 +184,9 @@ def main(argv=None) -> int:
         rows["peer"] = None if args.no_peer else peer(src, tmp)
         print("peer", json.dumps(rows["peer"]), flush=True)
         (tmp / "bench_speed.json").write_text(json.dumps(rows, indent=1))
-    cmd = "python bench/bench_speed.py" + (f" --model {args.model}" if args.model else "") + (" --no-peer" if args.no_peer else "") + (" --write" if args.write else "")
+    flags = [f"--model {args.model}" if args.model else "", "--no-peer" if args.no_peer else "",
+             "--write" if args.write else ""]
+    cmd = " ".join(["python bench/bench_speed.py", *filter(None, flags)])
     text = report(rows, cmd)
     print(text)
     if args.write:

@@ -17,6 +17,7 @@ import torch
 
 from exl2.calibration import default_rows
 from exl2.core.files import write_json_atomic
+from exl2.core.threads import fit_threads
 from exl2.runtime.cache import bytes_per_token
 from exl2.runtime.evaluate import EvalConfig, evaluate_rows
 from exl2.runtime.loader import ModelParts, load_model
@@ -117,7 +118,6 @@ def compare(fp_dir: str | Path, q_dir: str | Path, rows: torch.Tensor, device="c
 def _cache_check(q, rows: torch.Tensor, modes: list[str], ref) -> dict:
     """Each cache mode's scores on ``rows``, token by token (the modes run as one batch, runtime/evaluate.py);
     a mode that cannot hold this model (head size, fp16 range) gets ``error`` instead."""
-    from exl2.core.threads import fit_threads
     from exl2.runtime.cache import mode_error
 
     fit_threads(force=True)          # a fresh look at the load: the decoding loop below does not look again

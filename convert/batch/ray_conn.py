@@ -12,6 +12,7 @@ from exl2.core.errors import UserError
 
 INSTALL_HINT = "exl2-batch needs Ray: pip install 'exl2[cluster]' (or: pip install ray)"
 
+
 class BatchError(UserError, RuntimeError):
     """The batch cannot start (Ray missing, no cluster at --address, infeasible resources)."""
 
