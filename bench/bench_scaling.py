@@ -314,6 +314,7 @@ def time_options():
 def part_time(args, out: Path, shape: str) -> dict:
     """GPTQ per projection shape, prepare per Hessian size, forward/collect per token, for one layer."""
     from exl2.layers.stream import MODULES, collect, embed_rows, linears, run_module
+    from exl2.measure.measure import MEASURE_STRIDE, sample_positions
     from exl2.quant_kernels import gptq
     from exl2.quant_kernels.qparams import distinct_options
     from exl2.runtime.loader import ModelParts
@@ -336,8 +337,14 @@ def part_time(args, out: Path, shape: str) -> dict:
         with Timer() as tf, torch.no_grad():
             for xi in x:
                 run_module(block, spec, xi, cos, sin)
+        # the measurement's combination passes at its default stride (errors on every 4th token)
+        pos = sample_positions(L, MEASURE_STRIDE)
+        with Timer() as ts, torch.no_grad():
+            for xi in x:
+                run_module(block, spec, xi, cos, sin, pos)
         res["modules"][spec.kind] = {"collect_wall_s": tc.wall, "collect_cpu_s": tc.cpu,
-                                     "forward_wall_s": tf.wall, "forward_cpu_s": tf.cpu}
+                                     "forward_wall_s": tf.wall, "forward_cpu_s": tf.cpu,
+                                     "sampled_wall_s": ts.wall, "sampled_cpu_s": ts.cpu}
         res["combos"][spec.kind] = len(spec.options)
         print(spec.kind, res["modules"][spec.kind], flush=True)
         layers = linears(block, spec)
@@ -372,8 +379,10 @@ def part_time(args, out: Path, shape: str) -> dict:
     return res
 
 
-def project(t: dict, shape: str) -> dict:
-    """Whole-model projections from a per-layer timing (CPU seconds; see the section for the method)."""
+def project(t: dict, shape: str, sampled: bool = False) -> dict:
+    """Whole-model projections from a per-layer timing (CPU seconds; see the section for the method); with
+    ``sampled`` the measurement's combination passes are the timed sampled forwards (the default
+    ``--measure-stride``), else full ones."""
     tok = t["tokens"]
     n_layers = SHAPES[shape]["layers"]
 
@@ -394,9 +403,10 @@ def project(t: dict, shape: str) -> dict:
             g_meas += d["options"] * m
             g_quant += m
         fwd_tok = {k: v[f"forward_{fw}_s"] / tok for k, v in t["modules"].items()}
+        combo_tok = {k: v[f"sampled_{fw}_s"] / tok for k, v in t["modules"].items()} if sampled else fwd_tok
         col_tok = {k: v[f"collect_{fw}_s"] / tok for k, v in t["modules"].items()}
         mt, qt = MEAS_ROWS * MEAS_LEN, QUANT_ROWS * QUANT_LEN
-        meas = sum(col_tok[k] * mt + t["combos"][k] * fwd_tok[k] * mt for k in fwd_tok) + prep + g_meas
+        meas = sum(col_tok[k] * mt + t["combos"][k] * combo_tok[k] * mt for k in fwd_tok) + prep + g_meas
         quant = sum(col_tok[k] * qt + fwd_tok[k] * qt for k in fwd_tok) + prep + g_quant
         out[field] = {"measure_layer_s": meas, "quant_layer_s": quant, "measure_model_h": meas * n_layers / 3600,
                       "quant_model_h": quant * n_layers / 3600, "gptq_measure_layer_s": g_meas,

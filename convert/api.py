@@ -29,7 +29,7 @@ from exl2.core.threads import fit_threads
 from exl2.core.version import VERSION
 from exl2.layers.stream import module_specs
 from exl2.measure import measurement as mj
-from exl2.measure.measure import preflight, run_measurement
+from exl2.measure.measure import effective_stride, preflight, run_measurement
 from exl2.runtime.config import ModelConfig
 from exl2.runtime.loader import ModelParts
 
@@ -222,19 +222,20 @@ class Job:
                     "calibration_sha256": rows.sha256, "rows": int(rows.input_ids.shape[0]),
                     "length": int(rows.input_ids.shape[1]),
                     "calibration": "(default)" if not o.cal_dataset else Path(o.cal_dataset).name,
-                    "tables": o.tables}
+                    "tables": o.tables, "measure_stride": effective_stride(*rows.input_ids.shape, o.measure_stride)}
             with self.peak("measure"):
                 if o.ray:       # layer ranges on Ray workers (convert/split.py)
                     from .split import measure_on_ray
 
                     data = measure_on_ray(self.in_dir, rows.input_ids, self.work / "measure", address=o.ray,
                                           workers=o.ray_workers, threads=o.ray_threads, provenance=prov,
-                                          device=o.device, tables=o.tables, status=self.status,
+                                          device=o.device, tables=o.tables, stride=o.measure_stride,
+                                          status=self.status,
                                           progress=self.progress("states"))
                 else:
                     data = run_measurement(self.in_dir, rows.input_ids, self.work / "measure", device=o.device,
                                            provenance=prov, status=self.status, progress=self.progress("measure"),
-                                           modules=module_specs(o.tables))
+                                           modules=module_specs(o.tables), stride=o.measure_stride)
             shutil.copyfile(self.work / "measure" / "measurement.json", self.work / "measurement.json")
             self.finish("measure")
         text = json.dumps(data, indent=4)

@@ -133,8 +133,9 @@ class JobState:
                 continue
             was = old.get(k, LEGACY.get(k))
             if was != new[k] and ((k in MEASURE_PARAMS and measured) or (k in QUANT_PARAMS and quantized)):
-                # --asym's default changed (auto); a job started before can go on with its own value
-                keep = f"rerun with --asym {was:g} to go on, or " if k == "asym" else ""
+                # the defaults of --asym (auto) and --measure-stride (4) changed; a job started before can go
+                # on with its own value
+                keep = f"rerun with {flag_of(k)} {was:g} to go on, or " if k in ("asym", "measure_stride") else ""
                 raise ConvertError(f"{self.work}: finished work used {flag_of(k)} = {was}, this run asks for "
                                f"{new[k]}; {keep}use -nr to start over or another -o")
 

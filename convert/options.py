@@ -208,6 +208,10 @@ OPTIONS: tuple[Option, ...] = (
            from_text=_int_text, from_spec=_int_spec, check=_at_least(1), invalidates=("measure",)),
     Option("measurement_length", 2048, "Tokens per measurement row.", flags=("-ml", "--measurement-length"),
            metavar="N", from_text=_int_text, from_spec=_int_spec, check=_at_least(2), invalidates=("measure",)),
+    Option("measure_stride", 4, "Estimate each candidate's output error from the first and every N-th token of "
+           "the measurement rows, keeping at least 1,024 tokens (1: every token, as ExLlamaV2). The Hessians always "
+           "see every token; why 4: docs/decisions/0017-measure-stride.md.", flags=("--measure-stride",), metavar="N",
+           from_text=_int_text, from_spec=_int_spec, check=_at_least(1), invalidates=("measure",), legacy=1),
     Option("seed", 0, "Seed of the random calibration rows.", flags=("--seed",), metavar="N", from_text=_int_text,
            from_spec=_int_spec, invalidates=("measure", "quant")),
     # --- the method

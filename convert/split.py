@@ -23,7 +23,7 @@ from .jobstate import ConvertError
 
 
 def _part_task(model_dir: str, input_ids: torch.Tensor, work: str, first: int, stop: int, threads: int,
-               device: str, tables: str) -> dict:
+               device: str, tables: str, stride: int) -> dict:
     """One range, in a Ray worker; returns its wall seconds and layers."""
     from exl2.layers.stream import module_specs
     from exl2.measure.split import measure_part
@@ -31,7 +31,8 @@ def _part_task(model_dir: str, input_ids: torch.Tensor, work: str, first: int, s
     set_base_threads(threads)       # the driver's count: the same bytes as its own run (core/threads.py)
     t0 = time.time()
     try:
-        measure_part(model_dir, input_ids, work, first, stop, device=device, modules=module_specs(tables))
+        measure_part(model_dir, input_ids, work, first, stop, device=device, modules=module_specs(tables),
+                     stride=stride)
     except UserError as e:
         raise ConvertError(f"layers {first}-{stop - 1}: {str(e).splitlines()[0]}") from None
     return {"layers": [first, stop], "seconds": round(time.time() - t0, 1), "host": os.uname().nodename}
@@ -56,12 +57,15 @@ def check_address(address: str) -> None:
 
 def measure_on_ray(model_dir: str | Path, input_ids: torch.Tensor, work: str | Path, *, address: str,
                    provenance: dict, workers: int | None = None, threads: int | None = None, device: str = "cpu",
-                   tables: str = "exl2", max_retries: int = 3, status=None, progress=None) -> dict:
+                   tables: str = "exl2", stride: int | None = None, max_retries: int = 3, status=None,
+                   progress=None) -> dict:
     """Measure ``model_dir`` in ``workers`` layer ranges on Ray (``address``: "local" for an instance on this
     machine, "auto" or HOST:PORT for a cluster, or a running Ray this process is part of); writes
     ``work/measurement.json`` and returns it.  ``workers`` defaults to as many tasks as the cluster holds at
-    once; ``threads`` (each task's threads and Ray CPUs) to this process's thread count."""
+    once; ``threads`` (each task's threads and Ray CPUs) to this process's thread count; ``stride``: as
+    :func:`exl2.measure.measure.run_measurement`'s."""
     from exl2.convert.batch.ray_conn import BatchError, connect, import_ray
+    from exl2.measure.measure import MEASURE_STRIDE
     from exl2.measure.split import layer_ranges, merge_parts, range_states
     from exl2.runtime.config import ModelConfig
 
@@ -85,7 +89,8 @@ def measure_on_ray(model_dir: str | Path, input_ids: torch.Tensor, work: str | P
         status({"stage": "measure", "message": f"input states of the layer ranges {ranges} written to {work} "
                                                f"in {time.time() - t0:.1f} s"})
         task = ray.remote(_part_task).options(max_retries=max_retries, retry_exceptions=False, **res)
-        refs = {task.remote(str(model_dir), input_ids, str(work), a, b, threads, device, tables): (a, b)
+        stride = MEASURE_STRIDE if stride is None else stride
+        refs = {task.remote(str(model_dir), input_ids, str(work), a, b, threads, device, tables, stride): (a, b)
                 for a, b in ranges}
         pending = dict(refs)
         while pending:

@@ -75,11 +75,16 @@ def linears(block: Block, spec: ModuleSpec) -> dict[str, nn.Module]:
     return {p: getattr(parent, p) for p in spec.projections}
 
 
-def run_module(block: Block, spec: ModuleSpec, x: torch.Tensor, cos, sin) -> torch.Tensor:
-    """The module's output including its residual add; x [1, L, C] -> [1, L, C]."""
+def run_module(block: Block, spec: ModuleSpec, x: torch.Tensor, cos, sin,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
+    """The module's output including its residual add; x [1, L, C] -> [1, L, C], or [1, P, C] at ``positions``
+    only (int64 [P], ascending: the MLP runs on those tokens alone, attention makes every token's keys and
+    values but only those tokens' queries and outputs)."""
     if spec.kind == "self_attn":
+        if positions is not None:
+            return block.attn_residual_at(x, cos, sin, positions)
         return block.attn_residual(x, cos, sin)
-    return block.mlp_residual(x)
+    return block.mlp_residual(x if positions is None else x[:, positions])
 
 
 class _Recorder(nn.Module):

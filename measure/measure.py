@@ -7,7 +7,8 @@ For each module (a layer's attention, then its MLP), with only that layer's weig
 2. quantize each projection once per *distinct* option of its column of the table (GPTQ);
 3. for each combination of the table (19 attention, 17 MLP), swap those weights in, re-run all rows and
    record ``accuracy = max(1e-6, 1 - mean_rows ||Y_q - Y_ref||_F / ||Y_ref||_F)`` (docs/pipeline.md section 4) and
-   the module's total bits;
+   the module's total bits; by default both errors are estimated from a sample of each row's tokens
+   (:func:`sample_positions`: the re-run computes those tokens' outputs only);
 4. feed the next module the *reference* output (errors do not propagate while measuring).
 
 Progress is checkpointed after every layer (states, partial measurement, layer index), so a killed run
@@ -73,16 +74,72 @@ def token_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float(((y - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-20)).mean())
 
 
-def module_error(block, spec, states: list[torch.Tensor], ref: list[torch.Tensor], device, cos, sin
-                 ) -> tuple[float, float]:
+# The combination passes estimate the output error from the first and every MEASURE_STRIDE-th token of each
+# row, keeping at least MIN_SAMPLED tokens over all rows (the Hessians always see every token).  Why these
+# values: docs/decisions/0017-measure-stride.md.
+MEASURE_STRIDE = 4
+MIN_SAMPLED = 1024
+
+
+def effective_stride(rows: int, length: int, stride: int) -> int:
+    """The stride a measurement of ``rows`` x ``length`` tokens uses when ``stride`` is asked for: the largest
+    one up to ``stride`` that still samples :data:`MIN_SAMPLED` tokens (all of them when there are fewer)."""
+    if stride < 1:
+        raise ValueError(f"stride must be at least 1, got {stride}")
+    while stride > 1 and rows * (length // stride) < min(MIN_SAMPLED, rows * length):
+        stride -= 1
+    return stride
+
+
+def sample_positions(length: int, stride: int) -> torch.Tensor | None:
+    """The positions of a row of ``length`` tokens whose output errors are measured: the first token (an
+    attention sink in most models, whose error is unlike the others') and every ``stride``-th one after it,
+    ``0, stride - 1, 2 * stride - 1, ...``; ``None`` (every position) for stride 1."""
+    if stride < 1:
+        raise ValueError(f"stride must be at least 1, got {stride}")
+    if stride == 1:
+        return None
+    return torch.cat([torch.zeros(1, dtype=torch.int64), torch.arange(stride - 1, length, stride)])
+
+
+def sample_weights(length: int, positions: torch.Tensor) -> torch.Tensor:
+    """What each sampled position stands for: the first token itself, each other one an equal share of the
+    ``length - 1`` tokens after the first (fp32 [P], summing to ``length``)."""
+    rest = positions.numel() - 1
+    w = torch.full((positions.numel(),), (length - 1) / max(rest, 1), dtype=torch.float32)
+    w[0] = 1.0
+    return w
+
+
+def sampled_errors(y: torch.Tensor, ref: torch.Tensor, weights: torch.Tensor) -> tuple[float, float]:
+    """:func:`rel_error` and :func:`token_error` of a row from its sampled positions (y, ref [1, P, C]), each
+    token weighted by ``weights`` [P]: the estimate of what the full row gives."""
+    y = y.float().clamp(-FP16_MAX, FP16_MAX).reshape(-1, y.shape[-1])        # [P, C]
+    ref = ref.float().reshape(-1, ref.shape[-1])
+    d, n = (y - ref).norm(dim=-1), ref.norm(dim=-1)                           # [P] each
+    rel = (weights * d.square()).sum().sqrt() / (weights * n.square()).sum().sqrt().clamp_min(1e-20)
+    tok = (weights * d / n.clamp_min(1e-20)).sum() / weights.sum()
+    return float(rel), float(tok)
+
+
+def module_error(block, spec, states: list[torch.Tensor], ref: list[torch.Tensor], device, cos, sin,
+                 positions: torch.Tensor | None = None) -> tuple[float, float]:
     """The module's output error with its current weights, over every row: (mean relative error, mean per-token
-    error) against the rows' references."""
+    error) against the rows' references; estimated from ``positions`` of each row only (see
+    :func:`sample_positions`, :func:`sampled_errors`) when given."""
     errs, tok_errs = [], []
+    weights = None if positions is None else sample_weights(states[0].shape[1], positions).to(device)
     with torch.no_grad():
         for x, r in zip(states, ref):
-            y = run_module(block, spec, x.to(device), cos, sin)
-            errs.append(rel_error(y, r.to(device)))
-            tok_errs.append(token_error(y, r.to(device)))
+            y = run_module(block, spec, x.to(device), cos, sin, positions)
+            if positions is None:
+                r = r.to(device)
+                errs.append(rel_error(y, r))
+                tok_errs.append(token_error(y, r))
+            else:
+                err, tok = sampled_errors(y, r[:, positions].to(device), weights)
+                errs.append(err)
+                tok_errs.append(tok)
     return sum(errs) / len(errs), sum(tok_errs) / len(tok_errs)
 
 
@@ -167,10 +224,11 @@ def variant_bytes(layers: dict, spec) -> int:
 
 def measure_module(block, spec, layer: int, states: list[torch.Tensor], cos, sin, device,
                    status: Status | None = None, *, variant_budget: int | None = None,
-                   spill_dir: str | Path | None = None, gptq_opts: gptq.GPTQOptions | None = None
-                   ) -> tuple[list[dict], list[torch.Tensor]]:
+                   spill_dir: str | Path | None = None, gptq_opts: gptq.GPTQOptions | None = None,
+                   stride: int = 1) -> tuple[list[dict], list[torch.Tensor]]:
     """Measure one module; returns (the measurement entries, the reference outputs).  ``gptq_opts``: how the
-    variants are quantized (default :data:`MEASURE_GPTQ`).
+    variants are quantized (default :data:`MEASURE_GPTQ`); ``stride``: the combinations' errors come from
+    :func:`sample_positions` of that stride (1: every token).
 
     Memory: the block's weights, the states and outputs, one Hessian factor per shared input, and the
     quantized variants (in memory up to ``variant_budget`` bytes, else spilled to ``spill_dir``, see
@@ -199,6 +257,7 @@ def measure_module(block, spec, layer: int, states: list[torch.Tensor], cos, sin
             del w
         del prepared
         shapes = shapes_of(layers)
+        positions = sample_positions(states[0].shape[1], stride)
         entries = []
         current: dict[str, QParams] = {}
         for ci, combo in enumerate(spec.options):
@@ -207,7 +266,7 @@ def measure_module(block, spec, layer: int, states: list[torch.Tensor], cos, sin
                     set_weight(layers[p], variants.get(p, qp))
                     current[p] = qp
             fit_threads()
-            err, tok_err = module_error(block, spec, states, ref, device, cos, sin)
+            err, tok_err = module_error(block, spec, states, ref, device, cos, sin, positions)
             acc = max(1e-6, 1.0 - err)
             e = mj.entry(acc, dict(zip(spec.projections, combo)), shapes)
             e["token_err"] = tok_err
@@ -230,7 +289,7 @@ def run_measurement(model_dir: str | Path, input_ids: torch.Tensor, work: str | 
                     provenance: dict | None = None, status: Status | None = None, progress=None,
                     variant_budget: int | None = None, modules: tuple[ModuleSpec, ...] = MODULES,
                     layers: tuple[int, int] | None = None, states: list[torch.Tensor] | None = None,
-                    gptq_opts: gptq.GPTQOptions | None = None) -> dict:
+                    gptq_opts: gptq.GPTQOptions | None = None, stride: int = MEASURE_STRIDE) -> dict:
     """Measure every decoder module of ``model_dir`` on calibration rows ``input_ids [R, L]``.
 
     ``work`` holds the checkpoint (``measure.checkpoint.safetensors``: states and partial measurement); when it
@@ -241,7 +300,8 @@ def run_measurement(model_dir: str | Path, input_ids: torch.Tensor, work: str | 
     ``modules``: the attention and MLP specs with their option tables (default: ExLlamaV2's;
     ``layers.stream.module_specs("extended")`` appends our candidates; ``bench/tables.py`` measures the candidates
     alone).  Every module is measured on the FP16 path's states, so entries measured with different tables
-    can be concatenated.
+    can be concatenated.  ``stride``: the combinations' errors are estimated from the first and every
+    ``stride``-th token of each row (:func:`effective_stride` lowers it for short measurements; 1: every token).
 
     A part of the model (measure/split.py): ``layers=(first, stop)`` with ``states``, the full-precision inputs
     of layer ``first`` (:func:`exl2.measure.split.range_states`), measures those layers only and returns their
@@ -265,6 +325,7 @@ def run_measurement(model_dir: str | Path, input_ids: torch.Tensor, work: str | 
         measurement, start = {}, first
         states = embed_rows(parts, input_ids) if layers is None else states
     cos, sin = Rotary(parts.cfg).to(device).cos_sin(0, input_ids.shape[1])
+    stride = effective_stride(*input_ids.shape, stride)
     modules = specs_for(parts.cfg, modules)     # a sparse MLP in place of the MLP (layers/moe.py)
     for layer in range(start, stop):
         t0 = time.time()
@@ -273,10 +334,12 @@ def run_measurement(model_dir: str | Path, input_ids: torch.Tensor, work: str | 
             if spec.kind == MOE.kind:
                 from .moe import measure_moe
                 entries, states = measure_moe(block, spec, layer, states, cos, sin, device, status,
-                                              variant_budget=variant_budget, spill_dir=work, gptq_opts=gptq_opts)
+                                              variant_budget=variant_budget, spill_dir=work, gptq_opts=gptq_opts,
+                                              stride=stride)
             else:
                 entries, states = measure_module(block, spec, layer, states, cos, sin, device, status,
-                                                 variant_budget=variant_budget, spill_dir=work, gptq_opts=gptq_opts)
+                                                 variant_budget=variant_budget, spill_dir=work, gptq_opts=gptq_opts,
+                                                 stride=stride)
             measurement[spec.key(layer)] = entries
         del block
         save_checkpoint(work, "measure", {"measurement": measurement, "next_layer": layer + 1}, states)

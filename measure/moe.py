@@ -15,12 +15,14 @@ from exl2.quant_kernels import gptq
 from exl2.quant_kernels.qparams import QParams, distinct_options
 
 from . import measurement as mj
-from .measure import MEASURE_GPTQ, MIN_ACCURACY, MeasureError, Variants, module_error, shapes_of
+from .measure import (MEASURE_GPTQ, MIN_ACCURACY, MeasureError, Variants, module_error, sample_positions,
+                      shapes_of)
 
 
 def measure_moe(block, spec, layer: int, states: list[torch.Tensor], cos, sin, device, status=None, *,
                 variant_budget: int | None = None, spill_dir: str | Path | None = None,
-                gptq_opts: gptq.GPTQOptions | None = None) -> tuple[list[dict], list[torch.Tensor]]:
+                gptq_opts: gptq.GPTQOptions | None = None, stride: int = 1
+                ) -> tuple[list[dict], list[torch.Tensor]]:
     """As :func:`exl2.measure.measure.measure_module`, for a sparse MLP."""
     hs, ref = collect_moe(block, states, device)
     E = len(block.mlp.experts)
@@ -43,6 +45,7 @@ def measure_moe(block, spec, layer: int, states: list[torch.Tensor], cos, sin, d
             del prepared
         del hs
         shapes = shapes_of(layers[0])
+        positions = sample_positions(states[0].shape[1], stride)
         entries = []
         current: dict[str, QParams] = {}
         for ci, combo in enumerate(spec.options):
@@ -52,7 +55,7 @@ def measure_moe(block, spec, layer: int, states: list[torch.Tensor], cos, sin, d
                         set_weight(layers[e][p], variants.get(f"{p}.{e}", qp))
                     current[p] = qp
             fit_threads()
-            err, tok_err = module_error(block, spec, states, ref, device, cos, sin)
+            err, tok_err = module_error(block, spec, states, ref, device, cos, sin, positions)
             acc = max(1e-6, 1.0 - err)
             ent = mj.entry(acc, dict(zip(spec.projections, combo)), shapes)
             ent["total_bits"] *= E          # every expert carries the combination's options

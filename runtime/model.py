@@ -102,18 +102,20 @@ def lower_right_mask(q_len: int, k_len: int, device=None) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-              softcap: float | None = None, window: int | None = None) -> torch.Tensor:
+              softcap: float | None = None, window: int | None = None,
+              q_pos: torch.Tensor | None = None) -> torch.Tensor:
     """Causal GQA attention of T new queries against S = P + T keys, fp32 softmax.
 
     q [B, H, T, D], k/v [B, Hkv, S, D] -> [B, H, T, D] in q's dtype.  scale: default 1/sqrt(D).  softcap: the
     scaled logits become softcap * tanh(logits / softcap).  window: a query sees only the last `window` keys
-    up to its own position (its own included).
+    up to its own position (its own included).  q_pos: the queries' own positions among the S keys (int64
+    [T], any T <= S), for queries that are not the last T positions; default S - T .. S - 1.
     """
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} not 4-D/matching")
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    if k.shape[0] != B or k.shape[3] != D or H % Hkv or S < T:
+    if k.shape[0] != B or k.shape[3] != D or H % Hkv or S < T or (q_pos is not None and q_pos.shape != (T,)):
         raise ValueError(f"attention: q {tuple(q.shape)} incompatible with k {tuple(k.shape)}")
     out_dtype = q.dtype
     # fp32 softmax: upcast fp16/bf16 inputs (Q.K^T of large q/k overflows fp16; docs/runtime.md section 2).
@@ -124,8 +126,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         v = v[:, :, None].expand(B, Hkv, rep, S, D).reshape(B, H, S, D)  # [B, H, S, D]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     if softcap is not None or (window is not None and window < S):
-        return _capped_windowed(q, k, v, scale, softcap, window).to(out_dtype)
-    if T == S:  # no past: lower-right == top-left, let SDPA use its fused causal path
+        return _capped_windowed(q, k, v, scale, softcap, window, q_pos).to(out_dtype)
+    if q_pos is not None:  # chosen queries: key j is seen from position p when j <= p
+        mask = _query_mask(q_pos, S, None, q.device)  # [T, S]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    elif T == S:  # no past: lower-right == top-left, let SDPA use its fused causal path
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     elif T == 1:  # one new token sees every key
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
@@ -135,16 +140,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     return out.to(out_dtype)
 
 
-def _capped_windowed(q, k, v, scale: float, softcap: float | None, window: int | None) -> torch.Tensor:
+def _query_mask(q_pos: torch.Tensor, S: int, window: int | None, device) -> torch.Tensor:
+    """Boolean [T, S], True = may attend: key j is seen from position p = q_pos[i] when j <= p (and, with a
+    window, p - j < window)."""
+    gap = q_pos.to(device)[:, None] - torch.arange(S, device=device)[None, :]  # p - j, [T, S]
+    return (gap >= 0) if window is None else (gap >= 0) & (gap < window)
+
+
+def _capped_windowed(q, k, v, scale: float, softcap: float | None, window: int | None,
+                     q_pos: torch.Tensor | None = None) -> torch.Tensor:
     """attention() written out, for what SDPA cannot do (soft-capping); fp32 q, k, v [B, H, T or S, D]."""
     T, S = q.shape[2], k.shape[2]
     s = (q @ k.transpose(-1, -2)) * scale  # [B, H, T, S]
     if softcap is not None:
         s = torch.tanh(s / softcap) * softcap
-    mask = lower_right_mask(T, S, device=q.device)  # [T, S]
-    if window is not None:  # key j seen from absolute position p = S - T + i only when p - j < window
-        gap = torch.arange(S - T, S, device=q.device)[:, None] - torch.arange(S, device=q.device)[None, :]
-        mask &= gap < window
+    if q_pos is None:  # the last T positions
+        q_pos = torch.arange(S - T, S, device=q.device)
+    mask = _query_mask(q_pos, S, window, q.device)  # [T, S]
     return s.masked_fill(~mask, float("-inf")).softmax(-1) @ v  # [B, H, T, D]
 
 
@@ -167,11 +179,14 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.rope_interleaved = cfg.arch.rope_interleaved
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor, positions: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries [B, T, H, D], keys and values [B, T, Hkv, D] of x [B, T, C], before RoPE (after the
-        per-head norms where the architecture has them)."""
+        per-head norms where the architecture has them).  With ``positions`` (int64 [P]) only those tokens'
+        queries are made: q [B, P, H, D]."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, H, D]
+        xq = x if positions is None else x[:, positions]
+        q = self.q_proj(xq).view(B, xq.shape[1], self.n_heads, self.head_dim)  # [B, T or P, H, D]
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)  # [B, T, Hkv, D]
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)  # [B, T, Hkv, D]
         if self.q_norm is not None:
@@ -194,6 +209,21 @@ class Attention(nn.Module):
                         softcap=self.softcap, window=self.window)  # [B, H, T, D]
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, H*D]
         return self.o_proj(out)
+
+    def at(self, x: torch.Tensor, cos, sin, positions: torch.Tensor) -> torch.Tensor:
+        """The output at ``positions`` only (int64 [P], ascending) of a forward over x [B, T, C] with no
+        cache: keys and values of every token, queries and the output projection of the chosen ones
+        -> [B, P, C].  Each row equals the same position of :meth:`forward`'s output up to the rounding of
+        the smaller products."""
+        B, T, _ = x.shape
+        q, k, v = self.project(x, positions)  # q [B, P, H, D]
+        if self.rotary is not None:
+            cos, sin = self.rotary.cos_sin(0, T)  # [T, D] each
+        q = apply_rope(q, cos[positions], sin[positions], self.rope_interleaved)
+        k = apply_rope(k, cos, sin, self.rope_interleaved)
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=self.scale,
+                        softcap=self.softcap, window=self.window, q_pos=positions)  # [B, H, P, D]
+        return self.o_proj(out.transpose(1, 2).reshape(B, positions.numel(), self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -256,6 +286,12 @@ class Block(nn.Module):
     def attn_residual(self, x, cos, sin, layer_cache=None, past_len: int = 0):
         y = self.self_attn(self.input_layernorm(x), cos, sin, layer_cache, past_len)
         return x + self._scaled(y if self.attn_out_norm is None else self.attn_out_norm(y))
+
+    def attn_residual_at(self, x, cos, sin, positions: torch.Tensor):
+        """:meth:`attn_residual` of a cacheless forward over x [B, T, C], at ``positions`` only -> [B, P, C]
+        (see :meth:`Attention.at`)."""
+        y = self.self_attn.at(self.input_layernorm(x), cos, sin, positions)
+        return x[:, positions] + self._scaled(y if self.attn_out_norm is None else self.attn_out_norm(y))
 
     def mlp_residual(self, x):
         y = self.mlp(self.post_attention_layernorm(x))

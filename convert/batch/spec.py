@@ -8,8 +8,9 @@ The format::
     head_bits = 6
     rows = 100                            # every option of convert/options.py that has a spec key:
     cal_dataset = "/data/cal.parquet"     # bpw, head_bits, cal_dataset, rows, length, measurement_rows,
-    tables = "exl2"                       # measurement_length, seed, tables, norm, asym, validation_rows;
-                                          # defaults, checks and meaning as exl2-convert's flags
+    tables = "exl2"                       # measurement_length, measure_stride, seed, tables, norm, asym,
+                                          # validation_rows; defaults, checks and meaning as exl2-convert's
+                                          # flags
     measure_workers = 4                   # split each measurement into this many layer ranges, each a Ray
                                           # task with num_cpus CPUs, or one GPU (exl2-convert --ray-workers;
                                           # default: not split)

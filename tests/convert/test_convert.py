@@ -176,6 +176,25 @@ def test_changed_tables_are_refused_and_old_job_files_mean_exl2(qwen_tied, qwen_
     assert not [e for e in events if e.get("stage") == "measure"]
 
 
+def test_old_job_files_mean_every_token_measured(qwen_tied, qwen_job, tmp_path):
+    """A job file written before --measure-stride existed measured every token: resuming it with the new default
+    is refused with the value that goes on."""
+    work, _, _ = qwen_job
+    old = tmp_path / "old"
+    shutil.copytree(work, old)
+    job = json.loads((old / "job.json").read_text())
+    assert job["params"]["measure_stride"] == 4
+    del job["params"]["measure_stride"]
+    (old / "job.json").write_text(json.dumps(job))
+    common = dict(in_dir=str(qwen_tied), work_dir=str(old), bits=[3.0], asym=0.0, **SMALL)
+    with pytest.raises(Exception, match=r"finished work used --measure-stride = 1, this run asks for 4; rerun "
+                                        r"with --measure-stride 1 to go on, or use -nr"):
+        convert(ConvertOptions(**common))
+    events = []
+    convert(ConvertOptions(**common, measure_stride=1), status=events.append)
+    assert not [e for e in events if e.get("stage") == "measure"]
+
+
 def test_extended_tables_and_a_fixed_norm(qwen_tied, qwen_job, tmp_path):
     """--tables extended measures ExLlamaV2's entries (same values) and the candidates, written in cost order for
     ExLlamaV2's optimizer; --norm fixes p."""
@@ -455,6 +474,7 @@ def test_measure_only_writes_measurement_file(qwen_tied, tmp_path):
     assert len(data["measurement"]["model.layers.0.self_attn"]) == 19
     assert len(data["measurement"]["model.layers.1.mlp"]) == 17
     assert data["exl2"]["rows"] == 4 and data["exl2"]["length"] == 64
+    assert data["exl2"]["measure_stride"] == 1                   # 256 tokens: too few to sample
     assert not (tmp_path / "w" / "bpw-4.12").exists()            # nothing quantized
     code, out = run_cli("-i", str(qwen_tied), "-o", str(tmp_path / "w2"), "-m", str(dest), "-b", "4.0",
                         "-r", "4", "-l", "64", "--no-validate")

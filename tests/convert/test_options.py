@@ -60,7 +60,7 @@ def test_one_check_refuses_a_value_everywhere(tmp_path, name, value, why):
 
 def test_resume_rules_come_from_the_declaration():
     assert set(opt.MEASURE_PARAMS) == {"checkpoint_sha256", "cal_dataset", "measurement_rows", "measurement_length",
-                                       "seed", "tables"}
+                                       "measure_stride", "seed", "tables"}
     assert set(opt.QUANT_PARAMS) == {"checkpoint_sha256", "cal_dataset", "rows", "length", "head_bits", "seed",
                                      "asym", "measurement_sha256"}
     assert opt.flag_of("rows") == "-r" and opt.flag_of("asym") == "--asym"

@@ -51,6 +51,20 @@ def test_parts_joined_are_the_same_bytes_as_one_run(kind, tiny_qwen_rows, moe_ti
         assert not list(work.glob("part-*/*.checkpoint.safetensors"))
 
 
+def test_sampled_parts_joined_are_the_same_bytes_as_one_run(tiny_qwen_rows, tmp_path, monkeypatch):
+    """With the errors sampled (every 4th token: the floor of sampled tokens lowered for these short rows)."""
+    from exl2.measure import measure as mm
+
+    monkeypatch.setattr(mm, "MIN_SAMPLED", 0)
+    d, ids = tiny_qwen_rows(3)
+    run_measurement(d, ids, tmp_path / "whole", provenance=PROV)
+    unsampled = run_measurement(d, ids, tmp_path / "unsampled", stride=1)
+    work = tmp_path / "split"
+    joined = _split_run(d, ids, work, [(0, 2), (2, 3)], 3)
+    assert (work / "measurement.json").read_bytes() == (tmp_path / "whole" / "measurement.json").read_bytes()
+    assert joined["measurement"] != unsampled["measurement"]
+
+
 def test_interrupted_part_resumes_and_finished_parts_are_not_measured_again(tiny_qwen_rows, tmp_path,
                                                                             stop_after_first_layer):
     d, ids = tiny_qwen_rows(3)
