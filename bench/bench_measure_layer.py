@@ -40,14 +40,15 @@ def main(argv=None) -> int:
                    "(bench/bench_measure_layer.py)",
                    "python bench/bench_measure_layer.py" + (" --write" if args.write else "")) + [
         f"A synthetic one-layer checkpoint (random weights); forward and Hessian collection timed on 1 row x "
-        f"{t['tokens']} tokens and scaled per token to the default 16 x 2048 measurement rows; GPTQ timed with "
+        f"{t['tokens']} tokens and scaled per token to the default 16 x 2048 measurement rows (19 attention and 17 MLP "
+        "combination passes); GPTQ timed with "
         f"{args.options.replace(';', ', ')} per projection shape, the mean standing for every distinct option of that "
         "shape; one `gptq.prepare` per Hessian.", "",
         "| step | CPU s |", "|---|---:|"]
     for k, v in t["modules"].items():
-        lines += [f"| {k}: collect (forward + Hessians), {t['tokens']} tokens | {v['collect_cpu_s']:.1f} |",
-                  f"| {k}: forward, every token | {v['forward_cpu_s']:.1f} |",
-                  f"| {k}: forward, errors on every 4th token | {v['sampled_cpu_s']:.1f} |"]
+        lines += [f"| {k}: collect (forward + Hessians), {t['tokens']} tokens | {v['collect_cpu_s']:.2f} |",
+                  f"| {k}: forward, every token's output | {v['forward_cpu_s']:.2f} |",
+                  f"| {k}: forward, the sampled outputs (first and every 4th token) | {v['sampled_cpu_s']:.2f} |"]
     for k, v in t["prepare"].items():
         lines.append(f"| prepare {k} | {v['cpu_s']:.1f} |")
     for key, o in t["gptq"].items():
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
             lines.append(f"| GPTQ {key}, {name} | {v['cpu_s']:.1f} |")
     lines += ["", "| measurement of one layer (CPU s, projected) | Hessian collection and combination passes | GPTQ "
               "| all (with prepare) |", "|---|---:|---:|---:|"]
-    for name, p in (("`--measure-stride 1` (every token)", full), ("default (every 4th token)", sampled)):
+    for name, p in (("`--measure-stride 1` (every token)", full), ("default (`--measure-stride 4`)", sampled)):
         lines.append(f"| {name} | {p['forward_measure_layer_s']:.0f} | {p['gptq_measure_layer_s']:.0f} | "
                      f"{p['measure_layer_s']:.0f} |")
     lines += ["", f"Sampled / every token: {sampled['measure_layer_s'] / full['measure_layer_s']:.2f}x of the "

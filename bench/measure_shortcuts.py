@@ -115,8 +115,8 @@ def report(results, runs, args) -> str:
                    "python bench/measure_shortcuts.py" + (" --kl" if args.kl else "") + (" --write" if args.write
                                                                                           else "")) + [
         f"SmolLM2-135M (orig) and its jittered copy (jitter0), measurement rows {args.rows} x {args.length} (the "
-        f"demo preset's). Full: every token's error (`--measure-stride 1`); sampled: every {args.stride}th token's "
-        f"(`--measure-stride {args.stride}`). Modules: of the {len(results[0][1][full[0]]['alloc'][TARGETS[0]])} "
+        f"demo preset's). Full: every token's error (`--measure-stride 1`); sampled: estimated from the first and "
+        f"every {args.stride}th token (`--measure-stride {args.stride}`). Modules: of the {len(results[0][1][full[0]]['alloc'][TARGETS[0]])} "
         "(each layer's attention and MLP), those whose option differs between two allocations of the same target.",
         "",
         f"| variant | measurement | wall | modules differing from full seed {full[0].split()[-1]} at 3.0 / 4.0 / "
