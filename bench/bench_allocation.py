@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.report import header, write_section  # noqa: E402
+from bench.report import header, publish  # noqa: E402
 from exl2.calibration import CalibrationRows  # noqa: E402
 from exl2.convert import quantize as qpass  # noqa: E402
 from exl2.convert import validate as val  # noqa: E402
@@ -107,10 +107,7 @@ def main(argv=None) -> int:
     lines += ["", "SmolLM2's weights are dequantized Q4_1 (FIXTURES.md), so ~4-bit results flatter every format "
               "a little; the comparison between rows is what this table is for."]
     text = "\n".join(lines)
-    print(text)
-    if args.write:
-        print(f"wrote {write_section('bench_allocation', text)}")
-    return 0
+    return publish('bench_allocation', text, args.write)
 
 
 if __name__ == "__main__":

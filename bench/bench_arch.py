@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import header, write_section  # noqa: E402
+from bench.report import header, publish  # noqa: E402
 from fixtures.tiny import KINDS, build_tiny, train_tokenizer  # noqa: E402
 
 PRESET = ["-b", "4.0", "-mr", "8", "-ml", "512", "-r", "16", "-l", "512"]
@@ -80,10 +80,7 @@ def main(argv=None) -> int:
             print(kind, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[kind].items()}),
                   flush=True)
     text = report(rows, "python bench/bench_arch.py" + (" --write" if args.write else ""))
-    print(text)
-    if args.write:
-        print(f"wrote {write_section('bench_arch', text)}")
-    return 0
+    return publish('bench_arch', text, args.write)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import header, write_section  # noqa: E402
+from bench.report import header, publish  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -62,10 +62,7 @@ def main(argv=None) -> int:
     lines += ["", f"Sampled / every token: {sampled['measure_layer_s'] / full['measure_layer_s']:.2f}x of the "
               "layer's measurement CPU seconds."]
     text = "\n".join(lines)
-    print(text)
-    if args.write:
-        print(f"wrote {write_section('measure_layer', text)}")
-    return 0
+    return publish('measure_layer', text, args.write)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import header, write_section  # noqa: E402
+from bench.report import header, publish  # noqa: E402
 from fixtures.tiny import train_tokenizer  # noqa: E402
 
 PRESET = ["-b", "4.0", "-mr", "8", "-ml", "512", "-r", "16", "-l", "512", "--no-validate"]
@@ -155,10 +155,7 @@ def main(argv=None) -> int:
     command = "python bench/bench_moe.py" + (" --write" if args.write else "") + \
         (f" --layers {args.layers}" if args.layers != 1 else "") + (" -- " + " ".join(args.extra) if args.extra else "")
     text = report(s, here, full, args.layers, command)
-    print(text)
-    if args.write:
-        print(f"wrote {write_section('bench_moe', text)}")
-    return 0
+    return publish('bench_moe', text, args.write)
 
 
 if __name__ == "__main__":

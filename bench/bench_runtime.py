@@ -26,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.report import header, write_section  # noqa: E402
+from bench.report import header, publish  # noqa: E402
 from exl2.runtime.evaluate import load_data_rows  # noqa: E402
 from exl2.runtime.loader import load_model  # noqa: E402
 
@@ -175,10 +175,7 @@ def main(argv=None) -> int:
             lines.append(f"{k}: {args.new / times[k] / peer['tokens_per_s']:.2f}x llama.cpp Q4_K_M's decode speed, "
                          f"{times['ours (fp16 cache)'] / times[k]:.2f}x our FP16 model's.")
     text = "\n".join(lines)
-    print(text)
-    if args.write:
-        print(f"wrote {write_section('bench_runtime', text)}")
-    return 0
+    return publish('bench_runtime', text, args.write)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import header, write_section  # noqa: E402
+from bench.report import header, publish  # noqa: E402
 
 PRESET = ["-b", "4.0", "-mr", "8", "-ml", "512", "-r", "16", "-l", "512"]
 BASELINE = "7ca108e"        # issue #24's starting commit: the parent of its first change (af2c1da)
@@ -188,10 +188,7 @@ def main(argv=None) -> int:
              "--write" if args.write else ""]
     cmd = " ".join(["python bench/bench_speed.py", *filter(None, flags)])
     text = report(rows, cmd)
-    print(text)
-    if args.write:
-        print(f"wrote {write_section('bench_speed', text)}")
-    return 0
+    return publish('bench_speed', text, args.write)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import header, write_section  # noqa: E402
+from bench.report import header, publish  # noqa: E402
 
 
 def workload(repeat: int, adaptive: bool) -> float:
@@ -129,10 +129,7 @@ def main(argv=None) -> int:
         print(name, secs, flush=True)
     text = report(rows, "python bench/bench_threads.py" + (" --write" if args.write else "")
                   + (f" --repeat {args.repeat}" if args.repeat != 8 else ""), args.repeat)
-    print(text)
-    if args.write:
-        print(f"wrote {write_section('bench_threads', text)}")
-    return 0
+    return publish('bench_threads', text, args.write)
 
 
 if __name__ == "__main__":

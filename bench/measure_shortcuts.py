@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import header, write_section  # noqa: E402
+from bench.report import header, publish  # noqa: E402
 
 TARGETS = (3.0, 4.0, 5.0)
 TEXTS = ("persuasion", "stdlib_code.py")
@@ -98,10 +98,7 @@ def main(argv=None) -> int:
                 print(variant, name, f"{seconds:.1f} s", json.dumps(kl) if kl else "", flush=True)
             results.append((variant, done))
     text = report(results, runs, args)
-    print(text)
-    if args.write:
-        print(f"wrote {write_section('measure_shortcuts', text)}")
-    return 0
+    return publish('measure_shortcuts', text, args.write)
 
 
 def differ(a: dict, b: dict) -> int:

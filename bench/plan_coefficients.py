@@ -12,7 +12,6 @@ JSON line per shape; the plan's constants are the largest of them.  A benchmark,
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.peers import load_cal_ids, make_cal_dir, write_checkpoint  # noqa: E402
-from bench.report import header, write_section  # noqa: E402
+from bench.report import header, publish, write_section  # noqa: E402
 from exl2.convert.accounting import projection_shapes, uniform_strategy  # noqa: E402
 
 DEFAULT_BPW = (4.0, 3.0, 2.5, 5.0, 6.0, 8.0, 3.5, 4.5)   # run in this order: the headline points first
@@ -202,14 +202,9 @@ def add_follow_up_args(ap: argparse.ArgumentParser, work: str) -> None:
 
 def run_follow_up(args, run_variant, report, section: str) -> int:
     """Run every variant of ``args.variants``, print the report, write it as ``section`` with --write."""
-    from bench.report import write_section
-
     results = {v: run_variant(v, args) for v in args.variants.split(",") if v}
     text = report(results, args)
-    print(text)
-    if args.write:
-        print(f"wrote {write_section(section, text)}")
-    return 0
+    return publish(section, text, args.write)
 
 
 class Scorer:

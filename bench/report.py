@@ -29,6 +29,15 @@ def write_section(name: str, body: str, first: bool = False) -> Path:
     return PATH
 
 
+def publish(name: str, text: str, write: bool) -> int:
+    """Print a benchmark's section ``text`` and, with ``write``, put it into BENCHMARKS.md as section ``name``;
+    returns the script's exit status (0)."""
+    print(text)
+    if write:
+        print(f"wrote {write_section(name, text)}")
+    return 0
+
+
 def header(title: str, command: str, machine_note: str = "", command_note: str = "") -> list[str]:
     """A section's first lines: title, the command that produced it, the machine and the date."""
     import torch
