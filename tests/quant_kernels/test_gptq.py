@@ -147,6 +147,23 @@ def test_hessian_accumulation_averages_rows():
         H.add(torch.randn(3, 5))
 
 
+@pytest.mark.parametrize("k", [gptq.TRIANGLE_MIN_K, gptq.TRIANGLE_MIN_K + 37])
+def test_a_wide_hessian_accumulated_as_a_triangle_is_the_full_product(k):
+    """Wide inputs accumulate the upper triangle only: the result is symmetric and equals the full product
+    (bit for bit on this machine's BLAS; the test allows rounding), also when rows are added after a result."""
+    g = torch.Generator().manual_seed(k)
+    xs = [torch.randn(n, k, generator=g) for n in (65, 40, 9)]
+    H = gptq.Hessian(k)
+    H.add(xs[0])
+    H.add(xs[1])
+    first = H.result().clone()
+    H.add(xs[2])
+    for got, used in ((first, xs[:2]), (H.result(), xs)):
+        want = sum(x.t() @ x for x in used) / len(used)
+        assert torch.equal(got, got.t())
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_refine_codes_is_the_least_squared_error_nearby(bits):
     """Each column's refined code is, among the codes within the span of find_scales' choice, one with
