@@ -21,7 +21,7 @@ from exl2.core.files import write_json_atomic
 from exl2.core.version import VERSION
 from exl2.layers.checkpoint import checkpoint_path
 
-from .options import LEGACY, MEASURE_PARAMS, QUANT_PARAMS, flag_of, resolved_asym
+from .options import DEFAULT_CHANGED, LEGACY, MEASURE_PARAMS, QUANT_PARAMS, flag_of, resolved_asym
 
 JOB_FORMAT = 1
 
@@ -133,9 +133,8 @@ class JobState:
                 continue
             was = old.get(k, LEGACY.get(k))
             if was != new[k] and ((k in MEASURE_PARAMS and measured) or (k in QUANT_PARAMS and quantized)):
-                # the defaults of --asym (auto) and --measure-stride (4) changed; a job started before can go
-                # on with its own value
-                keep = f"rerun with {flag_of(k)} {was:g} to go on, or " if k in ("asym", "measure_stride") else ""
+                # an option whose default changed since the job started: it can go on with its own value
+                keep = f"rerun with {flag_of(k)} {was:g} to go on, or " if k in DEFAULT_CHANGED else ""
                 raise ConvertError(f"{self.work}: finished work used {flag_of(k)} = {was}, this run asks for "
                                f"{new[k]}; {keep}use -nr to start over or another -o")
 

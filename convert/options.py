@@ -7,7 +7,7 @@ recorded in ``quantization_config``.  Everything else is derived from the table 
 
 - the click options of `exl2-convert` (:func:`click_options`),
 - the :class:`ConvertOptions` dataclass (fields and defaults) and its checks (:func:`check_options`),
-- the resume rules of the job (:data:`MEASURE_PARAMS`, :data:`QUANT_PARAMS`, :data:`LEGACY`, :func:`flag_of`),
+- the resume rules of the job (:data:`MEASURE_PARAMS`, :data:`QUANT_PARAMS`, :data:`LEGACY`, :data:`DEFAULT_CHANGED`, :func:`flag_of`),
 - the keys, defaults and checks of an `exl2-batch` spec (:data:`BATCH_DEFAULTS`, :func:`from_spec`),
 - what the written model's ``quantization_config`` says of the options (:func:`recorded`).
 
@@ -275,6 +275,8 @@ MEASURE_PARAMS = ("checkpoint_sha256",) + tuple(o.name for o in OPTIONS if "meas
 QUANT_PARAMS = (("checkpoint_sha256",) + tuple(o.name for o in OPTIONS if "quant" in o.invalidates)
                 + ("measurement_sha256",))
 LEGACY = {o.name: o.legacy for o in OPTIONS if o.legacy is not None}
+# options whose default is no longer what older job files used: a refused resume says which value goes on
+DEFAULT_CHANGED = frozenset(name for name, was in LEGACY.items() if was != BY_NAME[name].default)
 
 
 def flag_of(name: str) -> str:

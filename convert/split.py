@@ -18,6 +18,7 @@ import torch
 
 from exl2.core.errors import UserError
 from exl2.core.threads import base_threads, set_base_threads
+from exl2.measure.measure import MEASURE_STRIDE
 
 from .jobstate import ConvertError
 
@@ -57,7 +58,7 @@ def check_address(address: str) -> None:
 
 def measure_on_ray(model_dir: str | Path, input_ids: torch.Tensor, work: str | Path, *, address: str,
                    provenance: dict, workers: int | None = None, threads: int | None = None, device: str = "cpu",
-                   tables: str = "exl2", stride: int | None = None, max_retries: int = 3, status=None,
+                   tables: str = "exl2", stride: int = MEASURE_STRIDE, max_retries: int = 3, status=None,
                    progress=None) -> dict:
     """Measure ``model_dir`` in ``workers`` layer ranges on Ray (``address``: "local" for an instance on this
     machine, "auto" or HOST:PORT for a cluster, or a running Ray this process is part of); writes
@@ -65,7 +66,6 @@ def measure_on_ray(model_dir: str | Path, input_ids: torch.Tensor, work: str | P
     once; ``threads`` (each task's threads and Ray CPUs) to this process's thread count; ``stride``: as
     :func:`exl2.measure.measure.run_measurement`'s."""
     from exl2.convert.batch.ray_conn import BatchError, connect, import_ray
-    from exl2.measure.measure import MEASURE_STRIDE
     from exl2.measure.split import layer_ranges, merge_parts, range_states
     from exl2.runtime.config import ModelConfig
 
@@ -89,7 +89,6 @@ def measure_on_ray(model_dir: str | Path, input_ids: torch.Tensor, work: str | P
         status({"stage": "measure", "message": f"input states of the layer ranges {ranges} written to {work} "
                                                f"in {time.time() - t0:.1f} s"})
         task = ray.remote(_part_task).options(max_retries=max_retries, retry_exceptions=False, **res)
-        stride = MEASURE_STRIDE if stride is None else stride
         refs = {task.remote(str(model_dir), input_ids, str(work), a, b, threads, device, tables, stride): (a, b)
                 for a, b in ranges}
         pending = dict(refs)

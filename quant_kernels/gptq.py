@@ -68,9 +68,15 @@ class HessianError(UserError, RuntimeError):
 
 
 # From this width on, Hessian.add computes the upper triangle only (in TRIANGLE_BLOCKS column blocks: about 56 %
-# of the products) and result() mirrors it; a 18,944-wide add of 512 tokens took 0.65 s instead of 1.1 s.
+# of the products) and result() mirrors it (measured: docs/decisions/0017-measure-stride.md).
 TRIANGLE_MIN_K = 2048
 TRIANGLE_BLOCKS = 8
+
+
+def _column_blocks(k: int) -> list[tuple[int, int]]:
+    """TRIANGLE_BLOCKS ranges (j0, j1) covering 0..k."""
+    step = -(-k // TRIANGLE_BLOCKS)
+    return [(j0, min(k, j0 + step)) for j0 in range(0, k, step)]
 
 
 class Hessian:
@@ -93,19 +99,14 @@ class Hessian:
         if k < TRIANGLE_MIN_K:
             self.H.addmm_(x.t(), x)
         else:
-            step = -(-k // TRIANGLE_BLOCKS)
-            for j0 in range(0, k, step):                         # rows 0..j1 of columns j0..j1
-                j1 = min(k, j0 + step)
+            for j0, j1 in _column_blocks(k):                      # rows 0..j1 of columns j0..j1
                 self.H[:j1, j0:j1].addmm_(x[:, :j1].t(), x[:, j0:j1])
             self._lower_stale = True
         self.rows += 1
 
     def _mirror(self) -> None:
         """Copy the upper triangle onto the lower one, a column block at a time (no K x K temporary)."""
-        k = self.H.shape[0]
-        step = -(-k // TRIANGLE_BLOCKS)
-        for j0 in range(0, k, step):
-            j1 = min(k, j0 + step)
+        for j0, j1 in _column_blocks(self.H.shape[0]):
             self.H[j0:j1, :j0] = self.H[:j0, j0:j1].t()
             d = self.H[j0:j1, j0:j1]
             d.copy_(d.triu() + d.triu(1).t())

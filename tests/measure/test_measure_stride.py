@@ -134,8 +134,7 @@ def test_sampled_measurement_keeps_every_option_and_its_bits(tiny, tmp_path, mon
         if entries is None:
             assert seen[key] is None
             continue
-        assert [(e["total_bits"], e["accuracy"] != 0) for e in entries] == \
-            [(e["total_bits"], e["accuracy"] != 0) for e in seen[key]]
+        assert [e["total_bits"] for e in entries] == [e["total_bits"] for e in seen[key]]
         assert [e["token_err"] for e in entries] != [e["token_err"] for e in seen[key]]
         for a, b in zip(entries, seen[key]):                # 64 of 256 tokens: the same order of magnitude
             assert 0.5 < b["token_err"] / a["token_err"] < 2
