@@ -7,7 +7,8 @@ recorded in ``quantization_config``.  Everything else is derived from the table 
 
 - the click options of `exl2-convert` (:func:`click_options`),
 - the :class:`ConvertOptions` dataclass (fields and defaults) and its checks (:func:`check_options`),
-- the resume rules of the job (:data:`MEASURE_PARAMS`, :data:`QUANT_PARAMS`, :data:`LEGACY`, :data:`DEFAULT_CHANGED`, :func:`flag_of`),
+- the resume rules of the job (:data:`MEASURE_PARAMS`, :data:`QUANT_PARAMS`, :data:`LEGACY`, :data:`DEFAULT_CHANGED`,
+  :func:`flag_of`),
 - the keys, defaults and checks of an `exl2-batch` spec (:data:`BATCH_DEFAULTS`, :func:`from_spec`),
 - what the written model's ``quantization_config`` says of the options (:func:`recorded`).
 
