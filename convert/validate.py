@@ -2,7 +2,9 @@
 
 Perplexity of both models and the KL divergence of the EXL2 model's next-token distribution from the
 source's, on calibration-style rows the quantizer never saw (:func:`held_out_rows`); then a cache check:
-the EXL2 model decoding token by token with each KV cache mode, to recommend one (:func:`recommend_cache`).
+the EXL2 model scored with each KV cache mode as token-by-token decoding reads the cache, to recommend one
+(:func:`recommend_cache`).  Each mode costs one forward pass over the row (runtime/onepass.py), not one per
+token.
 
 Any size: the FP16 source is never loaded whole. It runs one decoder layer at a time over the held-out rows
 and the cache check's rows together (runtime/stream.py), keeping only the rows' final states and its head.
@@ -116,11 +118,12 @@ def compare(fp_dir: str | Path, q_dir: str | Path, rows: torch.Tensor, device="c
 
 
 def _cache_check(q, rows: torch.Tensor, modes: list[str], ref) -> dict:
-    """Each cache mode's scores on ``rows``, token by token (the modes run as one batch, runtime/evaluate.py);
-    a mode that cannot hold this model (head size, fp16 range) gets ``error`` instead."""
+    """Each cache mode's scores on ``rows`` as a token-by-token pass gives them (computed in one pass per mode
+    and row, runtime/onepass.py); a mode that cannot hold this model (head size, fp16 range) gets ``error``
+    instead."""
     from exl2.runtime.cache import mode_error
 
-    fit_threads(force=True)          # a fresh look at the load: the decoding loop below does not look again
+    fit_threads(force=True)          # a fresh look at the load: the passes below do not look again
     recs = {m: {"bytes_per_token": bytes_per_token(q.cfg, m), "rows": int(rows.shape[0]),
                 "length": int(rows.shape[1])} for m in modes}
     ok = []
@@ -132,16 +135,16 @@ def _cache_check(q, rows: torch.Tensor, modes: list[str], ref) -> dict:
             ok.append(m)
     ref_lps: list = []
     try:
-        got = dict(zip(ok, evaluate_rows(q, rows, [EvalConfig("cache", m, 1) for m in ok], ref_model=ref,
-                                         ref_lps=ref_lps)))
+        got = dict(zip(ok, evaluate_rows(q, rows, [EvalConfig("cache", m, 1, one_pass=True) for m in ok],
+                                         ref_model=ref, ref_lps=ref_lps)))
     except ValueError:   # a mode failed while running (fp16 range): run them one by one to see which
         if len(ref_lps) != rows.shape[0]:
             ref_lps = []
         got = {}
         for m in ok:
             try:
-                got[m] = evaluate_rows(q, rows, [EvalConfig("cache", m, 1)], ref_model=None if ref_lps else ref,
-                                       ref_lps=ref_lps)[0]
+                got[m] = evaluate_rows(q, rows, [EvalConfig("cache", m, 1, one_pass=True)],
+                                       ref_model=None if ref_lps else ref, ref_lps=ref_lps)[0]
             except ValueError as e:
                 recs[m]["error"] = str(e)
     for m, r in got.items():

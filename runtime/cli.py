@@ -34,6 +34,7 @@ class EvalArgs:
     caches: tuple[str, ...] = ("fp16",)
     modes: tuple[str, ...] = ("full",)
     chunk: int = 1
+    one_pass: bool = False  # cache mode, chunk 1: the token-by-token pass computed in one pass (runtime/onepass.py)
     kld_ref: Path | None = None
     bos: bool | None = None  # None: as the architecture requires
     text_column: str | None = None
@@ -105,7 +106,8 @@ def run_eval(a: EvalArgs) -> list[dict]:
         del ref_parts
         keys = [("none", "full")] if "full" in a.modes else []
         keys += [(c, "cache") for c in a.caches] if "cache" in a.modes else []
-        configs = [EvalConfig(mode, "fp16" if cache == "none" else cache, a.chunk) for cache, mode in keys]
+        configs = [EvalConfig(mode, "fp16" if cache == "none" else cache, a.chunk,
+                              one_pass=a.one_pass and mode == "cache") for cache, mode in keys]
         ref_run = None if ref is None else ("streamed" if pl.ref else "resident")
         # passes: (model, the keys it scores); a streamed model scores full mode, cache mode needs it resident
         passes = []
@@ -233,6 +235,10 @@ _CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
                    "mode, else full.")
 @click.option("--chunk", type=click.IntRange(min=1), default=1, show_default=True,
               help="Cache mode: tokens per forward pass (1 = token by token, as ExLlamaV2's -eq4/-eq8).")
+@click.option("--one-pass", is_flag=True,
+              help="Cache mode with --chunk 1: compute the token-by-token pass in one forward pass per row and "
+                   "mode (each query reads its past as the cache stores it); the same scores up to rounding, "
+                   "about length times fewer passes.")
 @click.option("--kld-ref", type=click.Path(), default=None,
               help="Reference model directory (e.g. the FP16 original): adds KL(ref || model) and top-1.")
 @click.option("--stream", "stream", type=click.Choice(["auto", "always", "never"]), default="auto",
@@ -262,8 +268,8 @@ _CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch  [default: torch's choice]")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def eval_main(model_dir, data, rows, length, cache, mode, chunk, kld_ref, stream, bos, text_column, humaneval,
-              samples, problems, max_tokens, batch_size, seed, json_out, exl2, device, threads, quiet):
+def eval_main(model_dir, data, rows, length, cache, mode, chunk, one_pass, kld_ref, stream, bos, text_column,
+              humaneval, samples, problems, max_tokens, batch_size, seed, json_out, exl2, device, threads, quiet):
     """Measure perplexity, KL divergence and HumanEval of MODEL_DIR (FP16 or EXL2) under KV-cache modes.
 
     Prints a table with one row per cache mode (and scoring mode); --json writes the same as a list of
@@ -296,8 +302,10 @@ def eval_main(model_dir, data, rows, length, cache, mode, chunk, kld_ref, stream
     if mode == "auto":
         mode = "cache" if any(c != "fp16" for c in caches) else "full"
     modes = ("full", "cache") if mode == "both" else (mode,)
+    if one_pass and ("cache" not in modes or chunk != 1):
+        raise UserError(f"--one-pass computes cache mode with --chunk 1 (got --mode {mode}, --chunk {chunk})")
     args = EvalArgs(model_dir=d, data=Path(data) if data else None, rows=rows, length=length,
-                    caches=tuple(caches), modes=modes, chunk=chunk, kld_ref=ref,
+                    caches=tuple(caches), modes=modes, chunk=chunk, one_pass=one_pass, kld_ref=ref,
                     bos={"auto": None, "yes": True, "no": False}[bos], text_column=text_column,
                     humaneval=humaneval, samples=samples, problems=problems, max_tokens=max_tokens,
                     batch_size=batch_size, seed=seed, device=_device(device), progress=not quiet, stream=stream,

@@ -32,6 +32,7 @@ import torch
 from .cache import MODES as CACHE_MODES
 from .cache import KVCache, MixedKVCache
 from .model import Model
+from .onepass import OnePassCache
 from .stream import StreamedModel
 
 MODES = ("full", "cache")
@@ -105,12 +106,17 @@ class EvalConfig:
     mode: str = "full"
     cache_mode: str = "fp16"
     chunk: int = 1
+    # cache mode, chunk 1: the token-by-token pass computed in one forward pass per row (runtime/onepass.py;
+    # the same logits up to rounding)
+    one_pass: bool = False
 
     def check(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} not supported; use one of {', '.join(MODES)}")
         if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk <= 0:
             raise ValueError(f"chunk must be a positive integer, got {self.chunk!r}")
+        if self.one_pass and (self.mode != "cache" or self.chunk != 1):
+            raise ValueError(f"one_pass emulates cache mode with chunk 1, not mode {self.mode!r} chunk {self.chunk}")
         if self.cache_mode not in CACHE_MODES:
             raise ValueError(f"cache mode {self.cache_mode!r} not supported; use one of {', '.join(CACHE_MODES)}")
 
@@ -220,8 +226,12 @@ def evaluate_rows(model: Model | StreamedModel, rows: torch.Tensor, configs: Seq
             for res in results:
                 res.ref_nll_sum += ref_nll
         for c, res in zip(configs, results):
-            if c.mode == "full":
-                logits = _full_logits(model, r, row)[:-1]  # [L-1, V]
+            if c.mode == "full" or c.one_pass:
+                if c.one_pass:  # the last token is not fed: it predicts nothing
+                    logits = model(row[:, :-1], OnePassCache(model.cfg, L - 1, mode=c.cache_mode, dtype=model.dtype,
+                                                            device=model.device))[0]  # [L-1, V]
+                else:
+                    logits = _full_logits(model, r, row)[:-1]  # [L-1, V]
                 _score(res, logits, targets, ref_lp)
                 del logits
                 if progress is not None:
@@ -259,7 +269,7 @@ def _cache_groups(model, configs: list[EvalConfig], results: list[EvalResult]) -
     as many as BATCH_LOGITS_BYTES allows."""
     groups: list[list] = []
     for c, res in zip(configs, results):
-        if c.mode != "cache":
+        if c.mode != "cache" or c.one_pass:
             continue
         cap = max(1, BATCH_LOGITS_BYTES // (c.chunk * model.cfg.vocab_size * 4))
         g = next((g for g in groups if g[0][0].chunk == c.chunk and len(g) < cap), None)

@@ -103,13 +103,14 @@ def lower_right_mask(q_len: int, k_len: int, device=None) -> torch.Tensor:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
               softcap: float | None = None, window: int | None = None,
-              q_pos: torch.Tensor | None = None) -> torch.Tensor:
+              q_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal GQA attention of T new queries against S = P + T keys, fp32 softmax.
 
     q [B, H, T, D], k/v [B, Hkv, S, D] -> [B, H, T, D] in q's dtype.  scale: default 1/sqrt(D).  softcap: the
     scaled logits become softcap * tanh(logits / softcap).  window: a query sees only the last `window` keys
     up to its own position (its own included).  q_pos: the queries' own positions among the S keys (int64
-    [T], any T <= S), for queries that are not the last T positions; default S - T .. S - 1.
+    [T], any T <= S), for queries that are not the last T positions; default S - T .. S - 1.  mask: bool [T, S],
+    True where a query may attend, in place of the causal mask, window and q_pos (runtime/onepass.py).
     """
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} not 4-D/matching")
@@ -125,6 +126,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         k = k[:, :, None].expand(B, Hkv, rep, S, D).reshape(B, H, S, D)  # [B, H, S, D]
         v = v[:, :, None].expand(B, Hkv, rep, S, D).reshape(B, H, S, D)  # [B, H, S, D]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if mask is not None:
+        if mask.shape != (T, S):
+            raise ValueError(f"attention: mask {tuple(mask.shape)} is not [{T}, {S}]")
+        if softcap is not None:
+            return _capped_windowed(q, k, v, scale, softcap, None, mask=mask).to(out_dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).to(out_dtype)
     if softcap is not None or (window is not None and window < S):
         return _capped_windowed(q, k, v, scale, softcap, window, q_pos).to(out_dtype)
     if q_pos is not None:  # chosen queries: key j is seen from position p when j <= p
@@ -148,15 +155,16 @@ def _query_mask(q_pos: torch.Tensor, S: int, window: int | None, device) -> torc
 
 
 def _capped_windowed(q, k, v, scale: float, softcap: float | None, window: int | None,
-                     q_pos: torch.Tensor | None = None) -> torch.Tensor:
+                     q_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """attention() written out, for what SDPA cannot do (soft-capping); fp32 q, k, v [B, H, T or S, D]."""
     T, S = q.shape[2], k.shape[2]
     s = (q @ k.transpose(-1, -2)) * scale  # [B, H, T, S]
     if softcap is not None:
         s = torch.tanh(s / softcap) * softcap
-    if q_pos is None:  # the last T positions
-        q_pos = torch.arange(S - T, S, device=q.device)
-    mask = _query_mask(q_pos, S, window, q.device)  # [T, S]
+    if mask is None:
+        if q_pos is None:  # the last T positions
+            q_pos = torch.arange(S - T, S, device=q.device)
+        mask = _query_mask(q_pos, S, window, q.device)  # [T, S]
     return s.masked_fill(~mask, float("-inf")).softmax(-1) @ v  # [B, H, T, D]
 
 
@@ -200,6 +208,11 @@ class Attention(nn.Module):
         if self.rotary is not None:
             cos, sin = self.rotary.cos_sin(past_len, T)  # [T, D] each
         q, k = apply_rope(q, cos, sin, self.rope_interleaved), apply_rope(k, cos, sin, self.rope_interleaved)
+        if getattr(layer_cache, "one_pass", False):  # a token-by-token pass emulated in one (runtime/onepass.py)
+            k, v, mask = layer_cache.keys_values(k_pre, k, v, cos, sin, self.kv_profile, self.window)
+            out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=self.scale,
+                            softcap=self.softcap, mask=mask)  # [B, H, T, D]
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         if layer_cache is not None:
             if getattr(layer_cache, "takes_pre_rope", False):  # exl2's own modes (kv_x.py) take pre-RoPE keys
                 k, v = layer_cache.update_pre_rope(k_pre, k, v, past_len, cos, sin, self.kv_profile)

@@ -199,6 +199,27 @@ def test_eval_default_mode_is_full_and_auto_picks_cache(tiny, tmp_path):
     assert rec["cache"] == "q6" and rec["mode"] == "cache"
 
 
+def test_eval_one_pass_scores_the_token_by_token_pass(tiny, tmp_path):
+    """--one-pass: chunk-1 cache mode computed in one pass per row gives the token-by-token numbers (up to
+    rounding); it refuses other chunks and full mode in one line."""
+    model, data = tiny
+    recs = {}
+    for extra in ([], ["--one-pass"]):
+        out = tmp_path / f"r{len(extra)}.json"
+        code, _, err = _run(cli.eval_main, [model, "--data", data, "--rows", 2, "--length", 24, "--cache", "q4,q8",
+                                            "--kld-ref", model, "--json", out, "-q", *extra])
+        assert code == 0, err
+        recs[len(extra)] = json.loads(out.read_text())
+    for tbt, one in zip(recs[0], recs[1]):
+        assert tbt["cache"] == one["cache"] and one["mode"] == "cache" and one["kld_mean"] > 0
+        assert one["ppl"] == pytest.approx(tbt["ppl"], rel=1e-4)
+        assert one["kld_mean"] == pytest.approx(tbt["kld_mean"], rel=1e-2, abs=1e-6)
+    for bad in (["--cache", "q4", "--chunk", "4"], ["--mode", "full"]):
+        code, _, err = _run(cli.eval_main, [model, "--data", data, "--rows", 1, "--length", 16, "--one-pass", "-q",
+                                            *bad])
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "--one-pass" in err
+
+
 def test_humaneval_sampling_is_seeded_and_batched(tiny):
     from exl2.runtime.humaneval import HumanEvalParams, sample_completions
 

@@ -298,8 +298,11 @@ def test_validation_streams_the_source_and_matches_resident_scoring(exl2_pair, m
     (full,) = evaluate_rows(qm, rows, [EvalConfig("full")], ref_model=fp)
     assert (auto["ppl_fp16"], auto["ppl_exl2"], auto["kld_mean"], auto["top1_agreement"]) == \
         (full.ref_ppl, full.ppl, full.kld_mean, full.top1)
-    (c4,) = evaluate_rows(qm, rows[:1, :24], [EvalConfig("cache", "q4", 1)], ref_model=fp)
+    # the cache check scores each mode in one pass per row (runtime/onepass.py): token by token up to rounding
+    c4, t4 = evaluate_rows(qm, rows[:1, :24], [EvalConfig("cache", "q4", 1, one_pass=True),
+                                                EvalConfig("cache", "q4", 1)], ref_model=fp)
     assert auto["cache"]["q4"]["kld_mean"] == c4.kld_mean and auto["cache"]["q4"]["length"] == 24
+    assert c4.kld_mean == pytest.approx(t4.kld_mean, rel=1e-4)
     assert V.compare(src, q, rows, cache_length=24, stream="always") == {**auto, "exl2_streamed": True}
     assert V.compare(src, q, rows, cache_length=24, stream="never") == auto
     assert "exl2_streamed" not in auto and "cache_skipped" not in auto
