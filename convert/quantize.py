@@ -89,12 +89,13 @@ def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, d
         # The full-precision weights stay referenced (set_weight swaps tensors, never writes into them), so each
         # row's full-precision input is recomputed when it is paired: one row of it in memory, not all rows.
         # In the last collect nothing reads a row's full-precision input again, so the output of that run
-        # replaces it there (one full-precision pass over the rows fewer than running the module once more).
+        # replaces it there (one full-precision pass over the rows fewer than running the module once more);
+        # in the others the full-precision module stops once the inputs are captured.
         fp_weights = {p: lin.weight.data for p, lin in layers.items()}
 
         def fp_input(i: int, owners: list[str]) -> dict[str, torch.Tensor]:
             with swapped_weights(block, spec, fp_weights):
-                got, y = inputs_of(block, spec, owners, fstates[i].to(device), cos, sin)
+                got, y = inputs_of(block, spec, owners, fstates[i].to(device), cos, sin, output=last_collect)
             if last_collect:
                 fstates[i] = y.float().cpu()
             return got

@@ -108,15 +108,25 @@ class _Recorder(nn.Module):
         return self.inner(x)
 
 
-class _Capture(nn.Module):
-    """Wraps a linear layer and keeps the inputs it sees (float32, on their device)."""
+class _Enough(Exception):
+    """Raised by the last :class:`_Capture` to see its input when the module's output is not wanted."""
 
-    def __init__(self, inner: nn.Module, store: list[torch.Tensor]):
+
+class _Capture(nn.Module):
+    """Wraps a linear layer and keeps the inputs it sees (float32, on their device); with ``stop`` (a list of
+    the captures still waiting, this one among them) the module stops once every one of them has its input."""
+
+    def __init__(self, inner: nn.Module, store: list[torch.Tensor], stop: list | None = None):
         super().__init__()
-        self.inner, self.store = inner, store
+        self.inner, self.store, self.stop = inner, store, stop
 
     def forward(self, x):
         self.store.append(x.float())
+        if self.stop is not None:
+            if self in self.stop:
+                self.stop.remove(self)
+            if not self.stop:
+                raise _Enough
         return self.inner(x)
 
 
@@ -147,14 +157,23 @@ def swapped_weights(block: Block, spec: ModuleSpec, weights: dict[str, torch.Ten
             layers[p].weight.data = w
 
 
-def inputs_of(block: Block, spec: ModuleSpec, owners, x: torch.Tensor, cos, sin
-              ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def inputs_of(block: Block, spec: ModuleSpec, owners, x: torch.Tensor, cos, sin, output: bool = True
+              ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """The inputs projections ``owners`` read when the module runs once on one row ``x`` with its current
-    weights, and the module's output."""
+    weights, and the module's output; with ``output`` False the module stops as soon as the last of them has
+    its input (the output is then None: the q/k/v or gate/up input costs a norm, not the whole module)."""
     parent = block.self_attn if spec.kind == "self_attn" else block.mlp
     store: dict[str, list[torch.Tensor]] = {o: [] for o in owners}
-    with _wrapped(parent, {o: _Capture(getattr(parent, o), store[o]) for o in owners}), torch.no_grad():
-        y = run_module(block, spec, x, cos, sin)
+    waiting: list | None = None if output else []
+    caps = {o: _Capture(getattr(parent, o), store[o], waiting) for o in owners}
+    if waiting is not None:
+        waiting.extend(caps.values())
+    y = None
+    with _wrapped(parent, caps), torch.no_grad():
+        try:
+            y = run_module(block, spec, x, cos, sin)
+        except _Enough:
+            pass
     return {o: store[o][0] for o in owners}, y
 
 

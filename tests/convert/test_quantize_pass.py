@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from exl2.convert import accounting
 from exl2.convert.quantize import quantize_module, run_quantization
-from exl2.layers.stream import MODULES, collect, embed_rows, linears, run_module
+from exl2.layers.stream import MODULES, collect, embed_rows, inputs_of, linears, run_module
 from exl2.quant_kernels.gptq import GPTQOptions
 from exl2.quant_kernels.qparams import QParams
 from exl2.runtime.loader import ModelParts, load_config
@@ -45,6 +45,31 @@ def test_collect_limited_to_one_input_matches_the_full_collection(tiny):
     assert torch.equal(H_o["o_proj"], H_all["o_proj"])
     assert all(torch.equal(a, b) for a, b in zip(out_all, out_o))
     assert all(m is before[p] for p, m in linears(block, attn).items())     # the recorders are removed again
+
+
+@pytest.mark.parametrize("kind", [0, 1])
+def test_inputs_without_the_output_stop_the_module_early(tiny, kind):
+    """inputs_of(output=False): the same captured inputs as a full run, no output, and the projections after
+    the last captured one never run (the asymmetric calibration's full-precision passes use it)."""
+    d, ids = tiny
+    parts = ModelParts(d)
+    x = embed_rows(parts, ids)[0]
+    cos, sin = Rotary(parts.cfg).cos_sin(0, ids.shape[1])
+    block, spec = parts.block(0), MODULES[kind]
+    first = spec.hessian_of[spec.projections[0]]
+    full, y = inputs_of(block, spec, [first], x, cos, sin)
+    calls = []
+    hooks = [m.register_forward_hook(lambda mod, i, o, p=p: calls.append(p)) for p, m in linears(block, spec).items()]
+    try:
+        got, none = inputs_of(block, spec, [first], x, cos, sin, output=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert y is not None and none is None and torch.equal(got[first], full[first])
+    assert calls == []                          # stopped before the first projection ran (it reads the input)
+    both, _ = inputs_of(block, spec, list(dict.fromkeys(spec.hessian_of.values())), x, cos, sin, output=False)
+    assert all(torch.equal(both[o], full_o) for o, full_o in
+               inputs_of(block, spec, list(both), x, cos, sin)[0].items())
 
 
 def test_sequential_changes_only_the_projections_after_the_first_input(tiny, tmp_path):
