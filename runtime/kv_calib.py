@@ -30,9 +30,11 @@ from .kv_x import X_MODES, LayerKVX
 from .model import Model, apply_rope
 
 # Rows used at load time when a model has no stored profile (default calibration mix): statistics on
-# STAT_ROWS x STAT_LENGTH tokens, sensitivities on the first SENS_ROWS of them cut to SENS_LENGTH.
+# STAT_ROWS x STAT_LENGTH tokens, sensitivities on the first SENS_ROWS of them cut to SENS_LENGTH, their KL
+# divergence taken at every SENS_STRIDE-th position (docs/decisions/0019-kv-sensitivity-stride.md).
 STAT_ROWS, STAT_LENGTH = 16, 512
 SENS_ROWS, SENS_LENGTH = 4, 256
+SENS_STRIDE = 2
 SKIP_CATEGORIES = ("random", "multilingual_shuffled")  # not text a model reads
 
 Progress = Callable[[int, int], None]
@@ -100,9 +102,12 @@ def collect_stats(model: Model, rows: torch.Tensor, sink: int = 1) -> list[Layer
         q_mod, k_mod = (attn.q_proj, attn.k_proj) if attn.q_norm is None else (attn.q_norm, attn.k_norm)
         for what, mod in (("q", q_mod), ("k", k_mod), ("v", attn.v_proj)):
             hooks.append(mod.register_forward_hook(grab(i, what)))
+    cos, sin = model.rotary.cos_sin(0, rows.shape[1])
     try:
-        for r in range(rows.shape[0]):
-            model(rows[r:r + 1].to(model.device))
+        for r in range(rows.shape[0]):           # the blocks only: nothing here reads the head's output
+            x = model.embed(rows[r:r + 1].to(model.device))
+            for block in model.layers:
+                x = block(x, cos, sin)
     finally:
         for h in hooks:
             h.remove()
@@ -155,13 +160,17 @@ def _attention_past_from(attn, x: torch.Tensor, cos, sin, fk=None, fv=None, rece
 
 @torch.inference_mode()
 def measure_sensitivity(model: Model, rows: torch.Tensor, profile: KVProfile, *, scheme_name: str = "q4x",
-                        progress: Progress | None = None) -> list[tuple[float, float]]:
+                        progress: Progress | None = None, stride: int = 1) -> list[tuple[float, float]]:
     """Per layer, the mean KL divergence (nats/token) of the model's output over ``rows`` when only that layer's
-    keys, or only its values, are quantized at SENSITIVITY_BITS with the transforms of ``scheme_name``."""
+    keys, or only its values, are quantized at SENSITIVITY_BITS with the transforms of ``scheme_name``.
+    ``stride`` > 1: the output (final norm, head, KL) at every ``stride``-th position only, positions
+    ``stride - 1, 2 * stride - 1, ...``, the mean scaled to the row (position 0 reads no cache: its KL is 0)."""
     cfg = model.cfg
     L, Hkv, D = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
     scheme = X_MODES[scheme_name]
     R, T = rows.shape
+    at = torch.arange(stride - 1, T, stride, device=model.device) if stride > 1 else None
+    scale = (T - 1) / T if stride > 1 else 1.0      # the sample leaves out position 0, whose KL is 0
     cos, sin = model.rotary.cos_sin(0, T)
     inputs, refs = [], []  # per row: the input of every layer; the clean log-probs
     for r in range(R):
@@ -171,7 +180,7 @@ def measure_sensitivity(model: Model, rows: torch.Tensor, profile: KVProfile, *,
             xs.append(x)
             x = block(x, cos, sin)
         inputs.append(xs)
-        refs.append(torch.log_softmax(model.lm_head(model.norm(x)).float()[0], -1))
+        refs.append(torch.log_softmax(model.lm_head(model.norm(x if at is None else x[:, at])).float()[0], -1))
     n_sink = min(scheme.sink, T)
     out: list[tuple[float, float]] = []
     for i in range(L):
@@ -198,11 +207,11 @@ def measure_sensitivity(model: Model, rows: torch.Tensor, profile: KVProfile, *,
                 x = x + block.mlp(block.post_attention_layernorm(x))
                 for j in range(i + 1, L):
                     x = model.layers[j](x, cos, sin)
-                lp = torch.log_softmax(model.lm_head(model.norm(x)).float()[0], -1)
+                lp = torch.log_softmax(model.lm_head(model.norm(x if at is None else x[:, at])).float()[0], -1)
                 ref = refs[r]
                 kl += float((ref.exp() * (ref - lp)).sum(-1).clamp_min(0).double().sum())
-                n += T
-            pair.append(kl / n)
+                n += lp.shape[0]
+            pair.append(scale * kl / n)
         out.append((pair[0], pair[1]))
         if progress is not None:
             progress(i + 1, L)
@@ -253,8 +262,9 @@ def calibrate(model: Model, stat_rows: torch.Tensor, sens_rows: torch.Tensor | N
            "sink": sink}
     if sens_rows is not None:
         sens_rows = _bos_rows(model, sens_rows)
-        prof.sensitivity = measure_sensitivity(model, sens_rows, prof, progress=progress)
-        src.update(sens_rows=int(sens_rows.shape[0]), sens_length=int(sens_rows.shape[1]), sens_mode="q4x")
+        prof.sensitivity = measure_sensitivity(model, sens_rows, prof, progress=progress, stride=SENS_STRIDE)
+        src.update(sens_rows=int(sens_rows.shape[0]), sens_length=int(sens_rows.shape[1]), sens_mode="q4x",
+                   sens_stride=SENS_STRIDE)
     prof.source = src          # no wall-clock time: a model folder is the same bytes on every run
     prof.check(cfg)
     return prof

@@ -238,6 +238,25 @@ def test_allocate_bits_spends_the_budget_where_it_pays():
         allocate_bits(sens, 10, min_bits=3)
 
 
+def test_sensitivity_at_a_stride_is_the_row_mean_of_the_sampled_positions(tiny):
+    """measure_sensitivity(stride=s): the KL at positions s-1, 2s-1, ... only, scaled to the row's mean.  The
+    reference per-position KL comes from stride-1 runs on rows cut after each position (a position's output
+    reads only the tokens up to it): KL_t = (t+1) * mean(0..t) - t * mean(0..t-1)."""
+    m, prof, _ = tiny
+    rows = _rows(2, 16, seed=9)
+    T, s = 16, 4
+    means = {n: kv_calib.measure_sensitivity(m, rows[:, :n], prof) for n in range(1, T + 1)}
+    got = kv_calib.measure_sensitivity(m, rows, prof, stride=s)
+    for i in range(m.cfg.num_layers):
+        for j in range(2):
+            kl_at = [(t + 1) * means[t + 1][i][j] - t * (means[t][i][j] if t else 0.0) for t in range(T)]
+            assert abs(kl_at[0]) < 1e-7                                   # position 0 reads no cache
+            want = (T - 1) / T * sum(kl_at[t] for t in range(s - 1, T, s)) / len(range(s - 1, T, s))
+            assert got[i][j] == pytest.approx(want, rel=2e-3, abs=1e-9), (i, j)   # rounding, times T
+            assert got[i][j] > 0
+    assert kv_calib.measure_sensitivity(m, rows, prof, stride=1) == means[T]
+
+
 def test_head_dim_not_a_power_of_two_is_refused():
     cfg = ModelConfig.from_dict(dict(architectures=["Qwen2ForCausalLM"], hidden_size=192, num_attention_heads=4,
                                      num_key_value_heads=4, intermediate_size=64, num_hidden_layers=1,

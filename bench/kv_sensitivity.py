@@ -1,0 +1,109 @@
+"""The KV profile's sensitivities from fewer outputs: do q4x/q3x keep their allocation and KL within the noise of the rows?
+
+    python bench/kv_sensitivity.py [--model DIR] [--ref DIR] [--write]
+
+The converter measures each layer's key and value sensitivity (runtime/kv_calib.py ``measure_sensitivity``) on
+4 of its calibration rows (256 tokens each), and exl2's own cache modes share their bits out by them.  Here the
+sensitivities of ``--model`` (default: the SmolLM2-135M fixture; BENCHMARKS.md's run: its demo preset
+conversion, ``exl2-convert -i SMOLLM2 -o JOB -b 4.0 -mr 8 -ml 512 -r 16 -l 512``, with ``--ref SMOLLM2``) are
+measured, one after the other in one run, on the converter's rows with the KL at every position, on two other
+equally valid choices of 4 rows from the same calibration set (the noise), and on the converter's rows with
+cheaper estimates: the KL at every 2nd or 4th position only (``stride``), or 2 rows.  The statistics stay the
+model's own (``exl2_kv.json`` when the folder has one).  Reported per variant: its seconds, how many of the
+layers get other (key, value) widths than with the converter's rows, and the KL per token of q4x and q3x against
+``--ref`` on fixtures/data's prose and code (2 rows x 512 tokens each), scored in one pass (runtime/onepass.py).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.report import header, publish  # noqa: E402
+
+TEXTS = ("persuasion", "stdlib_code.py")
+MODES = ("q4x", "q3x")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--ref", type=Path, default=None)
+    ap.add_argument("--write", action="store_true")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from exl2.calibration import QUANT_WEIGHTS, default_rows
+    from exl2.runtime import kv_calib
+    from exl2.runtime.evaluate import EvalConfig, evaluate_rows, load_data_rows
+    from exl2.runtime.kv_x import X_MODES
+    from exl2.runtime.loader import load_model
+
+    if args.model is None:
+        from fixtures.smollm2 import build_smollm2
+        args.model = Path(build_smollm2())
+    ref_dir = args.ref or args.model
+    model = load_model(args.model)
+    base = kv_calib.ensure_profile(model, args.model)
+    cfg = model.cfg
+    cal = default_rows(ref_dir / "tokenizer.json", 16, 512, seed=0, bos_id=cfg.bos_token_id,
+                       vocab_size=cfg.vocab_size, weights=QUANT_WEIGHTS)          # the converter's -r 16 -l 512
+    text = [i for i in range(16) if cal.categories[i] not in kv_calib.SKIP_CATEGORIES]
+    step = len(text) // kv_calib.SENS_ROWS                                        # select_rows' spacing
+
+    def rows(offset: int, n: int = kv_calib.SENS_ROWS):
+        return kv_calib._bos_rows(model, cal.input_ids[text[offset::step][:n], :kv_calib.SENS_LENGTH])
+
+    variants = [("converter's rows, every position", rows(0), 1), ("other rows (offset 1), every position", rows(1), 1),
+                ("other rows (offset 2), every position", rows(2), 1), ("converter's rows, stride 2", rows(0), 2),
+                ("converter's rows, stride 4", rows(0), 4), ("2 of the converter's rows, every position",
+                                                             rows(0, 2), 1)]
+    ref = model if ref_dir == args.model else load_model(ref_dir)
+    ev = torch.cat([load_data_rows(ref_dir, ROOT / "fixtures" / "data" / f"{t}.txt", 2, 512) for t in TEXTS])
+    lps: list = []
+    evaluate_rows(ref, ev, [EvalConfig("full")], ref_model=ref, ref_lps=lps)
+    results = []
+    for name, sens_rows, stride in variants:
+        prof = copy.deepcopy(base)
+        prof._plans = {}
+        t = time.time()
+        prof.sensitivity = kv_calib.measure_sensitivity(model, sens_rows, prof, stride=stride)
+        rec = {"name": name, "secs": time.time() - t}
+        kv_calib.attach(model, prof)
+        for mode in MODES:
+            rec[mode] = prof.allocation(cfg, X_MODES[mode])
+            kl = [evaluate_rows(model, ev[r:r + 1], [EvalConfig("cache", mode, 1, one_pass=True)],
+                                ref_lps=[lps[r]])[0].kld_mean for r in range(ev.shape[0])]
+            rec[mode + " kl"] = (sum(kl[:2]) / 2, sum(kl[2:]) / 2)
+        results.append(rec)
+        print(name, {k: v for k, v in rec.items() if k not in MODES}, flush=True)
+    fp16 = [evaluate_rows(model, ev[r:r + 1], [EvalConfig("cache", "fp16", 1, one_pass=True)],
+                          ref_lps=[lps[r]])[0].kld_mean for r in range(ev.shape[0])]
+    first = results[0]
+    table = []
+    for rec in results:
+        moved = [sum(a != b for a, b in zip(rec[m], first[m])) for m in MODES]
+        table.append(f"| {rec['name']} | {rec['secs']:.1f} | {moved[0]} | {moved[1]} | " + " | ".join(
+            f"{rec[m + ' kl'][i]:.5f}" for m in MODES for i in range(2)) + " |")
+    cmd = " ".join(["python bench/kv_sensitivity.py", *(argv if argv is not None else sys.argv[1:])])
+    name = args.model.name if args.model.name != "model" else f"{args.model.parent.parent.name}/{args.model.parent.name}"
+    lines = header("The KV profile's sensitivities from fewer outputs (bench/kv_sensitivity.py)", cmd) + [
+        f"`{name}`; sensitivities on 4 calibration rows x {kv_calib.SENS_LENGTH} tokens (the converter's choice, "
+        "two other choices of rows from the same set, and cheaper estimates on the converter's rows); layers of "
+        f"{cfg.num_layers} whose (key, value) widths differ from the first row's; KL per token against "
+        f"`{ref_dir.name}` of q4x and q3x on 2 rows x 512 tokens of prose (persuasion.txt) and of code "
+        f"(stdlib_code.py.txt). The FP16 cache on the same rows: prose {sum(fp16[:2]) / 2:.5f}, code "
+        f"{sum(fp16[2:]) / 2:.5f}.", "",
+        "| sensitivities | s | q4x layers moved | q3x layers moved | q4x prose | q4x code | q3x prose | q3x code |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|", *table]
+    return publish("kv_sensitivity", "\n".join(lines), args.write)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
