@@ -18,16 +18,15 @@ default calibration mix (the model directory's tokenizer); else, without a token
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
 from .kv_profile import PROFILE_FILE, SENSITIVITY_BITS, KVProfile, LayerStats, weights_profile
-from .kv_x import X_MODES, LayerKVX
-from .model import Model, apply_rope
+from .kv_x import X_MODES
+from .model import Model
+from .onepass import OnePassCache, OnePassLayer, x_trip
 
 # Rows used at load time when a model has no stored profile (default calibration mix): statistics on
 # STAT_ROWS x STAT_LENGTH tokens, sensitivities on the first SENS_ROWS of them cut to SENS_LENGTH, their KL
@@ -122,93 +121,47 @@ def collect_stats(model: Model, rows: torch.Tensor, sink: int = 1) -> list[Layer
     return out
 
 
-def _attention_past_from(attn, x: torch.Tensor, cos, sin, fk=None, fv=None, recent: int = 0) -> torch.Tensor:
-    """The attention block's output for x [B, T, C] when every query reads the keys/values of earlier positions
-    as ``fk(k_pre, k)`` / ``fv(v)`` return them (a token-by-token cache) and its own exactly; the ``recent``
-    positions before it rounded to fp16 (the x modes' ring)."""
-    B, T, _ = x.shape
-    H, Hkv, D = attn.n_heads, attn.n_kv, attn.head_dim
-    q, k_pre, v = attn.project(x)  # [B, T, H or Hkv, D], pre-RoPE
-    q, k = apply_rope(q, cos, sin), apply_rope(k_pre, cos, sin)
-    kp = k if fk is None else fk(k_pre, k)
-    vp = v if fv is None else fv(v)
-    rep = H // Hkv
-    heads = lambda t: t.float().transpose(1, 2).repeat_interleave(rep, 1)  # noqa: E731  [B, Hkv, T, D] -> [B, H, T, D]
-    Q = q.float().transpose(1, 2)  # [B, H, T, D]
-    K, V, Kp, Vp = heads(k), heads(v), heads(kp), heads(vp)
-    scale = 1.0 / math.sqrt(D)
-    s = (Q @ Kp.transpose(-1, -2)) * scale  # [B, H, T, T]
-    pos = torch.arange(T, device=x.device)
-    gap = pos[:, None] - pos[None, :]  # query - key position
-    if recent:
-        near = (gap > 0) & (gap <= recent)
-        Kn, Vn = K.half().float(), V.half().float()
-        s = torch.where(near, (Q @ Kn.transpose(-1, -2)) * scale, s)
-    own = (Q * K).sum(-1) * scale  # [B, H, T]
-    eye = gap == 0
-    s = torch.where(eye, own[..., None].expand_as(s), s)
-    s = s.masked_fill(gap < 0, float("-inf"))
-    p = s.softmax(-1)
-    if recent:
-        out = (p.masked_fill(eye | near, 0.0) @ Vp + p.masked_fill(~near, 0.0) @ Vn
-               + torch.diagonal(p, dim1=-2, dim2=-1)[..., None] * V)
-    else:
-        out = p.masked_fill(eye, 0.0) @ Vp + torch.diagonal(p, dim1=-2, dim2=-1)[..., None] * V  # [B, H, T, D]
-    out = out.transpose(1, 2).reshape(B, T, H * D).to(x.dtype)
-    return attn.o_proj(out)
-
-
 @torch.inference_mode()
 def measure_sensitivity(model: Model, rows: torch.Tensor, profile: KVProfile, *, scheme_name: str = "q4x",
                         progress: Progress | None = None, stride: int = 1) -> list[tuple[float, float]]:
     """Per layer, the mean KL divergence (nats/token) of the model's output over ``rows`` when only that layer's
-    keys, or only its values, are quantized at SENSITIVITY_BITS with the transforms of ``scheme_name``.
-    ``stride`` > 1: the output (final norm, head, KL) at every ``stride``-th position only, positions
-    ``stride - 1, 2 * stride - 1, ...``, the mean scaled to the row (position 0 reads no cache: its KL is 0)."""
+    keys, or only its values, are quantized at SENSITIVITY_BITS with the transforms of ``scheme_name`` (read as a
+    token-by-token cache reads them, computed in one pass: runtime/onepass.py).  ``stride`` > 1: the output (final
+    norm, head, KL) at every ``stride``-th position only, positions ``stride - 1, 2 * stride - 1, ...``, the mean
+    scaled to the row (position 0 reads no cache: its KL is 0)."""
     cfg = model.cfg
-    L, Hkv, D = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    L = cfg.num_layers
     scheme = X_MODES[scheme_name]
     R, T = rows.shape
     at = torch.arange(stride - 1, T, stride, device=model.device) if stride > 1 else None
     scale = (T - 1) / T if stride > 1 else 1.0      # the sample leaves out position 0, whose KL is 0
     cos, sin = model.rotary.cos_sin(0, T)
+
+    def log_probs(x):
+        return torch.log_softmax(model.logits(x if at is None else x[:, at])[0], -1)
+
     inputs, refs = [], []  # per row: the input of every layer; the clean log-probs
     for r in range(R):
-        x = F.embedding(rows[r:r + 1].to(model.device), model.embed_tokens).to(model.compute_dtype)
+        x = model.embed(rows[r:r + 1].to(model.device))
         xs = []
         for block in model.layers:
             xs.append(x)
             x = block(x, cos, sin)
         inputs.append(xs)
-        refs.append(torch.log_softmax(model.lm_head(model.norm(x if at is None else x[:, at])).float()[0], -1))
-    n_sink = min(scheme.sink, T)
+        refs.append(log_probs(x))
     out: list[tuple[float, float]] = []
     for i in range(L):
-        layer = LayerKVX(1, T, Hkv, D, scheme, i, cfg, model.compute_dtype, model.device)
-        layer.plan = profile._layer_plan(i, scheme, SENSITIVITY_BITS, SENSITIVITY_BITS, torch.float32, model.device)
-
-        def fk(k_pre, k):
-            kh = layer.encode_decode_k(k_pre, cos, sin, 0, False).to(k.dtype)
-            return torch.cat([k[:, :n_sink].half().to(k.dtype), kh[:, n_sink:]], 1)
-
-        def fv(v):
-            vh = layer.encode_decode_v(v, 0, False).to(v.dtype)
-            return torch.cat([v[:, :n_sink].half().to(v.dtype), vh[:, n_sink:]], 1)
-
+        plan = profile._layer_plan(i, scheme, SENSITIVITY_BITS, SENSITIVITY_BITS, torch.float32, model.device)
         pair = []
         for which in ("k", "v"):
+            layer = OnePassLayer(x_trip(cfg, scheme, i, T, model.compute_dtype, model.device, plan=plan,
+                                        streams=which))
             kl, n = 0.0, 0
             for r in range(R):
-                block = model.layers[i]
-                x = inputs[r][i]
-                h = block.input_layernorm(x)
-                x = x + _attention_past_from(block.self_attn, h, cos, sin, fk if which == "k" else None,
-                                             fv if which == "v" else None)
-                x = x + block.mlp(block.post_attention_layernorm(x))
+                x = model.layers[i](inputs[r][i], cos, sin, layer)
                 for j in range(i + 1, L):
                     x = model.layers[j](x, cos, sin)
-                lp = torch.log_softmax(model.lm_head(model.norm(x if at is None else x[:, at])).float()[0], -1)
-                ref = refs[r]
+                lp, ref = log_probs(x), refs[r]
                 kl += float((ref.exp() * (ref - lp)).sum(-1).clamp_min(0).double().sum())
                 n += lp.shape[0]
             pair.append(scale * kl / n)
@@ -221,33 +174,25 @@ def measure_sensitivity(model: Model, rows: torch.Tensor, profile: KVProfile, *,
 @torch.inference_mode()
 def emulate_logits(model: Model, ids: torch.Tensor, scheme, profile: KVProfile | None) -> torch.Tensor:
     """Logits [T, V] of one row ``ids`` [1, T] as a token-by-token pass through a cache of ``scheme`` gives
-    them, in one pass over the row: each query reads the earlier positions' keys and values through the
-    scheme's store (quantized and decoded) and its own unquantized.  ``scheme``: an :class:`XScheme`, or a
-    callable ``(layer index) -> (fk, fv)`` returning the store's round trips (``None`` = exact).  A token-by-token
-    pass gives the same up to rounding (a rounding difference can flip a quantization code; tests compare)."""
+    them, in one pass over the row (runtime/onepass.py).  ``scheme``: an :class:`XScheme` (read with ``profile``),
+    or a callable ``(layer index) -> (fk, fv)`` returning the store's round trips ``fk(k_pre, k)``, ``fv(v)``
+    (``None`` = exact).  A token-by-token pass gives the same up to rounding (a rounding difference can flip a
+    quantization code; tests compare)."""
     cfg = model.cfg
     T = ids.shape[1]
-    cos, sin = model.rotary.cos_sin(0, T)
-    x = F.embedding(ids.to(model.device), model.embed_tokens).to(model.compute_dtype)
-    for i, block in enumerate(model.layers):
+    layers = []
+    for i in range(cfg.num_layers):
         if callable(scheme):
             fk, fv = scheme(i)
+
+            def trip(k_pre, k, v, cos, sin, _profile, fk=fk, fv=fv):
+                return (k if fk is None else fk(k_pre, k)), (v if fv is None else fv(v))
+
+            layers.append(OnePassLayer(trip))
         else:
-            layer = LayerKVX(1, T, cfg.num_kv_heads, cfg.head_dim, scheme, i, cfg, model.compute_dtype, model.device)
-            layer._bind(profile)
-            n_sink = min(scheme.sink, T)
-
-            def fk(k_pre, k, layer=layer, n_sink=n_sink):
-                kh = layer.encode_decode_k(k_pre, cos, sin, 0, False).to(k.dtype)
-                return torch.cat([k[:, :n_sink].half().to(k.dtype), kh[:, n_sink:]], 1)
-
-            def fv(v, layer=layer, n_sink=n_sink):
-                vh = layer.encode_decode_v(v, 0, False).to(v.dtype)
-                return torch.cat([v[:, :n_sink].half().to(v.dtype), vh[:, n_sink:]], 1)
-        h = block.input_layernorm(x)
-        x = x + _attention_past_from(block.self_attn, h, cos, sin, fk, fv, 0 if callable(scheme) else scheme.recent)
-        x = x + block.mlp(block.post_attention_layernorm(x))
-    return model.lm_head(model.norm(x)).float()[0]
+            layers.append(OnePassLayer(x_trip(cfg, scheme, i, T, model.compute_dtype, model.device,
+                                              profile=profile), scheme.recent))
+    return model(ids, OnePassCache(cfg, T, mode=None, layers=layers))[0]
 
 
 def calibrate(model: Model, stat_rows: torch.Tensor, sens_rows: torch.Tensor | None, *, source: str,

@@ -96,12 +96,12 @@ MAX_BITS = 8
 
 def x_arch_error(cfg: ModelConfig) -> str | None:
     """Why no x mode can run this architecture (its KV profile could not be measured), or None."""
-    # kv_calib's profile and one-pass emulation model the Llama layout only (Gemma 1: unscaled embeddings;
-    # Granite: no multipliers)
+    # The profile's measurement and the one-pass emulation run the model's own blocks (runtime/onepass.py), but
+    # the modes were designed and measured on the Llama layout only: not yet offered where embeddings are scaled,
+    # outputs normed or residuals multiplied (Gemma, Gemma 2/3, Granite)
     if cfg.arch.sandwich_norms or cfg.arch.embed_scale or cfg.arch.multipliers:
-        return (f"exl2's own cache modes are not supported for {cfg.arch.name} (their KV profile does not model "
-                f"its embedding scale, multipliers, sliding windows, soft-capping or output norms); use fp16, q8, "
-                f"q6 or q4")
+        return (f"exl2's own cache modes are not supported for {cfg.arch.name} (not measured on its embedding "
+                f"scale, multipliers, sliding windows, soft-capping or output norms); use fp16, q8, q6 or q4")
     return None
 
 

@@ -22,7 +22,7 @@ import torch
 
 from .cache import EXL2_MODES, _check_mode, mode_error
 from .config import ModelConfig
-from .kv_x import X_MODES, LayerKVX
+from .kv_x import X_MODES, LayerKVX, XScheme
 
 # A store's round trip for one layer: (k_pre, k, v, cos, sin, profile) -> (keys, values) [B, T, Hkv, D] as a later
 # query reads them back (k_pre: the keys before RoPE, k after; cos/sin [T, D] of the row's positions).
@@ -77,20 +77,26 @@ def _q_trip(bits: tuple[int, int]) -> RoundTrip:
     return trip
 
 
-def _x_trip(cfg: ModelConfig, mode: str, index: int, T: int, dtype, device) -> RoundTrip:
-    """exl2's own modes: the layer's transforms and quantizer (:class:`LayerKVX`), the first ``sink`` tokens in
-    fp16."""
-    scheme = X_MODES[mode]
+def x_trip(cfg: ModelConfig, scheme: XScheme, index: int, T: int, dtype, device, *, profile=None, plan=None,
+           streams: str = "kv") -> RoundTrip:
+    """exl2's own modes (or a variant of one, kv_x.scheme_variant): layer ``index``'s transforms and quantizer
+    (:class:`LayerKVX`), the first ``sink`` tokens in fp16.  The layer's plan comes from ``plan``, else from
+    ``profile``, else from the profile the model's attention hands over.  ``streams``: which of keys ("k") and
+    values ("v") go through the store; the other is read exactly."""
     layer = LayerKVX(1, T, cfg.num_kv_heads, cfg.head_dim, scheme, index, cfg, dtype, device)
+    layer.plan = plan
     n_sink = min(scheme.sink, T)
 
-    def trip(k_pre, k, v, cos, sin, profile):
-        layer._bind(profile)
-        ks = layer.encode_decode_k(k_pre, cos, sin, 0, False).to(k.dtype)
-        vs = layer.encode_decode_v(v, 0, False).to(v.dtype)
-        ks = torch.cat([k[:, :n_sink].half().to(k.dtype), ks[:, n_sink:]], 1)
-        vs = torch.cat([v[:, :n_sink].half().to(v.dtype), vs[:, n_sink:]], 1)
-        return ks, vs
+    def trip(k_pre, k, v, cos, sin, attached):
+        if plan is None:
+            layer._bind(attached if profile is None else profile)
+        if "k" in streams:
+            ks = layer.encode_decode_k(k_pre, cos, sin, 0, False).to(k.dtype)
+            k = torch.cat([k[:, :n_sink].half().to(k.dtype), ks[:, n_sink:]], 1)
+        if "v" in streams:
+            vs = layer.encode_decode_v(v, 0, False).to(v.dtype)
+            v = torch.cat([v[:, :n_sink].half().to(v.dtype), vs[:, n_sink:]], 1)
+        return k, v
 
     return trip
 
@@ -100,15 +106,23 @@ class OnePassCache:
     before them: the logits are those of feeding the rows through a :class:`~exl2.runtime.cache.KVCache` of that
     mode one token at a time ("fp16" stored in fp16, as ``exl2-eval`` scores it), up to rounding."""
 
-    def __init__(self, cfg: ModelConfig, max_seq_len: int, *, mode: str = "fp16", dtype=torch.float32,
-                 device="cpu"):
+    def __init__(self, cfg: ModelConfig, max_seq_len: int, *, mode: str | None = "fp16", dtype=torch.float32,
+                 device="cpu", layers: list | None = None):
+        """``layers`` (with ``mode`` None): one :class:`OnePassLayer` per decoder layer, or None where a layer
+        reads its keys and values exactly, in place of a mode's."""
+        self.cfg, self.mode, self.max_seq_len, self.past_len = cfg, mode, max_seq_len, 0
+        if layers is not None or mode is None:
+            if mode is not None or layers is None or len(layers) != cfg.num_layers:
+                raise ValueError(f"OnePassCache: give a mode or {cfg.num_layers} layers, not both")
+            self.layers = list(layers)
+            return
         _check_mode(mode)
         why = mode_error(cfg, mode)
         if why:
             raise ValueError(f"cache mode {mode!r}: {why}")
-        self.cfg, self.mode, self.max_seq_len, self.past_len = cfg, mode, max_seq_len, 0
         if mode in X_MODES:
-            self.layers = [OnePassLayer(_x_trip(cfg, mode, i, max_seq_len, dtype, device), X_MODES[mode].recent)
+            scheme = X_MODES[mode]
+            self.layers = [OnePassLayer(x_trip(cfg, scheme, i, max_seq_len, dtype, device), scheme.recent)
                            for i in range(cfg.num_layers)]
         else:
             trip = _fp16_trip if EXL2_MODES[mode] is None else _q_trip(EXL2_MODES[mode])
