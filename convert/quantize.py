@@ -107,7 +107,8 @@ def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, d
     for i, owner in enumerate(order):
         if sequential and i > 0:
             last_collect = i == len(order) - 1
-            H.update(collect(block, spec, states, cos, sin, device, owners=(owner,), fp_input=fp_input, cross=cross)[0])
+            H.update(collect(block, spec, states, cos, sin, device, owners=(owner,), fp_input=fp_input, cross=cross,
+                             output=False)[0])
         prepared = gptq.prepare(H[owner].cpu(), percdamp=opts.percdamp, keep_h=bool(opts.polish_sweeps))
         mine = [p for p in spec.projections if spec.hessian_of[p] == owner]
         weights = {p: layers[p].weight.data.float().cpu() for p in mine}

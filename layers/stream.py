@@ -87,17 +87,32 @@ def run_module(block: Block, spec: ModuleSpec, x: torch.Tensor, cos, sin,
     return block.mlp_residual(x if positions is None else x[:, positions])
 
 
+class _Enough(Exception):
+    """Raised by the last wrapper (:class:`_Recorder`, :class:`_Capture`) to see its input when the module's
+    output is not wanted."""
+
+
+def _stop_check(wrapper, stop: list | None) -> None:
+    """``stop``: the wrappers still waiting for their input in this run (None: run the module to the end)."""
+    if stop is not None:
+        if wrapper in stop:
+            stop.remove(wrapper)
+        if not stop:
+            raise _Enough
+
+
 class _Recorder(nn.Module):
     """Wraps a linear layer and adds every input it sees to a Hessian (one add per calibration row).
 
     With ``pending`` set (a :class:`gptq.CrossHessian`), the next input is paired with it: the input the same
-    layer saw on the same row in the full-precision model.
+    layer saw on the same row in the full-precision model.  ``stop``: as :func:`_stop_check`.
     """
 
     def __init__(self, inner: nn.Module, hessian: gptq.Hessian):
         super().__init__()
         self.inner, self.hessian = inner, hessian
         self.pending: torch.Tensor | None = None
+        self.stop: list | None = None
 
     def forward(self, x):
         if self.pending is None:
@@ -105,16 +120,13 @@ class _Recorder(nn.Module):
         else:
             self.hessian.add_pair(x, self.pending)
             self.pending = None
+        _stop_check(self, self.stop)
         return self.inner(x)
 
 
-class _Enough(Exception):
-    """Raised by the last :class:`_Capture` to see its input when the module's output is not wanted."""
-
-
 class _Capture(nn.Module):
-    """Wraps a linear layer and keeps the inputs it sees (float32, on their device); with ``stop`` (a list of
-    the captures still waiting, this one among them) the module stops once every one of them has its input."""
+    """Wraps a linear layer and keeps the inputs it sees (float32, on their device); ``stop``: as
+    :func:`_stop_check`."""
 
     def __init__(self, inner: nn.Module, store: list[torch.Tensor], stop: list | None = None):
         super().__init__()
@@ -122,11 +134,7 @@ class _Capture(nn.Module):
 
     def forward(self, x):
         self.store.append(x.float())
-        if self.stop is not None:
-            if self in self.stop:
-                self.stop.remove(self)
-            if not self.stop:
-                raise _Enough
+        _stop_check(self, self.stop)
         return self.inner(x)
 
 
@@ -179,8 +187,8 @@ def inputs_of(block: Block, spec: ModuleSpec, owners, x: torch.Tensor, cos, sin,
 
 def collect(block: Block, spec: ModuleSpec, states: list[torch.Tensor], cos, sin, device,
             max_abs: list | None = None, owners: tuple[str, ...] | None = None,
-            fp_input: Callable[[int, list[str]], dict[str, torch.Tensor]] | None = None, cross: dict | None = None
-            ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+            fp_input: Callable[[int, list[str]], dict[str, torch.Tensor]] | None = None, cross: dict | None = None,
+            output: bool = True) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """Run the module over all rows with its current weights: Hessians per projection and the outputs.
 
     Returns ``(H, outputs)`` with ``H[proj]`` averaged over rows (shared inputs share one matrix) and
@@ -188,7 +196,8 @@ def collect(block: Block, spec: ModuleSpec, states: list[torch.Tensor], cos, sin
     the module), and ``H`` to the projections that read them.  NaN in an output raises; ``max_abs``
     (if given) receives the largest |output|.  With ``fp_input`` (row index, owners -> the inputs those
     owners see on that row in the full-precision model; called with no recorder installed),
-    ``cross[proj]`` receives :meth:`gptq.CrossHessian.cross` as well.
+    ``cross[proj]`` receives :meth:`gptq.CrossHessian.cross` as well.  ``output`` False: the module stops on
+    each row once the owners' inputs are recorded, and ``outputs`` is empty.
     """
     parent = block.self_attn if spec.kind == "self_attn" else block.mlp
     owners = sorted(set(spec.hessian_of.values()) if owners is None else owners)
@@ -202,6 +211,16 @@ def collect(block: Block, spec: ModuleSpec, states: list[torch.Tensor], cos, sin
             if fp_input is not None:
                 for o, x_fp in fp_input(i, owners).items():
                     rec[o].pending = x_fp
+            if not output:
+                waiting = list(rec.values())
+                for r in waiting:
+                    r.stop = waiting
+                with _wrapped(parent, rec):
+                    try:
+                        run_module(block, spec, x.to(device), cos, sin)
+                    except _Enough:
+                        pass
+                continue
             with _wrapped(parent, rec):
                 y = run_module(block, spec, x.to(device), cos, sin)
             if bool(torch.isnan(y).any()):

@@ -72,6 +72,27 @@ def test_inputs_without_the_output_stop_the_module_early(tiny, kind):
                inputs_of(block, spec, list(both), x, cos, sin)[0].items())
 
 
+def test_collect_without_outputs_stops_after_the_recorded_input(tiny):
+    """collect(output=False): the same Hessian, no outputs, and nothing after the recorded projection runs
+    (the later sequential collects of the quantization pass use it; their outputs were never read)."""
+    d, ids = tiny
+    parts = ModelParts(d)
+    states = embed_rows(parts, ids)
+    cos, sin = Rotary(parts.cfg).cos_sin(0, ids.shape[1])
+    block, spec = parts.block(0), MODULES[1]
+    owner = spec.hessian_of["down_proj"]
+    H, outs = collect(block, spec, states, cos, sin, "cpu", owners=(owner,))
+    calls = []
+    down = linears(block, spec)["down_proj"]
+    hook = down.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        H2, outs2 = collect(block, spec, states, cos, sin, "cpu", owners=(owner,), output=False)
+    finally:
+        hook.remove()
+    assert outs2 == [] and len(outs) == len(states) and calls == []
+    assert torch.equal(H["down_proj"], H2["down_proj"])
+
+
 def test_sequential_changes_only_the_projections_after_the_first_input(tiny, tmp_path):
     """Layer 0's q/k/v see the same Hessian either way and come out byte-identical; o_proj's Hessian is
     collected after q/k/v are quantized, so it differs."""
