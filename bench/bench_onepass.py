@@ -20,38 +20,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import header, publish  # noqa: E402
-
-TEXTS = ("persuasion", "stdlib_code.py")
+from bench.scoring import load, model_args, reference_log_probs, text_rows  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=None)
-    ap.add_argument("--ref", type=Path, default=None)
+    model_args(ap)
     ap.add_argument("--rows", type=int, default=2, help="rows per text")
     ap.add_argument("--length", type=int, default=256)
-    ap.add_argument("--write", action="store_true")
     args = ap.parse_args(argv)
 
-    import torch
-
     from exl2.runtime.cache import MODES, mode_error
-    from exl2.runtime.evaluate import EvalConfig, evaluate_rows, load_data_rows
-    from exl2.runtime.kv_calib import ensure_profile
-    from exl2.runtime.loader import load_model
+    from exl2.runtime.evaluate import EvalConfig, evaluate_rows
 
-    if args.model is None:
-        from fixtures.smollm2 import build_smollm2
-        args.model = Path(build_smollm2())
-    ref_dir = args.ref or args.model
-    model = load_model(args.model)
+    model, ref, ref_dir, name = load(args)
     modes = [m for m in MODES if mode_error(model.cfg, m) is None]
-    ensure_profile(model, args.model)
-    ref = model if ref_dir == args.model else load_model(ref_dir)
-    rows = torch.cat([load_data_rows(args.model, ROOT / "fixtures" / "data" / f"{t}.txt", args.rows, args.length)
-                      for t in TEXTS])
-    lps: list = []
-    evaluate_rows(ref, rows, [EvalConfig("full")], ref_model=ref, ref_lps=lps)   # the reference's log-probs, once
+    rows = text_rows(args.model, args.rows, args.length)
+    lps = reference_log_probs(ref, rows)
     table = []
     for mode in modes:
         got, secs = {}, {}
@@ -68,7 +53,6 @@ def main(argv=None) -> int:
         table.append(f"| {mode} | {mean[False]:.5f} | {mean[True]:.5f} | {100 * worst:.1f} % | {secs[False]:.1f} | "
                      f"{secs[True]:.1f} |")
         print(table[-1], flush=True)
-    name = args.model.name if args.model.name != "model" else f"{args.model.parent.parent.name}/{args.model.parent.name}"
     cmd = " ".join(["python bench/bench_onepass.py", *(argv if argv is not None else sys.argv[1:])])
     lines = header("Cache-mode scoring: token by token against one pass (bench/bench_onepass.py)", cmd) + [
         f"`{name}`, {rows.shape[0]} rows x {args.length} tokens ({args.rows} of fixtures/data/persuasion.txt, "

@@ -25,32 +25,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import header, publish  # noqa: E402
+from bench.scoring import load, model_args, reference_log_probs, text_rows  # noqa: E402
 
-TEXTS = ("persuasion", "stdlib_code.py")
 MODES = ("q4x", "q3x")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=None)
-    ap.add_argument("--ref", type=Path, default=None)
-    ap.add_argument("--write", action="store_true")
+    model_args(ap)
     args = ap.parse_args(argv)
-
-    import torch
 
     from exl2.calibration import QUANT_WEIGHTS, default_rows
     from exl2.runtime import kv_calib
-    from exl2.runtime.evaluate import EvalConfig, evaluate_rows, load_data_rows
+    from exl2.runtime.evaluate import EvalConfig, evaluate_rows
     from exl2.runtime.kv_x import X_MODES
-    from exl2.runtime.loader import load_model
 
-    if args.model is None:
-        from fixtures.smollm2 import build_smollm2
-        args.model = Path(build_smollm2())
-    ref_dir = args.ref or args.model
-    model = load_model(args.model)
-    base = kv_calib.ensure_profile(model, args.model)
+    model, ref, ref_dir, name = load(args)
+    base = kv_calib.profile_of(model)
     cfg = model.cfg
     cal = default_rows(ref_dir / "tokenizer.json", 16, 512, seed=0, bos_id=cfg.bos_token_id,
                        vocab_size=cfg.vocab_size, weights=QUANT_WEIGHTS)          # the converter's -r 16 -l 512
@@ -64,10 +55,8 @@ def main(argv=None) -> int:
                 ("other rows (offset 2), every position", rows(2), 1), ("converter's rows, stride 2", rows(0), 2),
                 ("converter's rows, stride 4", rows(0), 4), ("2 of the converter's rows, every position",
                                                              rows(0, 2), 1)]
-    ref = model if ref_dir == args.model else load_model(ref_dir)
-    ev = torch.cat([load_data_rows(ref_dir, ROOT / "fixtures" / "data" / f"{t}.txt", 2, 512) for t in TEXTS])
-    lps: list = []
-    evaluate_rows(ref, ev, [EvalConfig("full")], ref_model=ref, ref_lps=lps)
+    ev = text_rows(ref_dir, 2, 512)
+    lps = reference_log_probs(ref, ev)
     results = []
     for name, sens_rows, stride in variants:
         prof = copy.deepcopy(base)
@@ -92,7 +81,6 @@ def main(argv=None) -> int:
         table.append(f"| {rec['name']} | {rec['secs']:.1f} | {moved[0]} | {moved[1]} | " + " | ".join(
             f"{rec[m + ' kl'][i]:.5f}" for m in MODES for i in range(2)) + " |")
     cmd = " ".join(["python bench/kv_sensitivity.py", *(argv if argv is not None else sys.argv[1:])])
-    name = args.model.name if args.model.name != "model" else f"{args.model.parent.parent.name}/{args.model.parent.name}"
     lines = header("The KV profile's sensitivities from fewer outputs (bench/kv_sensitivity.py)", cmd) + [
         f"`{name}`; sensitivities on 4 calibration rows x {kv_calib.SENS_LENGTH} tokens (the converter's choice, "
         "two other choices of rows from the same set, and cheaper estimates on the converter's rows); layers of "

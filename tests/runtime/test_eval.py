@@ -9,14 +9,7 @@ from exl2.runtime.evaluate import (EvalConfig, evaluate_rows, kl_divergence, per
 from exl2.runtime.loader import load_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Token-by-token passes on a tiny model are all per-op overhead; with 2 threads on a loaded 2-core
-    machine, SDPA alone took ~7 ms a call (vs ~10 us with 1 thread). One thread keeps these tests fast."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

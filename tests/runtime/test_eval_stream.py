@@ -23,12 +23,7 @@ from exl2.runtime.loader import ModelParts, load_model
 from .test_cli import TEXT, write_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)     # see test_eval.py: tiny passes are per-op overhead
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,12 +28,7 @@ QWEN2_7B = ModelConfig.from_dict(dict(
     intermediate_size=18944, num_hidden_layers=28, vocab_size=152064))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # token-by-token passes of a tiny model are per-op overhead
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,7 @@ from exl2.runtime.loader import load_model
 from exl2.runtime.onepass import OnePassCache
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # token-by-token passes of a tiny model are per-op overhead
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
