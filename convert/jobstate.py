@@ -21,7 +21,7 @@ from exl2.core.files import write_json_atomic
 from exl2.core.version import VERSION
 from exl2.layers.checkpoint import checkpoint_path
 
-from .options import DEFAULT_CHANGED, LEGACY, MEASURE_PARAMS, QUANT_PARAMS, flag_of, resolved_asym
+from .options import DEFAULT_CHANGED, LEGACY, MEASURE_PARAMS, QUANT_PARAMS, flag_of, resolved_asym, resolved_stride
 
 JOB_FORMAT = 1
 
@@ -107,7 +107,9 @@ class JobState:
                  "sha256": (previous.get("params") or {}).get("checkpoint_sha256")}
         params = {name: None for name in dict.fromkeys(MEASURE_PARAMS + QUANT_PARAMS)}
         params.update({name: getattr(opts, name) for name in params if hasattr(opts, name)})
+        # asym and the stride as the run will use them: "auto" and a stride that short rows lower are not changes
         params.update(checkpoint_sha256=checkpoint_sha256(in_dir, known), asym=resolved_asym(opts),
+                      measure_stride=resolved_stride(opts),
                       cal_dataset=str(Path(opts.cal_dataset).resolve()) if opts.cal_dataset else None)
         if previous:
             job = previous
@@ -126,7 +128,9 @@ class JobState:
 
     def _refuse_changes(self, old: dict, new: dict, done: list[str]) -> None:
         # Work killed part-way counts as done work: a checkpoint holds layers made with the old values.
-        measured = "measure" in done or checkpoint_path(self.work / "measure", "measure").exists()
+        # (Ray runs keep theirs per layer range, measure/split.py part-*/)
+        measured = ("measure" in done or checkpoint_path(self.work / "measure", "measure").exists()
+                    or any((self.work / "measure").glob("part-*")))
         quantized = self.quantized(done)
         for k in dict.fromkeys(MEASURE_PARAMS + QUANT_PARAMS):
             if k == "measurement_sha256":
@@ -134,7 +138,8 @@ class JobState:
             was = old.get(k, LEGACY.get(k))
             if was != new[k] and ((k in MEASURE_PARAMS and measured) or (k in QUANT_PARAMS and quantized)):
                 # an option whose default changed since the job started: it can go on with its own value
-                keep = f"rerun with {flag_of(k)} {was:g} to go on, or " if k in DEFAULT_CHANGED else ""
+                value = format(was, "g") if isinstance(was, float) else was
+                keep = f"rerun with {flag_of(k)} {value} to go on, or " if k in DEFAULT_CHANGED else ""
                 raise ConvertError(f"{self.work}: finished work used {flag_of(k)} = {was}, this run asks for "
                                f"{new[k]}; {keep}use -nr to start over or another -o")
 

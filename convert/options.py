@@ -296,6 +296,14 @@ def resolved_asym(opts) -> float:
     return auto_asym(opts.rows, opts.length) if opts.asym is None else opts.asym
 
 
+def resolved_stride(opts) -> int:
+    """The stride the measurement uses for ``measure_stride`` (measure.measure.effective_stride): lower when the
+    measurement rows hold too few tokens, 1 for short ones."""
+    from exl2.measure.measure import effective_stride
+
+    return effective_stride(opts.measurement_rows, opts.measurement_length, opts.measure_stride)
+
+
 # ----------------------------------------------------------------------------------------------- derived
 
 def check_options(opts) -> None:

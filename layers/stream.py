@@ -128,9 +128,10 @@ class _Capture(nn.Module):
     """Wraps a linear layer and keeps the inputs it sees (float32, on their device); ``stop``: as
     :func:`_stop_check`."""
 
-    def __init__(self, inner: nn.Module, store: list[torch.Tensor], stop: list | None = None):
+    def __init__(self, inner: nn.Module, store: list[torch.Tensor]):
         super().__init__()
-        self.inner, self.store, self.stop = inner, store, stop
+        self.inner, self.store = inner, store
+        self.stop: list | None = None
 
     def forward(self, x):
         self.store.append(x.float())
@@ -149,6 +150,21 @@ def _wrapped(parent: nn.Module, wrappers: dict[str, nn.Module]):
     finally:
         for o, m in inner.items():
             setattr(parent, o, m)
+
+
+def _run_wrapped(block: Block, spec: ModuleSpec, wrappers: dict[str, nn.Module], x: torch.Tensor, cos, sin,
+                 output: bool) -> torch.Tensor | None:
+    """The module's output on ``x`` with ``wrappers`` (:class:`_Recorder` or :class:`_Capture`) in place of its
+    projections; with ``output`` False it stops once every wrapper has seen its input and returns None."""
+    parent = block.self_attn if spec.kind == "self_attn" else block.mlp
+    waiting = None if output else list(wrappers.values())
+    for w in wrappers.values():
+        w.stop = waiting
+    with _wrapped(parent, wrappers), torch.no_grad():
+        try:
+            return run_module(block, spec, x, cos, sin)
+        except _Enough:
+            return None
 
 
 @contextmanager
@@ -172,16 +188,7 @@ def inputs_of(block: Block, spec: ModuleSpec, owners, x: torch.Tensor, cos, sin,
     its input (the output is then None: the q/k/v or gate/up input costs a norm, not the whole module)."""
     parent = block.self_attn if spec.kind == "self_attn" else block.mlp
     store: dict[str, list[torch.Tensor]] = {o: [] for o in owners}
-    waiting: list | None = None if output else []
-    caps = {o: _Capture(getattr(parent, o), store[o], waiting) for o in owners}
-    if waiting is not None:
-        waiting.extend(caps.values())
-    y = None
-    with _wrapped(parent, caps), torch.no_grad():
-        try:
-            y = run_module(block, spec, x, cos, sin)
-        except _Enough:
-            pass
+    y = _run_wrapped(block, spec, {o: _Capture(getattr(parent, o), store[o]) for o in owners}, x, cos, sin, output)
     return {o: store[o][0] for o in owners}, y
 
 
@@ -197,9 +204,10 @@ def collect(block: Block, spec: ModuleSpec, states: list[torch.Tensor], cos, sin
     (if given) receives the largest |output|.  With ``fp_input`` (row index, owners -> the inputs those
     owners see on that row in the full-precision model; called with no recorder installed),
     ``cross[proj]`` receives :meth:`gptq.CrossHessian.cross` as well.  ``output`` False: the module stops on
-    each row once the owners' inputs are recorded, and ``outputs`` is empty.
+    each row once the owners' inputs are recorded, and ``outputs`` is empty (no ``max_abs`` then).
     """
-    parent = block.self_attn if spec.kind == "self_attn" else block.mlp
+    if max_abs is not None and not output:
+        raise ValueError("collect: max_abs needs the outputs (output=True)")
     owners = sorted(set(spec.hessian_of.values()) if owners is None else owners)
     layers = linears(block, spec)
     kind = gptq.Hessian if fp_input is None else gptq.CrossHessian
@@ -211,18 +219,9 @@ def collect(block: Block, spec: ModuleSpec, states: list[torch.Tensor], cos, sin
             if fp_input is not None:
                 for o, x_fp in fp_input(i, owners).items():
                     rec[o].pending = x_fp
-            if not output:
-                waiting = list(rec.values())
-                for r in waiting:
-                    r.stop = waiting
-                with _wrapped(parent, rec):
-                    try:
-                        run_module(block, spec, x.to(device), cos, sin)
-                    except _Enough:
-                        pass
+            y = _run_wrapped(block, spec, rec, x.to(device), cos, sin, output)
+            if y is None:
                 continue
-            with _wrapped(parent, rec):
-                y = run_module(block, spec, x.to(device), cos, sin)
             if bool(torch.isnan(y).any()):
                 raise LayerError(f"{spec.kind}: NaN in the full-precision output")
             if max_abs is not None:

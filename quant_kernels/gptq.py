@@ -67,7 +67,7 @@ class HessianError(UserError, RuntimeError):
     """The Hessian could not be made positive definite with the allowed damping."""
 
 
-# From this width on, Hessian.add computes the upper triangle only (in TRIANGLE_BLOCKS column blocks: about 56 %
+# From this width on (CPU tensors), Hessian.add computes the upper triangle only (in TRIANGLE_BLOCKS column blocks: about 56 %
 # of the products) and result() mirrors it (measured: docs/decisions/0017-measure-stride.md).
 TRIANGLE_MIN_K = 2048
 TRIANGLE_BLOCKS = 8
@@ -82,7 +82,7 @@ def _column_blocks(k: int) -> list[tuple[int, int]]:
 class Hessian:
     """Accumulates ``H = sum X^T X`` over calibration rows in fp32, then averages over rows.
 
-    One :meth:`add` call is one calibration row (all its tokens), as ExLlamaV2 counts it.  Wide inputs
+    One :meth:`add` call is one calibration row (all its tokens), as ExLlamaV2 counts it.  Wide CPU inputs
     (``TRIANGLE_MIN_K``) accumulate the upper triangle only; :meth:`result` fills in the lower one.
     """
 
@@ -96,7 +96,7 @@ class Hessian:
         if x.shape[-1] != k:
             raise ValueError(f"Hessian.add: input x has {x.shape[-1]} features, expected {k}")
         x = x.reshape(-1, k).to(self.H.device, torch.float32)   # [tokens, K]
-        if k < TRIANGLE_MIN_K:
+        if k < TRIANGLE_MIN_K or self.H.device.type != "cpu":      # the blocks were measured on the CPU only
             self.H.addmm_(x.t(), x)
         else:
             for j0, j1 in _column_blocks(k):                      # rows 0..j1 of columns j0..j1

@@ -171,6 +171,14 @@ def _full_logits(model: Model | StreamedModel, r: int, row: torch.Tensor) -> tor
     return model(row.to(model.device))[0]
 
 
+def _one_pass_logits(model: Model, row: torch.Tensor, cache_mode: str) -> torch.Tensor:
+    """Row [1, L]'s logits [L-1, V] as a token-by-token pass through a ``cache_mode`` cache gives them (the last
+    token is not fed: it predicts nothing)."""
+    L = row.shape[1]
+    return model(row[:, :-1], OnePassCache(model.cfg, L - 1, mode=cache_mode, dtype=model.dtype,
+                                           device=model.device))[0]
+
+
 @torch.inference_mode()
 def evaluate_rows(model: Model | StreamedModel, rows: torch.Tensor, configs: Sequence[EvalConfig] = (EvalConfig(),),
                   *, ref_model: Model | StreamedModel | None = None, ref_lps: list[torch.Tensor] | None = None,
@@ -227,12 +235,8 @@ def evaluate_rows(model: Model | StreamedModel, rows: torch.Tensor, configs: Seq
                 res.ref_nll_sum += ref_nll
         for c, res in zip(configs, results):
             if c.mode == "full" or c.one_pass:
-                if c.one_pass:  # the last token is not fed: it predicts nothing
-                    logits = model(row[:, :-1], OnePassCache(model.cfg, L - 1, mode=c.cache_mode, dtype=model.dtype,
-                                                            device=model.device))[0]  # [L-1, V]
-                else:
-                    logits = _full_logits(model, r, row)[:-1]  # [L-1, V]
-                _score(res, logits, targets, ref_lp)
+                logits = _one_pass_logits(model, row, c.cache_mode) if c.one_pass else _full_logits(model, r, row)[:-1]
+                _score(res, logits, targets, ref_lp)  # logits [L-1, V]
                 del logits
                 if progress is not None:
                     progress(L - 1)

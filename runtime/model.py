@@ -208,18 +208,16 @@ class Attention(nn.Module):
         if self.rotary is not None:
             cos, sin = self.rotary.cos_sin(past_len, T)  # [T, D] each
         q, k = apply_rope(q, cos, sin, self.rope_interleaved), apply_rope(k, cos, sin, self.rope_interleaved)
+        mask = None
         if getattr(layer_cache, "one_pass", False):  # a token-by-token pass emulated in one (runtime/onepass.py)
             k, v, mask = layer_cache.keys_values(k_pre, k, v, cos, sin, self.kv_profile, self.window)
-            out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=self.scale,
-                            softcap=self.softcap, mask=mask)  # [B, H, T, D]
-            return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-        if layer_cache is not None:
+        elif layer_cache is not None:
             if getattr(layer_cache, "takes_pre_rope", False):  # exl2's own modes (kv_x.py) take pre-RoPE keys
                 k, v = layer_cache.update_pre_rope(k_pre, k, v, past_len, cos, sin, self.kv_profile)
             else:
                 k, v = layer_cache.update(k, v, past_len)  # [B, S, Hkv, D] each
         out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=self.scale,
-                        softcap=self.softcap, window=self.window)  # [B, H, T, D]
+                        softcap=self.softcap, window=self.window, mask=mask)  # [B, H, T, D]
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, H*D]
         return self.o_proj(out)
 

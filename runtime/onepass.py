@@ -111,9 +111,9 @@ class OnePassCache:
         """``layers`` (with ``mode`` None): one :class:`OnePassLayer` per decoder layer, or None where a layer
         reads its keys and values exactly, in place of a mode's."""
         self.cfg, self.mode, self.max_seq_len, self.past_len = cfg, mode, max_seq_len, 0
-        if layers is not None or mode is None:
-            if mode is not None or layers is None or len(layers) != cfg.num_layers:
-                raise ValueError(f"OnePassCache: give a mode or {cfg.num_layers} layers, not both")
+        if (mode is None) == (layers is None) or (layers is not None and len(layers) != cfg.num_layers):
+            raise ValueError(f"OnePassCache: give a mode or {cfg.num_layers} layers (one of the two)")
+        if layers is not None:
             self.layers = list(layers)
             return
         _check_mode(mode)

@@ -176,17 +176,26 @@ def test_changed_tables_are_refused_and_old_job_files_mean_exl2(qwen_tied, qwen_
     assert not [e for e in events if e.get("stage") == "measure"]
 
 
-def test_old_job_files_mean_every_token_measured(qwen_tied, qwen_job, tmp_path):
-    """A job file written before --measure-stride existed measured every token: resuming it with the new default
-    is refused with the value that goes on."""
+def test_old_job_files_mean_every_token_measured(qwen_tied, qwen_job, tmp_path, monkeypatch):
+    """A job file written before --measure-stride existed measured every token.  The job records the stride the
+    measurement really uses: these short rows (4 x 64) are measured at every token whatever is asked, so the old
+    job goes on; where the default would sample, resuming is refused with the value that goes on."""
+    import exl2.measure.measure as M
+
     work, _, _ = qwen_job
     old = tmp_path / "old"
     shutil.copytree(work, old)
     job = json.loads((old / "job.json").read_text())
-    assert job["params"]["measure_stride"] == 4
+    assert job["params"]["measure_stride"] == 1                 # asked for 4, 256 tokens: every token
     del job["params"]["measure_stride"]
     (old / "job.json").write_text(json.dumps(job))
     common = dict(in_dir=str(qwen_tied), work_dir=str(old), bits=[3.0], asym=0.0, **SMALL)
+    events = []
+    convert(ConvertOptions(**common), status=events.append)
+    assert not [e for e in events if e.get("stage") == "measure"]
+    job["params"].pop("measure_stride", None)
+    (old / "job.json").write_text(json.dumps(job))
+    monkeypatch.setattr(M, "MIN_SAMPLED", 16)                   # now the default samples these rows too
     with pytest.raises(Exception, match=r"finished work used --measure-stride = 1, this run asks for 4; rerun "
                                         r"with --measure-stride 1 to go on, or use -nr"):
         convert(ConvertOptions(**common))
