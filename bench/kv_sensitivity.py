@@ -1,4 +1,4 @@
-"""The KV profile's sensitivities from fewer outputs: do q4x/q3x keep their allocation and KL within the noise of the rows?
+"""The KV profile's sensitivities from fewer outputs: q4x/q3x's allocation and KL against the noise of the rows.
 
     python bench/kv_sensitivity.py [--model DIR] [--ref DIR] [--write]
 
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import header, publish  # noqa: E402
-from bench.scoring import load, model_args, reference_log_probs, text_rows  # noqa: E402
+from bench.scoring import command, load, model_args, reference_log_probs, row_kls, text_rows  # noqa: E402
 
 MODES = ("q4x", "q3x")
 
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
 
     from exl2.calibration import QUANT_WEIGHTS, default_rows
     from exl2.runtime import kv_calib
-    from exl2.runtime.evaluate import EvalConfig, evaluate_rows
+    from exl2.runtime.evaluate import EvalConfig
     from exl2.runtime.kv_x import X_MODES
 
     model, ref, ref_dir, name = load(args)
@@ -58,31 +58,29 @@ def main(argv=None) -> int:
     ev = text_rows(ref_dir, 2, 512)
     lps = reference_log_probs(ref, ev)
     results = []
-    for name, sens_rows, stride in variants:
+    for label, sens_rows, stride in variants:
         prof = copy.deepcopy(base)
         prof._plans = {}
         t = time.time()
         prof.sensitivity = kv_calib.measure_sensitivity(model, sens_rows, prof, stride=stride)
-        rec = {"name": name, "secs": time.time() - t}
+        rec = {"name": label, "secs": time.time() - t}
         kv_calib.attach(model, prof)
         for mode in MODES:
             rec[mode] = prof.allocation(cfg, X_MODES[mode])
-            kl = [evaluate_rows(model, ev[r:r + 1], [EvalConfig("cache", mode, 1, one_pass=True)],
-                                ref_lps=[lps[r]])[0].kld_mean for r in range(ev.shape[0])]
+            kl = row_kls(model, ev, lps, EvalConfig("cache", mode, 1, one_pass=True))
             rec[mode + " kl"] = (sum(kl[:2]) / 2, sum(kl[2:]) / 2)
         results.append(rec)
-        print(name, {k: v for k, v in rec.items() if k not in MODES}, flush=True)
-    fp16 = [evaluate_rows(model, ev[r:r + 1], [EvalConfig("cache", "fp16", 1, one_pass=True)],
-                          ref_lps=[lps[r]])[0].kld_mean for r in range(ev.shape[0])]
+        print(label, {k: v for k, v in rec.items() if k not in MODES}, flush=True)
+    fp16 = row_kls(model, ev, lps, EvalConfig("cache", "fp16", 1, one_pass=True))
     first = results[0]
     table = []
     for rec in results:
         moved = [sum(a != b for a, b in zip(rec[m], first[m])) for m in MODES]
         table.append(f"| {rec['name']} | {rec['secs']:.1f} | {moved[0]} | {moved[1]} | " + " | ".join(
             f"{rec[m + ' kl'][i]:.5f}" for m in MODES for i in range(2)) + " |")
-    cmd = " ".join(["python bench/kv_sensitivity.py", *(argv if argv is not None else sys.argv[1:])])
-    lines = header("The KV profile's sensitivities from fewer outputs (bench/kv_sensitivity.py)", cmd) + [
-        f"`{name}`; sensitivities on 4 calibration rows x {kv_calib.SENS_LENGTH} tokens (the converter's choice, "
+    lines = header("The KV profile's sensitivities from fewer outputs (bench/kv_sensitivity.py)",
+                   command("kv_sensitivity.py", argv)) + [
+        f"{name}; sensitivities on 4 calibration rows x {kv_calib.SENS_LENGTH} tokens (the converter's choice, "
         "two other choices of rows from the same set, and cheaper estimates on the converter's rows); layers of "
         f"{cfg.num_layers} whose (key, value) widths differ from the first row's; KL per token against "
         f"`{ref_dir.name}` of q4x and q3x on 2 rows x 512 tokens of prose (persuasion.txt) and of code "

@@ -24,10 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import header, publish  # noqa: E402
+from bench.scoring import ROOT, TEXTS  # noqa: E402
 
 TARGETS = (3.0, 4.0, 5.0)
-TEXTS = ("persuasion", "stdlib_code.py")
-DATA = Path(__file__).resolve().parents[1] / "fixtures" / "data"
+DATA = ROOT / "fixtures" / "data"
 
 
 def rows_for(model: Path, n: int, length: int, seed: int = 0):

@@ -27,9 +27,34 @@ def load(args):
     model = load_model(args.model)
     ensure_profile(model, args.model)
     ref = model if ref_dir == args.model else load_model(ref_dir)
-    m = args.model                         # a converted model: JOB/bpw-X/model, named by its job and target
-    name = m.name if m.name != "model" else f"{m.parent.parent.name}/{m.parent.name}"
-    return model, ref, ref_dir, name
+    return model, ref, ref_dir, describe(args.model)
+
+
+def describe(model_dir: Path) -> str:
+    """The model folder for a section's text: its name, or for a converted model (JOB/bpw-X/model) the job's
+    and the target's names with the bits and calibration rows of its quantization_config."""
+    import json
+
+    if model_dir.name != "model":
+        return f"`{model_dir.name}`"
+    q = json.loads((model_dir / "config.json").read_text()).get("quantization_config") or {}
+    cal = q.get("calibration") or {}
+    return (f"`{model_dir.parent.parent.name}/{model_dir.parent.name}` (EXL2, {q.get('bits')} bpw, calibration "
+            f"{cal.get('rows')} x {cal.get('length')} rows)")
+
+
+def row_kls(model, rows, lps: list, config) -> list[float]:
+    """The mean KL divergence of each row of ``rows`` under ``config`` (an EvalConfig) against ``lps``."""
+    from exl2.runtime.evaluate import evaluate_rows
+
+    return [evaluate_rows(model, rows[r:r + 1], [config], ref_lps=[lps[r]])[0].kld_mean for r in range(rows.shape[0])]
+
+
+def command(script: str, argv) -> str:
+    """The command line a section was made with."""
+    import sys
+
+    return " ".join([f"python bench/{script}", *(argv if argv is not None else sys.argv[1:])])
 
 
 def text_rows(model_dir: Path, rows: int, length: int):

@@ -67,8 +67,8 @@ class HessianError(UserError, RuntimeError):
     """The Hessian could not be made positive definite with the allowed damping."""
 
 
-# From this width on (CPU tensors), Hessian.add computes the upper triangle only (in TRIANGLE_BLOCKS column blocks: about 56 %
-# of the products) and result() mirrors it (measured: docs/decisions/0017-measure-stride.md).
+# From this width on (CPU tensors), Hessian.add computes the upper triangle only (in TRIANGLE_BLOCKS column
+# blocks: about 56 % of the products) and result() mirrors it (measured: docs/decisions/0017-measure-stride.md).
 TRIANGLE_MIN_K = 2048
 TRIANGLE_BLOCKS = 8
 

@@ -237,8 +237,8 @@ _CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
               help="Cache mode: tokens per forward pass (1 = token by token, as ExLlamaV2's -eq4/-eq8).")
 @click.option("--one-pass", is_flag=True,
               help="Cache mode with --chunk 1: compute the token-by-token pass in one forward pass per row and "
-                   "mode (each query reads its past as the cache stores it); the same scores up to rounding, "
-                   "about length times fewer passes.")
+                   "mode (each query reads its past as the cache stores it), about length times fewer passes; the "
+                   "same scores up to rounding, which a quantized cache can amplify on single rows.")
 @click.option("--kld-ref", type=click.Path(), default=None,
               help="Reference model directory (e.g. the FP16 original): adds KL(ref || model) and top-1.")
 @click.option("--stream", "stream", type=click.Choice(["auto", "always", "never"]), default="auto",
