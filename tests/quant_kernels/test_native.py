@@ -247,6 +247,27 @@ def test_refine_codes_bit_exact(native, paths, bits, rows, n):
     assert got.scale_max is gs.scale_max
 
 
+@pytest.mark.parametrize("bits", (2, 4, 8))
+@pytest.mark.parametrize("first", ("zero", "uniform"))
+@pytest.mark.parametrize("threads", (1, 2))
+def test_find_scales_skipping_keeps_the_choice(native, paths, bits, first, threads):
+    """The native search drops a grid point once its running total passes a finished total, taking the points in
+    the order of their first column tile.  With many tiles and a first tile that says nothing (all zero) or that
+    prefers another point (uniform columns among heavy-tailed ones) it still picks the reference's point."""
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(32, 20 * 64 + 5, generator=g).pow(3) * torch.rand(20 * 64 + 5, generator=g)
+    w[:, :64] = 0.0 if first == "zero" else torch.rand(32, 64, generator=g) - 0.5
+    ref = reference.find_scales(w, bits)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with paths.native():
+            got = ops.find_scales(w, bits)
+    finally:
+        torch.set_num_threads(prev)
+    assert same(got.codes, ref.codes) and same(got.scale_max, ref.scale_max) and same(got.scale, ref.scale)
+
+
 def test_find_scales_all_zero_group(native, paths):
     w = torch.zeros(32, 40)
     ref = reference.find_scales(w, 4)

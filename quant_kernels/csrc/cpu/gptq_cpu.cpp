@@ -1,6 +1,10 @@
 // GPTQ group step, scale search and loader scales on the CPU (OpenMP over column tiles: every column
 // of a group is quantized independently, so tiles need no synchronisation and results do not depend
 // on the thread count).
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <limits>
 #include <vector>
 #if defined(__AVX2__) && defined(__F16C__)
 #include <immintrin.h>
@@ -114,14 +118,13 @@ void find_scales(const float* w, long rows, long n, int bits, int64_t* codes, ui
     }
     float pf[NGRID];
     for (int i = 0; i < NGRID; i++) pf[i] = (float)scale_grid_p(i);
-    // Error sums per tile in double, added in tile order (deterministic for any thread count).
+    // A grid point's total is the sum, in tile order and in double, of its tiles' sums; a tile's sum adds
+    // float partials into a double every 16 rows.  Every term is >= 0, so a running total never decreases:
+    // once it exceeds a finished total, that point cannot be the minimum and its remaining tiles are skipped.
+    // The finished totals are the same numbers as without skipping, so the choice does not depend on the
+    // thread count or on which points finished first.
     const long ntiles = (n + SCALE_TILE - 1) / SCALE_TILE;
-    std::vector<double> part((size_t)ntiles * NGRID);
-    // One work item per (tile, grid point), so a narrow group (few tiles) still keeps every thread busy.
-    #pragma omp parallel for schedule(dynamic, 4)
-    for (long it = 0; it < ntiles * NGRID; it++) {
-        const long ti = it / NGRID;
-        const int i = (int)(it % NGRID);
+    auto tile_sum = [&](int i, long ti) -> double {
         const long t = ti * SCALE_TILE;
         const long cols = n - t < SCALE_TILE ? n - t : SCALE_TILE;
         float s[SCALE_TILE], acc[SCALE_TILE];
@@ -135,14 +138,43 @@ void find_scales(const float* w, long rows, long n, int bits, int64_t* codes, ui
             }
         }
         for (long j = 0; j < cols; j++) tot += acc[j];
-        part[ti * NGRID + i] = tot;
+        return tot;
+    };
+    // First tile of every point; the points then run in the order of that partial sum (smallest first), so
+    // a good total is usually finished early and the poor points stop after a few tiles.
+    double total[NGRID];
+    bool done[NGRID];
+    #pragma omp parallel for schedule(dynamic, 4)
+    for (int i = 0; i < NGRID; i++) total[i] = tile_sum(i, 0);
+    int order[NGRID];
+    for (int i = 0; i < NGRID; i++) order[i] = i;
+    std::sort(order, order + NGRID, [&](int a, int b) { return total[a] < total[b] || (total[a] == total[b] && a < b); });
+    // The smallest finished total so far, as the bits of a non-negative double (ordered like the values).
+    std::atomic<uint64_t> bound{std::numeric_limits<uint64_t>::max()};
+    auto as_double = [](uint64_t u) { double d; std::memcpy(&d, &u, sizeof d); return d; };
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (int k = 0; k < NGRID; k++) {
+        const int i = order[k];
+        double e = total[i];
+        bool complete = true;
+        for (long ti = 1; ti < ntiles; ti++) {
+            const uint64_t b = bound.load(std::memory_order_relaxed);
+            if (b != std::numeric_limits<uint64_t>::max() && e > as_double(b)) { complete = false; break; }
+            e += tile_sum(i, ti);
+        }
+        done[i] = complete;
+        total[i] = e;
+        if (complete) {
+            uint64_t u;
+            std::memcpy(&u, &e, sizeof u);
+            uint64_t b = bound.load(std::memory_order_relaxed);
+            while (u < b && !bound.compare_exchange_weak(b, u, std::memory_order_relaxed)) {}
+        }
     }
-    int best = 0;
+    int best = -1;
     double best_err = 0.0;
     for (int i = 0; i < NGRID; i++) {
-        double e = 0.0;
-        for (long ti = 0; ti < ntiles; ti++) e += part[ti * NGRID + i];
-        if (i == 0 || e < best_err) { best = i; best_err = e; }
+        if (done[i] && (best < 0 || total[i] < best_err)) { best = i; best_err = total[i]; }
     }
     const uint16_t sm = float_to_half(mul_rn(smax, (float)scale_grid_p(best)));
     *scale_max = sm;
