@@ -31,6 +31,7 @@ from exl2.core.files import write_json_atomic
 from exl2.core.threads import fit_threads
 from exl2.quant_kernels import gptq
 from exl2.quant_kernels.codec import padded_columns
+from exl2.quant_kernels.finite import all_finite
 from exl2.quant_kernels.qparams import QParams, distinct_options
 from exl2.runtime.loader import ModelParts
 from exl2.layers.checkpoint import clear_checkpoint, load_checkpoint, save_checkpoint
@@ -154,7 +155,7 @@ def preflight(parts: ModelParts, first_row: torch.Tensor, device="cpu") -> Prefl
         for i in range(parts.cfg.num_layers):
             block = parts.block(i)
             for name, p in block.named_parameters():
-                if not bool(torch.isfinite(p).all()):
+                if not all_finite(p):
                     raise MeasureError(f"model.layers.{i}.{name}: NaN or Inf in the checkpoint's weights")
             for spec in MODULES:
                 x = run_module(block, spec, x, cos, sin)

@@ -32,6 +32,7 @@ from exl2.core.errors import UserError
 from exl2.core.threads import factorisation_threads
 
 from . import codec, ops
+from .finite import all_finite
 from .qparams import QParams
 from .reference import GroupScales, quantize_rows  # noqa: F401  (GroupScales: ops.find_scales' result)
 
@@ -196,7 +197,7 @@ def prepare(H: torch.Tensor | None, k: int | None = None, percdamp: float = PERC
     if H.dim() != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"prepare: H must be square, got shape {tuple(H.shape)}")
     H = H.to(torch.float32)
-    if not bool(torch.isfinite(H).all()):
+    if not all_finite(H):
         raise HessianError("prepare: H contains NaN or Inf (calibration activations overflowed?)")
     diag = torch.diagonal(H)
     perm = torch.argsort(diag, descending=True, stable=True)   # stable: ties keep input order (determinism)
@@ -224,12 +225,12 @@ def prepare(H: torch.Tensor | None, k: int | None = None, percdamp: float = PERC
         with factorisation_threads():
             Hi = torch.cholesky_inverse(L)
         del L
-        if not bool(torch.isfinite(Hi).all()):
+        if not all_finite(Hi):
             continue
         with factorisation_threads():
             U, info = torch.linalg.cholesky_ex(Hi, upper=True)
         del Hi
-        if int(info) != 0 or not bool(torch.isfinite(U).all()):
+        if int(info) != 0 or not all_finite(U):
             continue
         return Prepared(perm, U.contiguous(), kept)     # U.contiguous(): a no-op when U is already contiguous
     raise HessianError(f"prepare: Hessian not positive definite after {DAMP_TRIES} damping steps")
@@ -306,7 +307,7 @@ def quantize(weight: torch.Tensor, qparams: QParams, prepared: Prepared, bias: t
     n, k = weight.shape
     if prepared.perm.shape != (k,):
         raise ValueError(f"quantize: perm has shape {tuple(prepared.perm.shape)}, weight has K = {k}")
-    if not bool(torch.isfinite(weight).all()):
+    if not all_finite(weight):
         raise ValueError("quantize: weight contains NaN or Inf")
     perm = prepared.perm
     Hinv = prepared.hinv

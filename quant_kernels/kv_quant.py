@@ -60,6 +60,8 @@ from __future__ import annotations
 
 import torch
 
+from .finite import all_finite
+
 __all__ = ["KV_MODES", "KV_SAFE_ABS", "hadamard32", "kv_quantize", "kv_dequantize", "kv_bytes_per_token"]
 
 #: cache mode -> (key bits, value bits); None = plain fp16 cache.
@@ -137,12 +139,12 @@ def kv_quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]
     if D % CHUNK:
         raise ValueError(f"x must have a last dimension that is a multiple of {CHUNK}, "
                          f"got shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
+    if not all_finite(x):
         raise ValueError("x holds inf or NaN")
     lead = x.shape[:-1]
 
     v = _rotate_chunks(x.reshape(-1, D))
-    if not torch.isfinite(v).all():
+    if not all_finite(v):
         raise ValueError(f"x: the fp16 Hadamard rotation overflows (max |x| = {x.abs().max().item()}; "
                          "sums of 32 values must stay <= 65504, which max |x| <= 2047 guarantees)")
     v = v.reshape(-1, D // GROUP, GROUP)                           # [N, group, 32]
@@ -181,7 +183,7 @@ def kv_dequantize(q: torch.Tensor, scales: torch.Tensor, bits: int, D: int) -> t
     if scales.shape[:-1] != q.shape[:-1]:
         raise ValueError(f"scales leading shape {tuple(scales.shape[:-1])} does not match "
                          f"q's {tuple(q.shape[:-1])}")
-    if not torch.isfinite(scales).all():
+    if not all_finite(scales):
         raise ValueError("scales holds inf or NaN")
     lead = q.shape[:-1]
 
@@ -193,7 +195,7 @@ def kv_dequantize(q: torch.Tensor, scales: torch.Tensor, bits: int, D: int) -> t
     d = (codes.to(torch.int16) - c).to(_HALF)                      # __int2half_rn, exact
     d = d * scales.reshape(-1, D // GROUP, 1)                      # __hmul2, fp16
     x = _rotate_chunks(d.reshape(-1, D))                           # same butterfly: H . H = 32 I
-    if not torch.isfinite(x).all():
+    if not all_finite(x):
         raise ValueError("q: the decoded values overflow the fp16 Hadamard butterfly (|x'| > ~2047)")
     x = x * (1.0 / 32.0)                                           # __hmul2 by 1/32, fp16
     return x.reshape(*lead, D)

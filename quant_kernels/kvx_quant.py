@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from .finite import all_finite
+
 __all__ = ["BITS", "LEVELS", "MSE_FACTOR", "hadamard", "kvx_quantize", "kvx_dequantize", "kvx_codes", "kvx_decode",
            "pack_codes", "unpack_codes"]
 
@@ -91,11 +93,11 @@ def kvx_codes(z: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, tor
         raise ValueError("z must be a floating-point tensor with at least one dimension")
     n = z.shape[-1]
     _check_group(n, group)
-    if not torch.isfinite(z).all():
+    if not all_finite(z):
         raise ValueError("z holds inf or NaN")
     g = z.float().reshape(*z.shape[:-1], n // group, group)                 # [..., groups, group]
     s = g.abs().amax(-1, keepdim=True).to(torch.float16)                   # [..., groups, 1]
-    if not torch.isfinite(s).all():
+    if not all_finite(s):
         raise ValueError(f"z: a group's scale overflows fp16 (max |z| = {z.abs().max().item():.4g})")
     sf = s.float()
     u = torch.where(sf == 0, torch.zeros_like(g), g / torch.where(sf == 0, torch.ones_like(sf), sf))

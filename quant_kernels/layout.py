@@ -39,6 +39,7 @@ import torch
 
 from exl2.core.errors import UserError
 
+from .finite import all_finite
 from .qparams import VALID_BITS
 
 SUFFIXES = ("q_weight", "q_invperm", "q_scale", "q_scale_max", "q_groups", "bias")
@@ -183,7 +184,7 @@ def validate_layer(t: dict[str, torch.Tensor], name: str = "", expect_bias: bool
     ngroups = qg.numel() // 2
     if qsm.shape != (ngroups,):
         fail("q_scale_max", f"shape must be [{ngroups}] (one per group), got {tuple(qsm.shape)}")
-    if not bool(torch.isfinite(qsm).all()):
+    if not all_finite(qsm):
         fail("q_scale_max", "contains NaN or Inf")
     if qs.shape != (ngroups, np_ // 8):
         fail("q_scale", f"shape must be [{ngroups}, {np_ // 8}], got {tuple(qs.shape)}")

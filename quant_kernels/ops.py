@@ -39,6 +39,7 @@ import contextlib
 import torch
 
 from . import ext, reference
+from .finite import all_finite
 from .layout import EXL2FormatError, PreparedLayer
 from .qparams import VALID_BITS
 from .reference import GroupScales
@@ -322,7 +323,7 @@ def kv_quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]
     m, pre = _native(x)
     if m is None:
         return reference.kv_quantize(x, bits)
-    if not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         raise ValueError("x holds inf or NaN")
     D = x.shape[-1]
     lead = x.shape[:-1]
@@ -350,7 +351,7 @@ def kv_dequantize(q: torch.Tensor, scales: torch.Tensor, bits: int, D: int) -> t
     m, pre = _native(q)
     if m is None:
         return reference.kv_dequantize(q, scales, bits, D)
-    if not bool(torch.isfinite(scales).all()):
+    if not all_finite(scales):
         raise ValueError("scales holds inf or NaN")
     lead = q.shape[:-1]
     x, overflow = getattr(m, pre + "kv_dequantize")(q.reshape(-1, q.shape[-1]).contiguous(),

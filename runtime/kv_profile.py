@@ -14,6 +14,7 @@ import torch
 
 from exl2.core.threads import factorisation_threads
 
+from exl2.quant_kernels.finite import all_finite
 from exl2.quant_kernels.kvx_quant import hadamard
 
 from .config import ModelConfig
@@ -74,7 +75,7 @@ class KVProfile:
                                    ("q_energy", st.q_energy, (Hkv, D)), ("v_mean", st.v_mean, (Hkv, D))):
                 if tuple(t.shape) != shape:
                     raise ValueError(f"{where}: layer {i} {name} has shape {tuple(t.shape)}, expected {shape}")
-                if not torch.isfinite(t).all():
+                if not all_finite(t):
                     raise ValueError(f"{where}: layer {i} {name} holds inf or NaN")
         if self.sensitivity is not None:
             s = self.sensitivity

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from exl2.core.errors import UserError
+from exl2.quant_kernels.finite import all_finite
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -168,6 +169,6 @@ class TensorSource:
 
 def check_finite(t: torch.Tensor, key: str, where) -> None:
     """CheckpointError naming the tensor if a floating tensor holds NaN or an infinity."""
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if t.is_floating_point() and not all_finite(t):
         bad = int((~torch.isfinite(t)).sum())
         raise CheckpointError(f"{where}: tensor {key} holds {bad} NaN or infinite value(s)")
