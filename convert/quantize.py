@@ -37,6 +37,7 @@ from exl2.runtime.loader import ModelParts
 from exl2.runtime.model import Rotary, final_softcap
 
 RTN_HEAD_ELEMENTS = 1e9
+ERROR_ROWS = 4          # rows of the reported per-module error (error_rows)
 
 Status = Callable[[dict], None]
 
@@ -57,6 +58,14 @@ def _store(out_dir: Path, prefix: str, result: gptq.QuantResult) -> None:
         raise QuantizeError(f"{path}: reloaded {prefix} differs from the quantized weight (max |diff| {diff:.3g})")
 
 
+def error_rows(n: int) -> list[int]:
+    """The rows (of ``n``) on which each module's reported output error is measured: ERROR_ROWS of them, evenly
+    spaced from the first.  The error is a diagnostic; the reference outputs it needs cost a full-precision
+    run of the module per row, which the other rows skip."""
+    k = min(n, ERROR_ROWS)
+    return [i * n // k for i in range(k)]
+
+
 def owner_order(spec) -> list[str]:
     """The module's shared inputs in data-flow order: q/k/v before o_proj, gate/up before down_proj."""
     out: list[str] = []
@@ -68,7 +77,8 @@ def owner_order(spec) -> list[str]:
 
 def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, device, out_dir: Path,
                     opts: gptq.GPTQOptions = gptq.GPTQOptions(), fstates: list | None = None, asym: float = 0.0):
-    """Quantize one module in place; returns (new states, relative output error vs full precision).
+    """Quantize one module in place; returns (new states, relative output error vs full precision on
+    :func:`error_rows`).
 
     ``states`` is consumed: its rows are replaced by the module's outputs (the list returned).
 
@@ -101,9 +111,15 @@ def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, d
             return got
 
     # Collected sequentially, each later input's Hessian is gathered again once the projections before it are
-    # quantized, so the first pass gathers only the first input's (it runs the module all the same, for ref).
-    H, ref = collect(block, spec, states, cos, sin, device, owners=(order[0],) if sequential else None,
-                     fp_input=fp_input, cross=cross)
+    # quantized, so the first pass gathers only the first input's.  It runs the module to the end on the rows
+    # whose full-precision outputs are the reference of the reported error (error_rows), and stops the others
+    # once that input is recorded.
+    rows = error_rows(len(states))
+    H, outs = collect(block, spec, states, cos, sin, device, owners=(order[0],) if sequential else None,
+                      fp_input=fp_input, cross=cross, out_rows=rows)
+    ref: list = [None] * len(states)
+    for i, y in zip(rows, outs):
+        ref[i] = y
     for i, owner in enumerate(order):
         if sequential and i > 0:
             last_collect = i == len(order) - 1

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Collection
 
 import torch
 from torch import nn
@@ -195,7 +195,8 @@ def inputs_of(block: Block, spec: ModuleSpec, owners, x: torch.Tensor, cos, sin,
 def collect(block: Block, spec: ModuleSpec, states: list[torch.Tensor], cos, sin, device,
             max_abs: list | None = None, owners: tuple[str, ...] | None = None,
             fp_input: Callable[[int, list[str]], dict[str, torch.Tensor]] | None = None, cross: dict | None = None,
-            output: bool = True) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+            output: bool = True, out_rows: Collection[int] | None = None
+            ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """Run the module over all rows with its current weights: Hessians per projection and the outputs.
 
     Returns ``(H, outputs)`` with ``H[proj]`` averaged over rows (shared inputs share one matrix) and
@@ -205,9 +206,11 @@ def collect(block: Block, spec: ModuleSpec, states: list[torch.Tensor], cos, sin
     owners see on that row in the full-precision model; called with no recorder installed),
     ``cross[proj]`` receives :meth:`gptq.CrossHessian.cross` as well.  ``output`` False: the module stops on
     each row once the owners' inputs are recorded, and ``outputs`` is empty (no ``max_abs`` then).
+    ``out_rows``: only these rows (indices) run to the end; the others stop as with ``output`` False, and
+    ``outputs`` holds the chosen rows' outputs in row order.
     """
-    if max_abs is not None and not output:
-        raise ValueError("collect: max_abs needs the outputs (output=True)")
+    if max_abs is not None and (not output or out_rows is not None):
+        raise ValueError("collect: max_abs needs every output (output=True, out_rows None)")
     owners = sorted(set(spec.hessian_of.values()) if owners is None else owners)
     layers = linears(block, spec)
     kind = gptq.Hessian if fp_input is None else gptq.CrossHessian
@@ -219,7 +222,8 @@ def collect(block: Block, spec: ModuleSpec, states: list[torch.Tensor], cos, sin
             if fp_input is not None:
                 for o, x_fp in fp_input(i, owners).items():
                     rec[o].pending = x_fp
-            y = _run_wrapped(block, spec, rec, x.to(device), cos, sin, output)
+            y = _run_wrapped(block, spec, rec, x.to(device), cos, sin,
+                             output and (out_rows is None or i in out_rows))
             if y is None:
                 continue
             if bool(torch.isnan(y).any()):
@@ -241,14 +245,20 @@ def set_weight(layer: nn.Module, w: torch.Tensor) -> None:
 def advance(block: Block, spec: ModuleSpec, states: list, ref: list, device, cos, sin) -> float:
     """Run the module (its weights now quantized) over every row: each output replaces its input in ``states``
     and the row's reference is dropped as soon as it is used, so two copies of the states are alive, not three.
-    Returns the mean relative output error against the references."""
+    Returns the mean relative output error against the references, over the rows that have one (``ref[i]``
+    None: no reference for row i).  NaN in an output raises."""
     errs = []
     with torch.no_grad():
         for i in range(len(states)):
             y = run_module(block, spec, states[i].to(device), cos, sin)
-            errs.append(rel_error(y, ref[i].to(device)))
-            ref[i] = None
+            if bool(torch.isnan(y.sum())) and bool(torch.isnan(y).any()):    # the sum first: one cheap read
+                raise LayerError(f"{spec.kind}: NaN in the output with the quantized weights (row {i})")
+            if ref[i] is not None:
+                errs.append(rel_error(y, ref[i].to(device)))
+                ref[i] = None
             states[i] = y.float().cpu()
+    if not errs:
+        raise ValueError("advance: no row has a reference output")
     return sum(errs) / len(errs)
 
 

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from exl2.convert import accounting
-from exl2.convert.quantize import quantize_module, run_quantization
-from exl2.layers.stream import MODULES, collect, embed_rows, inputs_of, linears, run_module
+from exl2.convert.quantize import error_rows, quantize_module, run_quantization
+from exl2.layers.stream import (MODULES, LayerError, advance, collect, embed_rows, inputs_of, linears, rel_error,
+                                run_module)
 from exl2.quant_kernels.gptq import GPTQOptions
 from exl2.quant_kernels.qparams import QParams
 from exl2.runtime.loader import ModelParts, load_config
@@ -136,6 +137,65 @@ def test_quantize_module_replaces_its_input_rows_with_the_outputs(tiny, tmp_path
     with torch.no_grad():
         for x, y in zip(inputs, out):
             assert torch.equal(run_module(block, MODULES[0], x, cos, sin).float(), y)
+
+
+def test_error_rows_are_evenly_spaced():
+    assert error_rows(16) == [0, 4, 8, 12] and error_rows(100) == [0, 25, 50, 75]
+    assert error_rows(6) == [0, 1, 3, 4] and error_rows(3) == [0, 1, 2] and error_rows(1) == [0]
+
+
+def test_collect_out_rows_runs_only_those_rows_to_the_end(tiny):
+    """The Hessians are those of the full collection; the outputs are the chosen rows' outputs, in row order."""
+    d, ids = tiny
+    parts = ModelParts(d)
+    states = embed_rows(parts, ids)
+    cos, sin = Rotary(parts.cfg).cos_sin(0, ids.shape[1])
+    block = parts.block(0)
+    for spec in MODULES:
+        H_all, out_all = collect(block, spec, states, cos, sin, "cpu")
+        H, out = collect(block, spec, states, cos, sin, "cpu", out_rows=[1, 3])
+        assert H.keys() == H_all.keys() and all(torch.equal(H[p], H_all[p]) for p in H)
+        assert len(out) == 2 and torch.equal(out[0], out_all[1]) and torch.equal(out[1], out_all[3])
+    with pytest.raises(ValueError, match="max_abs needs every output"):
+        collect(block, MODULES[0], states, cos, sin, "cpu", max_abs=[], out_rows=[0])
+
+
+def test_advance_refuses_a_nan_output_in_any_row(tiny):
+    """Rows without a reference are checked too (the first collect no longer runs them to the end)."""
+    d, ids = tiny
+    parts = ModelParts(d)
+    states = embed_rows(parts, ids)
+    cos, sin = Rotary(parts.cfg).cos_sin(0, ids.shape[1])
+    ref = [None] * len(states)
+    ref[0] = states[0].clone()
+    states[2][0, 5, 0] = float("nan")
+    with pytest.raises(LayerError, match="NaN in the output with the quantized weights \\(row 2\\)"):
+        advance(parts.block(0), MODULES[1], states, ref, "cpu", cos, sin)
+
+
+@pytest.mark.parametrize("asym", (0.0, 1.0))
+def test_reported_error_is_measured_on_the_error_rows(tiny, tmp_path, asym):
+    """The error quantize_module returns is the mean relative error, over error_rows only, of the quantized module's
+    outputs against the full-precision module's on the same inputs; the outputs of every row still advance."""
+    d, ids = tiny
+    ids = torch.cat([ids, ids[:2].flip(1)])              # 6 rows: the error is measured on rows 0, 1, 3 and 4
+    parts = ModelParts(d)
+    states = embed_rows(parts, ids)
+    inputs = [s.clone() for s in states]
+    cos, sin = Rotary(parts.cfg).cos_sin(0, ids.shape[1])
+    fp_block, block = parts.block(0), parts.block(0)
+    strat = uniform_strategy(d, QParams.make(32, [3], [1.0]))
+    (tmp_path / "out").mkdir()
+    spec = MODULES[1]
+    fstates = [s.clone() for s in states] if asym else None
+    out, err = quantize_module(block, spec, 0, strat, states, cos, sin, "cpu", tmp_path / "out",
+                               fstates=fstates, asym=asym)
+    with torch.no_grad():
+        errs = [rel_error(out[i], run_module(fp_block, spec, inputs[i], cos, sin)) for i in range(len(inputs))]
+        for x, y in zip(inputs, out):
+            assert torch.equal(run_module(block, spec, x, cos, sin).float(), y)
+    assert err == pytest.approx(sum(errs[i] for i in (0, 1, 3, 4)) / 4, rel=1e-6)
+    assert err != pytest.approx(sum(errs) / len(errs), rel=1e-6)
 
 
 def test_asymmetric_calibration_corrects_only_where_the_inputs_differ(tiny, tmp_path):
