@@ -312,7 +312,7 @@ def quantize(weight: torch.Tensor, qparams: QParams, prepared: Prepared, bias: t
     perm = prepared.perm
     Hinv = prepared.hinv
     # Working set, in units of N x K fp32 besides the caller's weight: W and Q (1 each), the codes as uint8
-    # (0.25; int64 only for polish), one group's int64 codes and errors, and the update's [K-b, N] product.
+    # (0.25; int64 only for polish), one group's int64 codes and errors (the update writes into W in place).
     W = weight.t().to(torch.float32)[perm]             # [K, N] permuted rows (indexing copies)
     polish_sweeps = opts.polish_sweeps
     if polish_sweeps and (prepared.h is None or Hinv is None):
@@ -336,7 +336,9 @@ def quantize(weight: torch.Tensor, qparams: QParams, prepared: Prepared, bias: t
         ops.gptq_group(W[a:b], Hinv, a, gs.scale, bits, group_codes, Q[a:b], err)
         codes[a:b] = group_codes
         if Hinv is not None and b < k:
-            W[b:] -= Hinv[a:b, b:].t() @ err                                          # [K-b, N]
+            # W[b:] -= Hinv[a:b, b:]^T @ err, the product subtracted inside the GEMM (no [K-b, N] temporary;
+            # the same bits as the product then the subtraction in tests/quant_kernels/test_gptq.py)
+            W[b:].addmm_(Hinv[a:b, b:].t(), err, alpha=-1)
         a = b
     del W, group_codes, err
     if W0 is not None:

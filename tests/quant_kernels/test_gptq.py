@@ -301,3 +301,24 @@ def test_asymmetric_target_is_the_least_squares_weight_on_the_perturbed_inputs(p
     assert torch.equal(gptq.asymmetric_targets({"p": w}, M, gptq.prepare(H, invert=False))["p"], w)
     with pytest.raises(ValueError, match="shapes differ"):
         same.add_pair(x_fp, x_fp[:, :10])
+
+
+@pytest.mark.parametrize("threads", (1, 2))
+def test_update_in_place_is_the_product_then_the_subtraction(threads):
+    """quantize's error feedback subtracts Hinv[a:b, b:]^T @ err inside the GEMM (addmm_); on the update's shapes
+    that gives the same bits as forming the product and subtracting it, which earlier outputs were made with."""
+    g = torch.Generator().manual_seed(threads)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for k, n, rows in ((576, 576, 32), (1536, 576, 32), (576, 1536, 64), (1024, 333, 128)):
+            hinv, W = torch.randn(k, k, generator=g), torch.randn(k, n, generator=g)
+            err = torch.randn(rows, n, generator=g)
+            a, b = rows, 2 * rows
+            want = W.clone()
+            want[b:] -= hinv[a:b, b:].t() @ err
+            got = W.clone()
+            got[b:].addmm_(hinv[a:b, b:].t(), err, alpha=-1)
+            assert torch.equal(got, want), (k, n, rows)
+    finally:
+        torch.set_num_threads(prev)
