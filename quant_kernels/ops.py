@@ -231,7 +231,9 @@ def find_scales(w: torch.Tensor, bits: int) -> GroupScales:
     The native search sums the 97 error totals in double (torch sums fp32 in its own order), so the two
     could pick different grid points only if two totals agree to ~1e-7 relative; no such tie has been
     seen in the tests (every width, shapes up to 128 x 257, whole GPTQ runs).  Everything else (base
-    scales, codes, the fp16 scale_max and scales) is computed exactly as the reference does.
+    scales, codes, the fp16 scale_max and scales) is computed exactly as the reference does.  The CPU kernel
+    stops summing a grid point once its running total exceeds a finished total: the terms are non-negative, so
+    such a point cannot be chosen, and the totals that are finished are the same numbers.
     """
     check_tensor(w, "w", torch.float32, dim=2)
     _bits(bits)

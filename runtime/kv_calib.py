@@ -140,7 +140,7 @@ def measure_sensitivity(model: Model, rows: torch.Tensor, profile: KVProfile, *,
     def log_probs(x):
         return torch.log_softmax(model.logits(x if at is None else x[:, at])[0], -1)
 
-    inputs, refs = [], []  # per row: the input of every layer; the clean log-probs
+    inputs, refs = [], []  # per row: the input of every layer; the clean log-probs and probabilities
     for r in range(R):
         x = model.embed(rows[r:r + 1].to(model.device))
         xs = []
@@ -148,7 +148,8 @@ def measure_sensitivity(model: Model, rows: torch.Tensor, profile: KVProfile, *,
             xs.append(x)
             x = block(x, cos, sin)
         inputs.append(xs)
-        refs.append(log_probs(x))
+        ref = log_probs(x)
+        refs.append((ref, ref.exp()))
     out: list[tuple[float, float]] = []
     for i in range(L):
         plan = profile._layer_plan(i, scheme, SENSITIVITY_BITS, SENSITIVITY_BITS, torch.float32, model.device)
@@ -161,8 +162,8 @@ def measure_sensitivity(model: Model, rows: torch.Tensor, profile: KVProfile, *,
                 x = model.layers[i](inputs[r][i], cos, sin, layer)
                 for j in range(i + 1, L):
                     x = model.layers[j](x, cos, sin)
-                lp, ref = log_probs(x), refs[r]
-                kl += float((ref.exp() * (ref - lp)).sum(-1).clamp_min(0).double().sum())
+                lp, (ref, p) = log_probs(x), refs[r]
+                kl += float((p * (ref - lp)).sum(-1).clamp_min(0).double().sum())
                 n += lp.shape[0]
             pair.append(scale * kl / n)
         out.append((pair[0], pair[1]))
