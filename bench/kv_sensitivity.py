@@ -8,9 +8,11 @@ sensitivities of ``--model`` (default: the SmolLM2-135M fixture; BENCHMARKS.md's
 conversion, ``exl2-convert -i SMOLLM2 -o JOB -b 4.0 -mr 8 -ml 512 -r 16 -l 512``, with ``--ref SMOLLM2``) are
 measured, one after the other in one run, on the converter's rows with the KL at every position, on two other
 equally valid choices of 4 rows from the same calibration set (the noise), and on the converter's rows with
-cheaper estimates: the KL at every 2nd or 4th position only (``stride``), or 2 rows.  The statistics stay the
-model's own (``exl2_kv.json`` when the folder has one).  Reported per variant: its seconds, how many of the
-layers get other (key, value) widths than with the converter's rows, and the KL per token of q4x and q3x against
+cheaper estimates: the KL at every 2nd or 4th position only (``stride``), or 2 rows (the first 2 of the
+converter's 4, or 2 spread over the set as ``select_rows`` would take them, at every position and at every
+2nd).  The statistics stay the model's own (``exl2_kv.json`` when the folder has one).  Reported per variant: its
+seconds, how many of the layers get other (key, value) widths than with the converter's rows, and the KL per
+token of q4x and q3x against
 ``--ref`` on fixtures/data's prose and code (2 rows x 512 tokens each), scored in one pass (runtime/onepass.py).
 """
 from __future__ import annotations
@@ -55,6 +57,10 @@ def main(argv=None) -> int:
                 ("other rows (offset 2), every position", rows(2), 1), ("converter's rows, stride 2", rows(0), 2),
                 ("converter's rows, stride 4", rows(0), 4), ("2 of the converter's rows, every position",
                                                              rows(0, 2), 1)]
+    # 2 rows as select_rows spreads them over the calibration set (what SENS_ROWS = 2 would take)
+    two = kv_calib._bos_rows(model, kv_calib.select_rows(cal.input_ids, cal.categories, 2, kv_calib.SENS_LENGTH))
+    variants += [("2 rows spread over the set, every position", two, 1), ("2 rows spread over the set, stride 2",
+                                                                          two, 2)]
     ev = text_rows(ref_dir, 2, 512)
     lps = reference_log_probs(ref, ev)
     results = []

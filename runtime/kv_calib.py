@@ -28,9 +28,10 @@ from .kv_x import X_MODES
 from .model import Model
 from .onepass import OnePassCache, OnePassLayer, x_trip
 
-# Rows used at load time when a model has no stored profile (default calibration mix): statistics on
-# STAT_ROWS x STAT_LENGTH tokens, sensitivities on the first SENS_ROWS of them cut to SENS_LENGTH, their KL
-# divergence taken at every SENS_STRIDE-th position (docs/decisions/0019-kv-sensitivity-stride.md).
+# Rows of a profile (the converter's calibration rows, or the default calibration mix at load time for a model
+# without one): statistics on STAT_ROWS x STAT_LENGTH tokens, sensitivities on SENS_ROWS rows spread over the same
+# set (select_rows) cut to SENS_LENGTH, their KL divergence taken at every SENS_STRIDE-th position
+# (docs/decisions/0019-kv-sensitivity-stride.md, 0020-conversion-speed-third-round.md).
 STAT_ROWS, STAT_LENGTH = 16, 512
 SENS_ROWS, SENS_LENGTH = 4, 256
 SENS_STRIDE = 2

@@ -28,16 +28,20 @@ def uniform_strategy(model_dir, qp: QParams) -> dict:
     return accounting.uniform_strategy(load_config(model_dir), qp)[0]
 
 
+def layer0(d, ids):
+    """(parts, the embedded rows, cos, sin, layer 0's block) of a tiny checkpoint and its rows."""
+    parts = ModelParts(d)
+    cos, sin = Rotary(parts.cfg).cos_sin(0, ids.shape[1])
+    return parts, embed_rows(parts, ids), cos, sin, parts.block(0)
+
+
 def layer_tensors(work: Path, name: str) -> dict:
     return load_file(str(work / "out_tensor" / f"{name}.safetensors"))
 
 
 def test_collect_limited_to_one_input_matches_the_full_collection(tiny):
     d, ids = tiny
-    parts = ModelParts(d)
-    states = embed_rows(parts, ids)
-    cos, sin = Rotary(parts.cfg).cos_sin(0, ids.shape[1])
-    block = parts.block(0)
+    parts, states, cos, sin, block = layer0(d, ids)
     attn = MODULES[0]
     before = linears(block, attn)
     H_all, out_all = collect(block, attn, states, cos, sin, "cpu")
@@ -77,10 +81,8 @@ def test_collect_without_outputs_stops_after_the_recorded_input(tiny):
     """collect(output=False): the same Hessian, no outputs, and nothing after the recorded projection runs
     (the later sequential collects of the quantization pass use it; their outputs were never read)."""
     d, ids = tiny
-    parts = ModelParts(d)
-    states = embed_rows(parts, ids)
-    cos, sin = Rotary(parts.cfg).cos_sin(0, ids.shape[1])
-    block, spec = parts.block(0), MODULES[1]
+    parts, states, cos, sin, block = layer0(d, ids)
+    spec = MODULES[1]
     owner = spec.hessian_of["down_proj"]
     H, outs = collect(block, spec, states, cos, sin, "cpu", owners=(owner,))
     calls = []
@@ -125,11 +127,8 @@ def test_quantize_module_replaces_its_input_rows_with_the_outputs(tiny, tmp_path
     """The states list passed in comes back holding the module's outputs (two copies of the states alive at
     the end of a module, not three); they are the quantized module's outputs on the original inputs."""
     d, ids = tiny
-    parts = ModelParts(d)
-    states = embed_rows(parts, ids)
+    parts, states, cos, sin, block = layer0(d, ids)
     inputs = [s.clone() for s in states]
-    cos, sin = Rotary(parts.cfg).cos_sin(0, ids.shape[1])
-    block = parts.block(0)
     strat = uniform_strategy(d, QParams.make(32, [4], [1.0]))
     (tmp_path / "out").mkdir()
     out, err = quantize_module(block, MODULES[0], 0, strat, states, cos, sin, "cpu", tmp_path / "out")
@@ -147,10 +146,7 @@ def test_error_rows_are_evenly_spaced():
 def test_collect_out_rows_runs_only_those_rows_to_the_end(tiny):
     """The Hessians are those of the full collection; the outputs are the chosen rows' outputs, in row order."""
     d, ids = tiny
-    parts = ModelParts(d)
-    states = embed_rows(parts, ids)
-    cos, sin = Rotary(parts.cfg).cos_sin(0, ids.shape[1])
-    block = parts.block(0)
+    parts, states, cos, sin, block = layer0(d, ids)
     for spec in MODULES:
         H_all, out_all = collect(block, spec, states, cos, sin, "cpu")
         H, out = collect(block, spec, states, cos, sin, "cpu", out_rows=[1, 3])
@@ -163,14 +159,12 @@ def test_collect_out_rows_runs_only_those_rows_to_the_end(tiny):
 def test_advance_refuses_a_nan_output_in_any_row(tiny):
     """Rows without a reference are checked too (the first collect no longer runs them to the end)."""
     d, ids = tiny
-    parts = ModelParts(d)
-    states = embed_rows(parts, ids)
-    cos, sin = Rotary(parts.cfg).cos_sin(0, ids.shape[1])
+    parts, states, cos, sin, block = layer0(d, ids)
     ref = [None] * len(states)
     ref[0] = states[0].clone()
     states[2][0, 5, 0] = float("nan")
     with pytest.raises(LayerError, match="NaN in the output with the quantized weights \\(row 2\\)"):
-        advance(parts.block(0), MODULES[1], states, ref, "cpu", cos, sin)
+        advance(block, MODULES[1], states, ref, "cpu", cos, sin)
 
 
 @pytest.mark.parametrize("asym", (0.0, 1.0))
@@ -179,11 +173,9 @@ def test_reported_error_is_measured_on_the_error_rows(tiny, tmp_path, asym):
     outputs against the full-precision module's on the same inputs; the outputs of every row still advance."""
     d, ids = tiny
     ids = torch.cat([ids, ids[:2].flip(1)])              # 6 rows: the error is measured on rows 0, 1, 3 and 4
-    parts = ModelParts(d)
-    states = embed_rows(parts, ids)
+    parts, states, cos, sin, block = layer0(d, ids)
     inputs = [s.clone() for s in states]
-    cos, sin = Rotary(parts.cfg).cos_sin(0, ids.shape[1])
-    fp_block, block = parts.block(0), parts.block(0)
+    fp_block = parts.block(0)
     strat = uniform_strategy(d, QParams.make(32, [3], [1.0]))
     (tmp_path / "out").mkdir()
     spec = MODULES[1]
@@ -251,10 +243,7 @@ def test_asymmetric_calibration_leaves_the_full_precision_outputs_in_fstates(tin
     the last collect's full-precision run), exactly what running the unquantized module gives, while the
     quantized states move on to the quantized module's outputs."""
     d, ids = tiny
-    parts = ModelParts(d)
-    states = embed_rows(parts, ids)
-    cos, sin = Rotary(parts.cfg).cos_sin(0, ids.shape[1])
-    block = parts.block(0)
+    parts, states, cos, sin, block = layer0(d, ids)
     strategy = uniform_strategy(d, QParams.make(32, [3], [1.0]))
     fstates = [x.clone() for x in states]
     with torch.no_grad():
