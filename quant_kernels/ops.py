@@ -239,6 +239,8 @@ def find_scales(w: torch.Tensor, bits: int) -> GroupScales:
     _bits(bits)
     if w.shape[0] == 0 or w.shape[1] == 0:
         raise ValueError(f"w must be non-empty, got shape {tuple(w.shape)}")
+    if not all_finite(w):           # the CPU kernel's early stop and ordering assume finite error totals
+        raise ValueError("w holds inf or NaN")
     m, pre = _native(w)
     if m is None:
         return reference.find_scales(w, bits)

@@ -412,6 +412,11 @@ def _bad_tensors(t):
         ops.gptq_group(W[:32], H, 40, torch.ones(16), 4, codes, Q, err)
     with pytest.raises(TypeError, match="w must have dtype"):
         ops.find_scales(W.half(), 4)
+    for bad in (float("nan"), float("inf")):
+        w = torch.ones(32, 70)
+        w[3, 5] = bad
+        with pytest.raises(ValueError, match="w holds inf or NaN"):
+            ops.find_scales(w, 4)
     with pytest.raises(TypeError, match="x must have dtype"):
         ops.kv_quantize(torch.zeros(1, 64), 4)
     with pytest.raises(ValueError, match="multiple of 64"):

@@ -148,7 +148,9 @@ void find_scales(const float* w, long rows, long n, int bits, int64_t* codes, ui
     for (int i = 0; i < NGRID; i++) total[i] = tile_sum(i, 0);
     int order[NGRID];
     for (int i = 0; i < NGRID; i++) order[i] = i;
-    std::sort(order, order + NGRID, [&](int a, int b) { return total[a] < total[b] || (total[a] == total[b] && a < b); });
+    std::sort(order, order + NGRID,
+              [&](int a, int b) { return total[a] < total[b] || (total[a] == total[b] && a < b); });
+    // (ops.find_scales refuses w with inf or NaN, so every total is a finite number or +inf, and the order is strict.)
     // The smallest finished total so far, as the bits of a non-negative double (ordered like the values).
     std::atomic<uint64_t> bound{std::numeric_limits<uint64_t>::max()};
     auto as_double = [](uint64_t u) { double d; std::memcpy(&d, &u, sizeof d); return d; };
