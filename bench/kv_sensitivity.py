@@ -12,8 +12,8 @@ cheaper estimates: the KL at every 2nd or 4th position only (``stride``), or 2 r
 converter's 4, or 2 spread over the set as ``select_rows`` would take them, at every position and at every
 2nd).  The statistics stay the model's own (``exl2_kv.json`` when the folder has one).  Reported per variant: its
 seconds, how many of the layers get other (key, value) widths than with the converter's rows, and the KL per
-token of q4x and q3x against
-``--ref`` on fixtures/data's prose and code (2 rows x 512 tokens each), scored in one pass (runtime/onepass.py).
+token of q4x and q3x against ``--ref`` on fixtures/data's prose and code (2 rows x 512 tokens each), scored in one
+pass (runtime/onepass.py).
 """
 from __future__ import annotations
 
