@@ -24,6 +24,7 @@ import torch
 from torch.nn import functional as F
 
 from exl2.quant_kernels import gptq
+from exl2.quant_kernels.finite import has_nan
 from exl2.quant_kernels.qparams import MLP_OPTIONS, MOE_PROJ
 
 from .stream import LayerError, ModuleSpec
@@ -94,7 +95,7 @@ def collect_moe(block, states: list[torch.Tensor], device, max_abs: list | None 
                     h_in[e].add(h[tok])
                     h_mid[e].add(_mid(mlp.experts[e], h[tok]))
             y = block.mlp_residual(x)
-            if bool(torch.isnan(y).any()):
+            if has_nan(y):
                 raise LayerError("block_sparse_moe: NaN in the full-precision output")
             if max_abs is not None:
                 max_abs.append(float(y.abs().max()))

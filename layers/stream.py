@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from exl2.quant_kernels import gptq
+from exl2.quant_kernels.finite import has_nan
 from exl2.quant_kernels.qparams import ATTN_OPTIONS, ATTN_PROJ, MLP_OPTIONS, MLP_PROJ, TABLES
 from exl2.runtime.loader import ModelParts
 from exl2.runtime.model import Block, embed_tokens
@@ -226,7 +227,7 @@ def collect(block: Block, spec: ModuleSpec, states: list[torch.Tensor], cos, sin
                              output and (out_rows is None or i in out_rows))
             if y is None:
                 continue
-            if bool(torch.isnan(y).any()):
+            if has_nan(y):
                 raise LayerError(f"{spec.kind}: NaN in the full-precision output")
             if max_abs is not None:
                 max_abs.append(float(y.abs().max()))
@@ -251,7 +252,7 @@ def advance(block: Block, spec: ModuleSpec, states: list, ref: list, device, cos
     with torch.no_grad():
         for i in range(len(states)):
             y = run_module(block, spec, states[i].to(device), cos, sin)
-            if bool(torch.isnan(y.sum())) and bool(torch.isnan(y).any()):    # the sum first: one cheap read
+            if has_nan(y):
                 raise LayerError(f"{spec.kind}: NaN in the output with the quantized weights (row {i})")
             if ref[i] is not None:
                 errs.append(rel_error(y, ref[i].to(device)))

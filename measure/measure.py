@@ -31,7 +31,7 @@ from exl2.core.files import write_json_atomic
 from exl2.core.threads import fit_threads
 from exl2.quant_kernels import gptq
 from exl2.quant_kernels.codec import padded_columns
-from exl2.quant_kernels.finite import all_finite
+from exl2.quant_kernels.finite import all_finite, has_nan
 from exl2.quant_kernels.qparams import QParams, distinct_options
 from exl2.runtime.loader import ModelParts
 from exl2.layers.checkpoint import clear_checkpoint, load_checkpoint, save_checkpoint
@@ -159,7 +159,7 @@ def preflight(parts: ModelParts, first_row: torch.Tensor, device="cpu") -> Prefl
                     raise MeasureError(f"model.layers.{i}.{name}: NaN or Inf in the checkpoint's weights")
             for spec in MODULES:
                 x = run_module(block, spec, x, cos, sin)
-            if bool(torch.isnan(x).any()):
+            if has_nan(x):
                 raise MeasureError(f"preflight: NaN in the output of layer {i} (full precision)")
             peaks.append(float(x.abs().max()))
             del block

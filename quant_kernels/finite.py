@@ -1,4 +1,4 @@
-"""One cheap test for NaN and infinities, used wherever a tensor is checked before it is quantized or stored."""
+"""Cheap tests for NaN and infinities, used wherever a tensor is checked before it is quantized, stored or passed on."""
 from __future__ import annotations
 
 import torch
@@ -15,3 +15,14 @@ def all_finite(t: torch.Tensor) -> bool:
         return True
     s = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
     return bool(torch.isfinite(s)) or bool(torch.isfinite(t).all())
+
+
+def has_nan(t: torch.Tensor) -> bool:
+    """True when some element of the floating tensor ``t`` is NaN (infinities alone do not count).
+
+    The sum is NaN when a term is (or when +inf and -inf meet), so only a NaN sum needs the elementwise test.
+    """
+    if t.numel() == 0:
+        return False
+    s = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+    return bool(torch.isnan(s)) and bool(torch.isnan(t).any())

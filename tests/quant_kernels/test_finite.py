@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from exl2.quant_kernels.finite import all_finite
+from exl2.quant_kernels.finite import all_finite, has_nan
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32, torch.float64))
@@ -30,3 +30,15 @@ def test_finite_terms_whose_sum_overflows():
 
 def test_empty_tensor_is_finite():
     assert all_finite(torch.empty(0, 5))
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.float32, torch.float64))
+def test_has_nan_finds_nan_and_not_infinities(dtype):
+    t = torch.randn(37, 53).to(dtype)
+    assert not has_nan(t) and not has_nan(torch.empty(0))
+    t[5, 6] = float("inf")
+    assert not has_nan(t)
+    t[7, 8] = float("-inf")                  # the sum is NaN; no element is
+    assert not has_nan(t)
+    t[9, 10] = float("nan")
+    assert has_nan(t)
