@@ -1,5 +1,5 @@
-"""Threads on a shared machine: the heavy loops use the CPUs other processes leave free, and the matrix
-factorisations keep one fixed thread count so that results do not depend on the load.
+"""Threads on a shared machine: the heavy loops use the CPUs other processes leave free, and the operations whose
+results depend on the thread count keep one fixed count so that results do not depend on the load.
 
 Two conversions that each run as many OpenMP threads as there are cores wait on each other's spinning threads
 (bench/bench_threads.py; numbers and the policies tried: docs/decisions/0014).  So the measurement and
@@ -9,10 +9,12 @@ every ``CHECK_EVERY`` seconds it counts the runnable threads of other processes 
 the CPUs they leave free (at least 1, at most the base count).
 
 The base count is torch's count when first asked (the CPUs this process may use, or ``OMP_NUM_THREADS``).  Of
-the operations the converter runs on a CPU, only LAPACK's factorisations (Cholesky, its inverse, triangular
-solves) give results whose last bits depend on the thread count; matrix products, reductions and element-wise
-operations do not (tests/quant_kernels/test_threads.py).  :func:`factorisation_threads` runs them with the base
-count, so a conversion's bytes stay those of an idle machine whatever the load did to the other loops.
+the operations the converter runs on a CPU, LAPACK's factorisations (Cholesky, its inverse, triangular solves)
+give results whose last bits depend on the thread count, and so do matrix products of a few rows on some builds
+(MKL with AVX-512: 5 to 11 rows differ between 1 and 2 threads), which a mixture of experts makes for the experts
+that get few tokens.  Products of whole rows of tokens, reductions and element-wise operations do not
+(tests/quant_kernels/test_threads.py).  :func:`fixed_threads` runs the factorisations and the experts with the
+base count, so a conversion's bytes stay those of an idle machine whatever the load did to the other loops.
 
 Nothing adapts where the user fixed the count (``OMP_NUM_THREADS`` set, as Ray does for its tasks).
 """
@@ -48,8 +50,9 @@ def set_base_threads(n: int) -> None:
 
 
 @contextlib.contextmanager
-def factorisation_threads():
-    """Run the block with the base thread count (LAPACK's results depend on it), then restore the current one."""
+def fixed_threads():
+    """Run the block with the base thread count (for operations whose results depend on it: see the module's
+    docstring), then restore the current one."""
     import torch
 
     now, base = torch.get_num_threads(), base_threads()

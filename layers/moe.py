@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from exl2.core.threads import fixed_threads
 from exl2.quant_kernels import gptq
 from exl2.quant_kernels.finite import has_nan
 from exl2.quant_kernels.qparams import MLP_OPTIONS, MOE_PROJ
@@ -88,12 +89,13 @@ def collect_moe(block, states: list[torch.Tensor], device, max_abs: list | None 
             x = x.to(device)
             h = block.post_attention_layernorm(x).reshape(-1, x.shape[-1])   # [N, C]
             _, idx = mlp.route(h)
-            for e in range(E):
-                tok = torch.where((idx == e).any(-1))[0]
-                if tok.numel():
-                    routed[e] += int(tok.numel())
-                    h_in[e].add(h[tok])
-                    h_mid[e].add(_mid(mlp.experts[e], h[tok]))
+            with fixed_threads():       # few-row products: see SparseMLP.forward
+                for e in range(E):
+                    tok = torch.where((idx == e).any(-1))[0]
+                    if tok.numel():
+                        routed[e] += int(tok.numel())
+                        h_in[e].add(h[tok])
+                        h_mid[e].add(_mid(mlp.experts[e], h[tok]))
             y = block.mlp_residual(x)
             if has_nan(y):
                 raise LayerError("block_sparse_moe: NaN in the full-precision output")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from exl2.core.errors import UserError
-from exl2.core.threads import factorisation_threads
+from exl2.core.threads import fixed_threads
 
 from . import codec, ops
 from .finite import all_finite
@@ -216,18 +216,18 @@ def prepare(H: torch.Tensor | None, k: int | None = None, percdamp: float = PERC
         for _ in range(tries):
             dg += damp
         del dg
-        with factorisation_threads():           # their last bits depend on the thread count (core/threads.py)
+        with fixed_threads():           # their last bits depend on the thread count (core/threads.py)
             L, info = torch.linalg.cholesky_ex(Hp)
         kept = Hp if keep_h else None
         del Hp
         if int(info) != 0:
             continue
-        with factorisation_threads():
+        with fixed_threads():
             Hi = torch.cholesky_inverse(L)
         del L
         if not all_finite(Hi):
             continue
-        with factorisation_threads():
+        with fixed_threads():
             U, info = torch.linalg.cholesky_ex(Hi, upper=True)
         del Hi
         if int(info) != 0 or not all_finite(U):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from exl2.core.threads import factorisation_threads
+from exl2.core.threads import fixed_threads
 
 from exl2.quant_kernels.finite import all_finite
 from exl2.quant_kernels.kvx_quant import hadamard
@@ -210,7 +210,7 @@ def klt_transform(cov: torch.Tensor, q_energy: torch.Tensor, *, floor: float = 1
     w = w.clamp_min(max(float(w.mean()) * 1e-6, 1e-30))
     sw = w.sqrt()
     C = sw[:, None] * ((cov + cov.T) / 2) * sw[None, :]
-    with factorisation_threads():      # LAPACK: its last bits depend on the thread count (core/threads.py)
+    with fixed_threads():      # LAPACK: its last bits depend on the thread count (core/threads.py)
         lam, U = torch.linalg.eigh(C)
     lam = lam.clamp_min(max(float(lam.clamp_min(0).mean()) * floor, 1e-30))
     s = lam ** -0.25

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from exl2.core.threads import fixed_threads
+
 from .config import ModelConfig
 
 
@@ -272,10 +274,13 @@ class SparseMLP(nn.Module):
         x = x.reshape(-1, shape[-1])  # [N, C]
         w, idx = self.route(x)
         out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            tok, slot = torch.where(idx == e)  # the tokens routed to e, and which of their k choices it is
-            if tok.numel():
-                out.index_add_(0, tok, expert(x[tok]) * w[tok, slot, None])
+        # an expert's products have as many rows as it gets tokens: few rows give thread-dependent bits on some
+        # BLAS builds, so they run at the base thread count (core/threads.py)
+        with fixed_threads():
+            for e, expert in enumerate(self.experts):
+                tok, slot = torch.where(idx == e)  # the tokens routed to e, and which of their k choices it is
+                if tok.numel():
+                    out.index_add_(0, tok, expert(x[tok]) * w[tok, slot, None])
         return out.reshape(shape)
 
 
