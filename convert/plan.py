@@ -16,7 +16,8 @@ measurement, per module (a layer's attention, then its MLP), at the module's lar
                   hinv + variants kept in memory + gptq_bytes(N, K)           (GPTQ of the largest matrix)
                   variants kept in memory + per-row activations )             (the combinations)
 quantization, the same without variants, with 2 copies of the states (3 with asymmetric calibration) and the
-    cross-Hessians of asymmetric calibration; then the head (its Hessian and GPTQ working set).
+    cross-Hessians of asymmetric calibration, and then every row's input of the module's last projection where
+    that fits layers.stream.REPLAY_BUDGET; then the head (its Hessian and GPTQ working set).
 validation: the streamed FP16 reference (one layer and its head at a time) beside the EXL2 model resident at
     its stored size, and one row's logits.
 
@@ -31,7 +32,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from exl2.layers.stream import MODULES, module_specs
+from exl2.layers.stream import FINISH_FROM, MODULES, module_specs, replay_bytes
 from exl2.measure.measure import VARIANT_BUDGET
 from exl2.quant_kernels.codec import padded_columns
 from exl2.quant_kernels.qparams import HEAD_OPTIONS, distinct_options
@@ -229,6 +230,13 @@ def make_plan(model_dir: str | Path, *, bits: list[float], head_bits: int, rows:
     st_q = 4 * rows * length * C
     copies = 3 if asym else 2
     extra, what = _module_peaks(cfg, length, variants=False, tables=tables, asym=bool(asym))
+    # asymmetric calibration collects sequentially and keeps each row's input of the module's last projection
+    # where it fits the budget (convert/quantize.py): alive from the last collect to the end of the module
+    shapes = projection_shapes(cfg)
+    kept = max((replay_bytes(rows, length, shapes[FINISH_FROM[s.kind]][0]) for s in MODULES
+                if experts(cfg, s.projections[0]) == 1), default=0) if asym else 0
+    if kept:
+        extra, what = extra + kept, f"{what} + kept last-projection inputs {_gib(kept)}"
     head_h = 4 * C * C * (2 if asym else 1)
     head_w = 4 * V * C
     head_peak = head_h + MEASURED_PREPARE * 4 * C * C + gptq_bytes(V, C)

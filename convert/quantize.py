@@ -7,7 +7,10 @@ Per module, with only that layer's weights resident:
 2. GPTQ each projection with the strategy's option (q/k/v share one act-order and inverse, gate/up too);
 3. write ``out_tensor/<projection>.safetensors``, read it back and check that the codec reconstructs the
    quantizer's own weight bit for bit;
-4. swap the quantized weights in and re-run the module: its outputs are the next module's inputs.
+4. swap the quantized weights in and re-run the module: its outputs are the next module's inputs.  Where the
+   last collect (sequential collection, below) already ran the module up to its last projection with every
+   earlier one quantized, and those inputs fit ``layers.stream.REPLAY_BUDGET``, they are kept and only the last
+   projection and the residual add run again.
 
 The head is quantized with the head option on the final-norm outputs, round-to-nearest (act-order kept)
 when it has more than 1e9 elements.  States are checkpointed after every layer, so a killed run resumes
@@ -28,8 +31,8 @@ from exl2.core.errors import UserError
 from exl2.core.threads import fit_threads
 from exl2.layers.checkpoint import clear_checkpoint, load_checkpoint, save_checkpoint, save_tensors
 from exl2.layers.moe import MOE, specs_for
-from exl2.layers.stream import (MODULES, advance, collect, embed_rows, inputs_of, linears, set_weight,
-                                swapped_weights)
+from exl2.layers.stream import (FINISH_FROM, MODULES, advance, collect, embed_rows, inputs_of, linears,
+                                replay_bytes, set_weight, swapped_weights)
 from exl2.measure.measurement import entry_options
 from exl2.quant_kernels import codec, gptq
 from exl2.quant_kernels.qparams import HEAD_OPTIONS
@@ -114,6 +117,11 @@ def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, d
     # quantized, so the first pass gathers only the first input's.  It runs the module to the end on the rows
     # whose full-precision outputs are the reference of the reported error (error_rows), and stops the others
     # once that input is recorded.
+    # The last collect sees the input of the module's last projection with every earlier projection quantized:
+    # kept (within the budget), advance finishes each row from it instead of running the module again.
+    last = order[-1]
+    kept = {} if (sequential and len(order) > 1 and last == FINISH_FROM.get(spec.kind)
+                  and replay_bytes(len(states), states[0].shape[1], layers[last].in_features)) else None
     rows = error_rows(len(states))
     H, outs = collect(block, spec, states, cos, sin, device, owners=(order[0],) if sequential else None,
                       fp_input=fp_input, cross=cross, out_rows=rows)
@@ -124,7 +132,7 @@ def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, d
         if sequential and i > 0:
             last_collect = i == len(order) - 1
             H.update(collect(block, spec, states, cos, sin, device, owners=(owner,), fp_input=fp_input, cross=cross,
-                             output=False)[0])
+                             output=False, keep=kept if last_collect else None)[0])
         prepared = gptq.prepare(H[owner].cpu(), percdamp=opts.percdamp, keep_h=bool(opts.polish_sweeps))
         mine = [p for p in spec.projections if spec.hessian_of[p] == owner]
         weights = {p: layers[p].weight.data.float().cpu() for p in mine}
@@ -137,7 +145,7 @@ def quantize_module(block, spec, layer: int, strategy: dict, states, cos, sin, d
             _store(out_dir, f"{key}.{p}", r)
             set_weight(lin, r.weight)
         del prepared
-    err = advance(block, spec, states, ref, device, cos, sin)
+    err = advance(block, spec, states, ref, device, cos, sin, None if kept is None else kept[last])
     # (fstates, if given, already holds the full-precision outputs: the last collect put them there)
     return states, err
 

@@ -29,6 +29,9 @@ from exl2.runtime.loader import ModelParts
 from exl2.runtime.model import Block, embed_tokens
 
 FP16_MAX = 65504.0
+# The most memory the quantization pass spends on keeping, for every row, the input of a module's last projection
+# (o_proj, down_proj) from its last collect, so that advance finishes the module from there (replay_bytes).
+REPLAY_BUDGET = 1 << 30
 
 
 class LayerError(RuntimeError):
@@ -88,6 +91,28 @@ def run_module(block: Block, spec: ModuleSpec, x: torch.Tensor, cos, sin,
     return block.mlp_residual(x if positions is None else x[:, positions])
 
 
+# The projection each module kind can be finished from (finish_module).
+FINISH_FROM = {"self_attn": "o_proj", "mlp": "down_proj"}
+
+
+def finish_module(block: Block, spec: ModuleSpec, x: torch.Tensor, last_input: torch.Tensor) -> torch.Tensor:
+    """:func:`run_module`'s output on ``x`` [1, L, C] from ``last_input``, what the module's last projection
+    (``FINISH_FROM[spec.kind]``) reads when it runs on x with its current weights: only that projection and the
+    residual add run, the same operations as the whole module's from there."""
+    if spec.kind == "self_attn":
+        return block.attn_finish(x, last_input)
+    if spec.kind == "mlp":
+        return block.mlp_finish(x, last_input)
+    raise ValueError(f"finish_module: a {spec.kind} module has no last projection to finish from")
+
+
+def replay_bytes(rows: int, length: int, k: int) -> int:
+    """The memory the quantization pass keeps for finishing a module from its last projection's inputs (``rows``
+    x ``length`` tokens of width ``k``, fp32), or 0 where that is over REPLAY_BUDGET and the module reruns."""
+    n = 4 * rows * length * k
+    return n if n <= REPLAY_BUDGET else 0
+
+
 class _Enough(Exception):
     """Raised by the last wrapper (:class:`_Recorder`, :class:`_Capture`) to see its input when the module's
     output is not wanted."""
@@ -106,16 +131,19 @@ class _Recorder(nn.Module):
     """Wraps a linear layer and adds every input it sees to a Hessian (one add per calibration row).
 
     With ``pending`` set (a :class:`gptq.CrossHessian`), the next input is paired with it: the input the same
-    layer saw on the same row in the full-precision model.  ``stop``: as :func:`_stop_check`.
+    layer saw on the same row in the full-precision model.  ``keep`` (a list): every input is appended to it as
+    well.  ``stop``: as :func:`_stop_check`.
     """
 
-    def __init__(self, inner: nn.Module, hessian: gptq.Hessian):
+    def __init__(self, inner: nn.Module, hessian: gptq.Hessian, keep: list | None = None):
         super().__init__()
-        self.inner, self.hessian = inner, hessian
+        self.inner, self.hessian, self.keep = inner, hessian, keep
         self.pending: torch.Tensor | None = None
         self.stop: list | None = None
 
     def forward(self, x):
+        if self.keep is not None:
+            self.keep.append(x)
         if self.pending is None:
             self.hessian.add(x)
         else:
@@ -196,7 +224,7 @@ def inputs_of(block: Block, spec: ModuleSpec, owners, x: torch.Tensor, cos, sin,
 def collect(block: Block, spec: ModuleSpec, states: list[torch.Tensor], cos, sin, device,
             max_abs: list | None = None, owners: tuple[str, ...] | None = None,
             fp_input: Callable[[int, list[str]], dict[str, torch.Tensor]] | None = None, cross: dict | None = None,
-            output: bool = True, out_rows: Collection[int] | None = None
+            output: bool = True, out_rows: Collection[int] | None = None, keep: dict | None = None
             ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """Run the module over all rows with its current weights: Hessians per projection and the outputs.
 
@@ -208,7 +236,8 @@ def collect(block: Block, spec: ModuleSpec, states: list[torch.Tensor], cos, sin
     ``cross[proj]`` receives :meth:`gptq.CrossHessian.cross` as well.  ``output`` False: the module stops on
     each row once the owners' inputs are recorded, and ``outputs`` is empty (no ``max_abs`` then).
     ``out_rows``: only these rows (indices) run to the end; the others stop as with ``output`` False, and
-    ``outputs`` holds the chosen rows' outputs in row order.
+    ``outputs`` holds the chosen rows' outputs in row order.  ``keep`` (a dict): ``keep[owner]`` receives the
+    list of every row's input of each owner, on the device (for :func:`advance`'s ``last_inputs``).
     """
     if max_abs is not None and (not output or out_rows is not None):
         raise ValueError("collect: max_abs needs every output (output=True, out_rows None)")
@@ -216,7 +245,9 @@ def collect(block: Block, spec: ModuleSpec, states: list[torch.Tensor], cos, sin
     layers = linears(block, spec)
     kind = gptq.Hessian if fp_input is None else gptq.CrossHessian
     hess = {o: kind(layers[o].in_features, device=device) for o in owners}
-    rec = {o: _Recorder(layers[o], hess[o]) for o in owners}
+    if keep is not None:
+        keep.update({o: [] for o in owners})
+    rec = {o: _Recorder(layers[o], hess[o], None if keep is None else keep[o]) for o in owners}
     outputs = []
     with torch.no_grad():
         for i, x in enumerate(states):
@@ -243,15 +274,22 @@ def set_weight(layer: nn.Module, w: torch.Tensor) -> None:
     layer.weight.data = w.to(layer.weight.device, layer.weight.dtype)
 
 
-def advance(block: Block, spec: ModuleSpec, states: list, ref: list, device, cos, sin) -> float:
+def advance(block: Block, spec: ModuleSpec, states: list, ref: list, device, cos, sin,
+            last_inputs: list | None = None) -> float:
     """Run the module (its weights now quantized) over every row: each output replaces its input in ``states``
     and the row's reference is dropped as soon as it is used, so two copies of the states are alive, not three.
     Returns the mean relative output error against the references, over the rows that have one (``ref[i]``
-    None: no reference for row i).  NaN in an output raises."""
+    None: no reference for row i).  NaN in an output raises.  ``last_inputs``: per row, what the module's last
+    projection reads with the current weights (collected after every earlier projection was quantized); each
+    row is then finished from there (:func:`finish_module`) and its entry dropped."""
     errs = []
     with torch.no_grad():
         for i in range(len(states)):
-            y = run_module(block, spec, states[i].to(device), cos, sin)
+            x = states[i].to(device)
+            if last_inputs is None:
+                y = run_module(block, spec, x, cos, sin)
+            else:
+                y, last_inputs[i] = finish_module(block, spec, x, last_inputs[i]), None
             if has_nan(y):
                 raise LayerError(f"{spec.kind}: NaN in the output with the quantized weights (row {i})")
             if ref[i] is not None:

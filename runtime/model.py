@@ -300,21 +300,31 @@ class Block(nn.Module):
         self.attn_out_norm, self.mlp_out_norm = attn_out_norm, mlp_out_norm
 
     def attn_residual(self, x, cos, sin, layer_cache=None, past_len: int = 0):
-        y = self.self_attn(self.input_layernorm(x), cos, sin, layer_cache, past_len)
-        return x + self._scaled(y if self.attn_out_norm is None else self.attn_out_norm(y))
+        return self._add(x, self.self_attn(self.input_layernorm(x), cos, sin, layer_cache, past_len),
+                         self.attn_out_norm)
 
     def attn_residual_at(self, x, cos, sin, positions: torch.Tensor):
         """:meth:`attn_residual` of a cacheless forward over x [B, T, C], at ``positions`` only -> [B, P, C]
         (see :meth:`Attention.at`)."""
-        y = self.self_attn.at(self.input_layernorm(x), cos, sin, positions)
-        return x[:, positions] + self._scaled(y if self.attn_out_norm is None else self.attn_out_norm(y))
+        return self._add(x[:, positions], self.self_attn.at(self.input_layernorm(x), cos, sin, positions),
+                         self.attn_out_norm)
+
+    def attn_finish(self, x, a):
+        """:meth:`attn_residual` from the attention's output before ``o_proj`` (``a`` [B, T, H*D], what o_proj
+        reads when the module runs on x): the same operations from there, so the same result."""
+        return self._add(x, self.self_attn.o_proj(a), self.attn_out_norm)
 
     def mlp_residual(self, x):
-        y = self.mlp(self.post_attention_layernorm(x))
-        return x + self._scaled(y if self.mlp_out_norm is None else self.mlp_out_norm(y))
+        return self._add(x, self.mlp(self.post_attention_layernorm(x)), self.mlp_out_norm)
 
-    def _scaled(self, y):
-        return y if self.residual_scale == 1.0 else y * self.residual_scale
+    def mlp_finish(self, x, m):
+        """:meth:`mlp_residual` from down_proj's input ``m`` [B, T, I] (a dense MLP's gated activation)."""
+        return self._add(x, self.mlp.down_proj(m), self.mlp_out_norm)
+
+    def _add(self, x, y, out_norm):
+        """The residual add of a module's output y: normed first where the architecture norms it, then scaled."""
+        y = y if out_norm is None else out_norm(y)
+        return x + (y if self.residual_scale == 1.0 else y * self.residual_scale)
 
     def forward(self, x, cos, sin, layer_cache=None, past_len: int = 0):
         return self.mlp_residual(self.attn_residual(x, cos, sin, layer_cache, past_len))

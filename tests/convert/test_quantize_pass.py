@@ -252,3 +252,42 @@ def test_asymmetric_calibration_leaves_the_full_precision_outputs_in_fstates(tin
                                 asym=1.0)
     assert all(torch.equal(a, b) for a, b in zip(fstates, want))
     assert not all(torch.equal(a, b) for a, b in zip(states, want))      # the 3-bit module's outputs differ
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "gemma2", "granite"])
+def test_finishing_modules_from_kept_inputs_writes_the_same_bytes(tiny_checkpoint, tiny_tokenizer, tmp_path,
+                                                                  monkeypatch, kind):
+    """With asymmetric calibration the last collect keeps each row's o_proj / down_proj input and advance finishes
+    the module from it: the same layers, errors and states as running every module again (REPLAY_BUDGET 0),
+    on architectures with output norms (Gemma2) and a residual scale (Granite)."""
+    import shutil
+
+    from exl2.calibration import default_rows
+    from exl2.layers import stream
+
+    d = tiny_checkpoint(kind, num_hidden_layers=2)
+    shutil.copy(tiny_tokenizer, Path(d) / "tokenizer.json")
+    ids = default_rows(Path(d) / "tokenizer.json", rows=3, length=48, vocab_size=512).input_ids
+    strat = uniform_strategy(d, QParams.make(32, [3], [1.0]))
+    finished = []
+    real_finish = stream.finish_module
+    monkeypatch.setattr(stream, "finish_module", lambda *a: finished.append(a[1].kind) or real_finish(*a))
+    monkeypatch.setattr(stream, "REPLAY_BUDGET", 0)
+    rerun = run_quantization(d, ids, strat, 6, tmp_path / "rerun", asym=0.5)
+    assert finished == []
+    monkeypatch.undo()
+    monkeypatch.setattr(stream, "finish_module", lambda *a: finished.append(a[1].kind) or real_finish(*a))
+    kept = run_quantization(d, ids, strat, 6, tmp_path / "kept", asym=0.5)
+    assert sorted(set(finished)) == ["mlp", "self_attn"] and len(finished) == 2 * 2 * ids.shape[0]
+    assert kept["errors"] == rerun["errors"] and kept["head"] == rerun["head"]
+    files = sorted(p.name for p in (tmp_path / "rerun" / "out_tensor").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "kept" / "out_tensor").iterdir())
+    for f in files:
+        assert (tmp_path / "rerun" / "out_tensor" / f).read_bytes() == (tmp_path / "kept" / "out_tensor" / f).read_bytes(), f
+
+
+def test_replay_budget_bounds_the_kept_inputs():
+    from exl2.layers.stream import REPLAY_BUDGET, replay_bytes
+
+    assert replay_bytes(16, 512, 1536) == 4 * 16 * 512 * 1536
+    assert replay_bytes(100, 2048, 18944) == 0 and 4 * 100 * 2048 * 18944 > REPLAY_BUDGET
