@@ -101,7 +101,8 @@ class Job:
         o = self.o
         return make_plan(self.in_dir, bits=[] if o.measure_only else o.bits, head_bits=o.head_bits, rows=o.rows,
                          length=o.length, measurement_rows=o.measurement_rows,
-                         measurement_length=o.measurement_length, tables=o.tables, asym=self.asym, device=o.device,
+                         measurement_length=o.measurement_length, measure_stride=o.measure_stride, tables=o.tables,
+                         asym=self.asym, device=o.device,
                          measure=o.measurement is None, validation_rows=o.validation_rows if o.validate else 0,
                          validation_length=min(o.length, 512), work_dir=self.work,
                          out_dir=o.compile_dir)

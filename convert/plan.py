@@ -14,7 +14,8 @@ measurement, per module (a layer's attention, then its MLP), at the module's lar
           +  max( Hessians + per-row activations                              (collect)
                   Hessians + hinv so far + MEASURED_PREPARE x K_max^2 x 4     (gptq.prepare of the largest)
                   hinv + variants kept in memory + gptq_bytes(N, K)           (GPTQ of the largest matrix)
-                  variants kept in memory + per-row activations )             (the combinations)
+                  variants kept in memory + per-row activations               (the combinations)
+                  + the last projection's kept inputs, within layers.stream.REPLAY_BUDGET )
 quantization, the same without variants, with 2 copies of the states (3 with asymmetric calibration) and the
     cross-Hessians of asymmetric calibration, and then every row's input of the module's last projection where
     that fits layers.stream.REPLAY_BUDGET; then the head (its Hessian and GPTQ working set).
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exl2.layers.stream import FINISH_FROM, MODULES, module_specs, replay_bytes
-from exl2.measure.measure import VARIANT_BUDGET
+from exl2.measure.measure import MEASURE_STRIDE, VARIANT_BUDGET, effective_stride, sample_positions
 from exl2.quant_kernels.codec import padded_columns
 from exl2.quant_kernels.qparams import HEAD_OPTIONS, distinct_options
 from exl2.runtime.arch import TENSOR_NAMES
@@ -151,8 +152,18 @@ def _layer_weight_bytes(cfg: ModelConfig) -> int:
         + 2 * 4 * cfg.hidden_size
 
 
-def _module_peaks(cfg: ModelConfig, length: int, *, variants: bool, tables: str, asym: bool) -> tuple[int, str]:
-    """The largest module's peak above base + layer weights + states, and which module and phase it is."""
+def _kept_bytes(cfg: ModelConfig, spec, rows: int, tokens: int) -> int:
+    """Every row's input of the module's last projection, where the passes keep it (layers.stream.replay_bytes)."""
+    last = FINISH_FROM.get(spec.kind)
+    if last is None or experts(cfg, spec.projections[0]) != 1:
+        return 0
+    return replay_bytes(rows, tokens, projection_shapes(cfg)[last][0])
+
+
+def _module_peaks(cfg: ModelConfig, length: int, *, variants: bool, tables: str, asym: bool,
+                  kept_rows: tuple[int, int] = (0, 0)) -> tuple[int, str]:
+    """The largest module's peak above base + layer weights + states, and which module and phase it is.
+    ``kept_rows``: (rows, tokens per row) of the last projection's inputs the combinations keep."""
     shapes = projection_shapes(cfg)
     best, what = 0, ""
     for spec in (module_specs(tables) if variants else MODULES):
@@ -170,7 +181,8 @@ def _module_peaks(cfg: ModelConfig, length: int, *, variants: bool, tables: str,
             var = total if total <= VARIANT_BUDGET else 0      # over the budget every variant is spilled to disk
         hinv = sum(4 * k * k for k in ks.values())
         phases = {"collect": hess + act, "prepare": hess + MEASURED_PREPARE * 4 * kmax * kmax,
-                  "GPTQ": hinv + var + gq + (hess if copies > 1 else 0), "combinations": var + act}
+                  "GPTQ": hinv + var + gq + (hess if copies > 1 else 0),
+                  "combinations": var + act + _kept_bytes(cfg, spec, *kept_rows)}
         phase = max(phases, key=phases.get)
         if phases[phase] > best:
             best, what = int(phases[phase]), f"{spec.kind} {phase}"
@@ -179,6 +191,7 @@ def _module_peaks(cfg: ModelConfig, length: int, *, variants: bool, tables: str,
 
 def make_plan(model_dir: str | Path, *, bits: list[float], head_bits: int, rows: int, length: int,
               measurement_rows: int, measurement_length: int, tables: str = "exl2", asym: float = 0.0,
+              measure_stride: int = MEASURE_STRIDE,
               device: str = "cpu", measure: bool = True, validation_rows: int = 4, validation_length: int = 512,
               work_dir: str | Path | None = None, out_dir: str | Path | None = None,
               cfg: ModelConfig | None = None) -> Plan:
@@ -215,7 +228,10 @@ def make_plan(model_dir: str | Path, *, bits: list[float], head_bits: int, rows:
     base = MEASURED_BASE
     if measure:
         st = 4 * measurement_rows * measurement_length * C
-        extra, what = _module_peaks(cfg, measurement_length, variants=True, tables=tables, asym=False)
+        stride = effective_stride(measurement_rows, measurement_length, measure_stride)
+        sampled = measurement_length if stride == 1 else sample_positions(measurement_length, stride).numel()
+        extra, what = _module_peaks(cfg, measurement_length, variants=True, tables=tables, asym=False,
+                                    kept_rows=(measurement_rows, sampled))
         on_host = base + 2 * st + (0 if cuda else layer_w + extra)
         how = (f"base {_gib(base)} + states and reference outputs 2 x {_gib(st)}"
                + ("" if cuda else f" + layer weights {_gib(layer_w)} + {what} {_gib(extra)}"))
@@ -232,9 +248,7 @@ def make_plan(model_dir: str | Path, *, bits: list[float], head_bits: int, rows:
     extra, what = _module_peaks(cfg, length, variants=False, tables=tables, asym=bool(asym))
     # asymmetric calibration collects sequentially and keeps each row's input of the module's last projection
     # where it fits the budget (convert/quantize.py): alive from the last collect to the end of the module
-    shapes = projection_shapes(cfg)
-    kept = max((replay_bytes(rows, length, shapes[FINISH_FROM[s.kind]][0]) for s in MODULES
-                if experts(cfg, s.projections[0]) == 1), default=0) if asym else 0
+    kept = max(_kept_bytes(cfg, s, rows, length) for s in MODULES) if asym else 0
     if kept:
         extra, what = extra + kept, f"{what} + kept last-projection inputs {_gib(kept)}"
     head_h = 4 * C * C * (2 if asym else 1)

@@ -29,8 +29,9 @@ from exl2.runtime.loader import ModelParts
 from exl2.runtime.model import Block, embed_tokens
 
 FP16_MAX = 65504.0
-# The most memory the quantization pass spends on keeping, for every row, the input of a module's last projection
-# (o_proj, down_proj) from its last collect, so that advance finishes the module from there (replay_bytes).
+# The most memory spent on keeping every row's input of a module's last projection (o_proj, down_proj) so that
+# later runs of the module finish from there (replay_bytes): the quantization pass's advance after its last
+# collect, and the measurement's combinations that differ from the one before only in that projection.
 REPLAY_BUDGET = 1 << 30
 
 
@@ -106,9 +107,21 @@ def finish_module(block: Block, spec: ModuleSpec, x: torch.Tensor, last_input: t
     raise ValueError(f"finish_module: a {spec.kind} module has no last projection to finish from")
 
 
+def run_module_kept(block: Block, spec: ModuleSpec, x: torch.Tensor, cos, sin, positions: torch.Tensor | None,
+                    keep: list) -> torch.Tensor:
+    """:func:`run_module`, appending to ``keep`` the input of the module's last projection (``FINISH_FROM``), the
+    tensor it reads, for :func:`finish_module` on ``x`` (or ``x[:, positions]``) later."""
+    lin = linears(block, spec)[FINISH_FROM[spec.kind]]
+    hook = lin.register_forward_pre_hook(lambda _m, args: keep.append(args[0]))
+    try:
+        return run_module(block, spec, x, cos, sin, positions)
+    finally:
+        hook.remove()
+
+
 def replay_bytes(rows: int, length: int, k: int) -> int:
-    """The memory the quantization pass keeps for finishing a module from its last projection's inputs (``rows``
-    x ``length`` tokens of width ``k``, fp32), or 0 where that is over REPLAY_BUDGET and the module reruns."""
+    """The memory kept for finishing a module from its last projection's inputs (``rows`` x ``length`` tokens of
+    width ``k``, fp32), or 0 where that is over REPLAY_BUDGET and the module runs again instead."""
     n = 4 * rows * length * k
     return n if n <= REPLAY_BUDGET else 0
 

@@ -36,7 +36,8 @@ from exl2.quant_kernels.qparams import QParams, distinct_options
 from exl2.runtime.loader import ModelParts
 from exl2.layers.checkpoint import clear_checkpoint, load_checkpoint, save_checkpoint
 from exl2.layers.moe import MOE, specs_for
-from exl2.layers.stream import (FP16_MAX, MODULES, LayerError, ModuleSpec, collect, embed_rows, linears, rel_error,
+from exl2.layers.stream import (FINISH_FROM, FP16_MAX, MODULES, LayerError, ModuleSpec, collect, embed_rows,
+                                finish_module, linears, rel_error, replay_bytes, run_module_kept,
                                 run_module, set_weight)
 
 from . import measurement as mj
@@ -124,15 +125,24 @@ def sampled_errors(y: torch.Tensor, ref: torch.Tensor, weights: torch.Tensor) ->
 
 
 def module_error(block, spec, states: list[torch.Tensor], ref: list[torch.Tensor], device, cos, sin,
-                 positions: torch.Tensor | None = None) -> tuple[float, float]:
+                 positions: torch.Tensor | None = None, last_inputs: list | None = None,
+                 keep: list | None = None) -> tuple[float, float]:
     """The module's output error with its current weights, over every row: (mean relative error, mean per-token
     error) against the rows' references; estimated from ``positions`` of each row only (see
-    :func:`sample_positions`, :func:`sampled_errors`) when given."""
+    :func:`sample_positions`, :func:`sampled_errors`) when given.  ``last_inputs``: per row, what the module's last
+    projection reads with the current weights (at ``positions``); the rows are finished from there
+    (:func:`finish_module`).  ``keep`` (a list): receives that input of every row (:func:`run_module_kept`)."""
     errs, tok_errs = [], []
     weights = None if positions is None else sample_weights(states[0].shape[1], positions).to(device)
     with torch.no_grad():
-        for x, r in zip(states, ref):
-            y = run_module(block, spec, x.to(device), cos, sin, positions)
+        for i, (x, r) in enumerate(zip(states, ref)):
+            x = x.to(device)
+            if last_inputs is not None:
+                y = finish_module(block, spec, x if positions is None else x[:, positions], last_inputs[i])
+            elif keep is not None:
+                y = run_module_kept(block, spec, x, cos, sin, positions, keep)
+            else:
+                y = run_module(block, spec, x, cos, sin, positions)
             if positions is None:
                 r = r.to(device)
                 errs.append(rel_error(y, r))
@@ -259,15 +269,25 @@ def measure_module(block, spec, layer: int, states: list[torch.Tensor], cos, sin
         del prepared
         shapes = shapes_of(layers)
         positions = sample_positions(states[0].shape[1], stride)
+        # A combination that differs from the one before only in the last projection (o_proj, down_proj) finishes
+        # each row from the inputs that projection read in the earlier run (kept within the budget).
+        last = FINISH_FROM.get(spec.kind)
+        sampled = states[0].shape[1] if positions is None else positions.numel()
+        can_keep = last in layers and replay_bytes(len(states), sampled, layers[last].in_features) > 0
+        front = [tuple(qp for p, qp in zip(spec.projections, c) if p != last) for c in spec.options]
         entries = []
         current: dict[str, QParams] = {}
+        kept = None
         for ci, combo in enumerate(spec.options):
             for p, qp in zip(spec.projections, combo):
                 if current.get(p) != qp:          # consecutive combinations often share a projection's option
                     set_weight(layers[p], variants.get(p, qp))
                     current[p] = qp
             fit_threads()
-            err, tok_err = module_error(block, spec, states, ref, device, cos, sin, positions)
+            reuse = kept if ci > 0 and front[ci] == front[ci - 1] else None
+            keep = [] if (can_keep and reuse is None and ci + 1 < len(front) and front[ci + 1] == front[ci]) else None
+            err, tok_err = module_error(block, spec, states, ref, device, cos, sin, positions, reuse, keep)
+            kept = reuse if reuse is not None else keep
             acc = max(1e-6, 1.0 - err)
             e = mj.entry(acc, dict(zip(spec.projections, combo)), shapes)
             e["token_err"] = tok_err

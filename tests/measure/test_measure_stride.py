@@ -146,3 +146,38 @@ def test_the_converter_option_states_the_measurement_defaults():
     o = BY_NAME["measure_stride"]
     assert o.default == mm.MEASURE_STRIDE and o.legacy == 1 and "measure" in o.invalidates
     assert f"{mm.MIN_SAMPLED:,} tokens" in o.help
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "gemma2", "granite"])
+@pytest.mark.parametrize("stride", [1, 4])
+def test_combinations_finished_from_kept_inputs_measure_the_same(tiny_checkpoint, tiny_tokenizer, tmp_path,
+                                                                 monkeypatch, kind, stride):
+    """Combinations that differ from the one before only in o_proj or down_proj finish each row from the inputs
+    that projection read in the earlier run: the same entries, to the bit, as running every combination
+    (REPLAY_BUDGET 0); sampled and every token, with output norms (Gemma2) and a residual scale (Granite)."""
+    import shutil
+
+    from exl2.calibration import default_rows
+    from exl2.layers import stream
+
+    d = tiny_checkpoint(kind, num_hidden_layers=1)
+    shutil.copy(tiny_tokenizer, d / "tokenizer.json")
+    ids = default_rows(d / "tokenizer.json", rows=3, length=64, vocab_size=512).input_ids
+    monkeypatch.setattr(mm, "MIN_SAMPLED", 0)
+    parts = ModelParts(d, dtype=torch.float32)
+    cos, sin = Rotary(parts.cfg).cos_sin(0, ids.shape[1])
+    finished = []
+    real = mm.finish_module
+    monkeypatch.setattr(mm, "finish_module", lambda *a: finished.append(a[1].kind) or real(*a))
+    got = {}
+    for budget in (0, stream.REPLAY_BUDGET):
+        monkeypatch.setattr(stream, "REPLAY_BUDGET", budget)
+        for spec in MODULES:
+            got[budget, spec.kind] = mm.measure_module(parts.block(0), spec, 0, embed_rows(parts, ids), cos, sin,
+                                                       "cpu", stride=stride)[0]
+        if budget == 0:
+            assert finished == []
+    assert got[0, "self_attn"] == got[stream.REPLAY_BUDGET, "self_attn"]
+    assert got[0, "mlp"] == got[stream.REPLAY_BUDGET, "mlp"]
+    # the tables: one attention combination (q/k/v as the one before), three MLP ones (gate/up as before)
+    assert finished.count("self_attn") == 1 * ids.shape[0] and finished.count("mlp") == 3 * ids.shape[0]
