@@ -75,18 +75,36 @@ def _runnable() -> int | None:
         return None
 
 
+def _own_runnable() -> int:
+    """Threads of this process that are runnable now (state R in /proc/self/task/*/stat): this one, and OpenMP
+    workers still spinning after a parallel region.  1 where that cannot be read."""
+    n = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 1
+    for t in tasks:
+        try:
+            with open(f"/proc/self/task/{t}/stat") as f:
+                n += f.read().rsplit(")", 1)[1].split()[0] == "R"
+        except (OSError, IndexError):
+            continue
+    return max(n, 1)
+
+
 def others_running(samples: int = 3, gap: float = 0.005) -> int | None:
-    """Runnable threads of other processes: the median of a few looks, less this thread (the only one of this
-    process running while it looks)."""
+    """Runnable threads of other processes: the median of a few looks, each the machine's count less this
+    process's own runnable threads (this one, and OpenMP workers that spin for a while after each parallel region:
+    counted as others, they made a conversion alone on the machine drop to one thread)."""
     seen = []
     for i in range(samples):
         n = _runnable()
         if n is None:
             return None
-        seen.append(n)
+        seen.append(n - _own_runnable())
         if i + 1 < samples:
             time.sleep(gap)
-    return max(0, sorted(seen)[len(seen) // 2] - 1)
+    return max(0, sorted(seen)[len(seen) // 2])
 
 
 def fit_threads(force: bool = False) -> int:

@@ -2,6 +2,8 @@
 whole measurement give the same bits at any thread count, and how fit_threads follows the machine's load."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -94,11 +96,50 @@ def test_fit_threads_follows_other_processes(restore_threads, monkeypatch):
     assert T.fit_threads(force=True) == 1
 
 
-def test_others_running_is_the_median_look_less_this_thread(monkeypatch):
-    looks = iter([3, 9, 4])                       # a burst in one look does not count
+def test_others_running_is_the_median_look_less_this_process(monkeypatch):
+    monkeypatch.setattr(T, "_own_runnable", lambda: 1)
+    looks = iter([4, 10, 5])                      # a burst in one look does not count
     monkeypatch.setattr(T, "_runnable", lambda: next(looks))
-    assert T.others_running(gap=0) == 3
+    assert T.others_running(gap=0) == 4
     monkeypatch.setattr(T, "_runnable", lambda: 1)   # only this thread runs
+    assert T.others_running(gap=0) == 0
+    own = iter([2, 2, 1])                         # an OpenMP worker of ours still spinning is not another process
+    monkeypatch.setattr(T, "_own_runnable", lambda: next(own))
+    monkeypatch.setattr(T, "_runnable", lambda: 2)
     assert T.others_running(gap=0) == 0
     monkeypatch.setattr(T, "_runnable", lambda: None)
     assert T.others_running(gap=0) is None
+
+
+def test_own_runnable_threads_are_counted():
+    """This thread is runnable while it looks; so is a thread of ours busy in a product (no GIL held)."""
+    import threading
+
+    assert T._own_runnable() >= 1
+    stop = threading.Event()
+
+    def spin():
+        a = torch.randn(256, 256)
+        while not stop.is_set():
+            a @ a
+
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        assert max(T._own_runnable() for _ in range(200)) >= 2
+    finally:
+        stop.set()
+        t.join()
+
+
+def test_a_busy_process_is_counted_as_another():
+    import subprocess
+    import sys
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        assert max(T.others_running() for _ in range(5)) >= 1
+    finally:
+        spinner.kill()
+        spinner.wait()
